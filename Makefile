@@ -1,0 +1,45 @@
+# torchship: `make pipeline` runs the whole job, `make test` runs every check. Both set themselves up.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.torchship-setup
+ARTIFACTS ?= artifacts
+# Quiet pip; the machine's extra local indexes print one warning per package otherwise.
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup lint typecheck unit pytest test pipeline export clean
+
+setup: $(STAMP)
+
+# torch first, pinned exactly: a range or a bare `torch` would pull the CUDA build (several GB).
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0 2> >(grep -v 'is ignored: it is neither' >&2)
+	$(PIP) -e '.[dev]' 2> >(grep -v 'is ignored: it is neither' >&2)
+	$(BIN)/python -m deploy.java --ensure
+	@touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest
+
+# The README's test command; .ci/run calls exactly this.
+test: lint typecheck pytest
+
+export: setup
+	$(BIN)/torchship export --out $(ARTIFACTS)
+	$(BIN)/torchship export --out $(ARTIFACTS) --aoti simple_cnn
+
+pipeline: export
+
+clean:
+	rm -rf $(ARTIFACTS) reports model_store/*.mar .pytest_cache .mypy_cache .ruff_cache

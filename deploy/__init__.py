@@ -1,0 +1,1 @@
+"""Archiving, serving, verification and deployment stages."""

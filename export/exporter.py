@@ -1,0 +1,275 @@
+"""artifacts/<model>/: every format of one model, each reloaded from disk and gated on parity with eager."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.pt2 import AotiIsa, build_aoti, build_pt2, load_aoti, load_pt2, save_pt2
+from export.reference import Case, make_cases, save_reference
+from export.torchscript import build_torchscript, load_torchscript
+from torchship.errors import ExportFormatError, OutputDirError, SpecError, TorchshipError
+from torchship.manifest import (
+    FORMAT_FILES,
+    REFERENCE_NAME,
+    FormatEntry,
+    GraphStats,
+    Manifest,
+    ParityRecord,
+    ReferenceMeta,
+    ToleranceMeta,
+    sha256_file,
+    write_manifest,
+)
+from torchship.parity import compare_all
+from torchship.spec import ModelSpec, as_output_tuple
+
+#: progress(model, format or stage, message)
+Progress = Callable[[str, str, str], None]
+
+
+def _quiet(_model: str, _stage: str, _message: str) -> None:
+    return None
+
+
+@dataclass
+class _Job:
+    spec: ModelSpec
+    model: nn.Module
+    example: tuple[torch.Tensor, ...]
+    staging: Path
+    aoti_isa: AotiIsa
+    program: torch.export.ExportedProgram | None = None
+
+
+@dataclass(frozen=True)
+class _Built:
+    method: str
+    passes: list[str]
+    graph: GraphStats | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+
+def _build_torchscript(job: _Job) -> _Built:
+    result = build_torchscript(job.spec, job.model, job.example)
+    result.module.save(str(job.staging / FORMAT_FILES["torchscript"]))
+    return _Built(job.spec.export_method, result.passes, result.graph)
+
+
+def _build_pt2(job: _Job) -> _Built:
+    job.program = build_pt2(job.spec, job.model, job.example)
+    save_pt2(job.program, job.staging / FORMAT_FILES["pt2"])
+    method = "torch.export" + (" of export_rewrite" if job.spec.export_rewrite is not None else "")
+    return _Built(method, ["torch.export.export(dynamic_shapes)"])
+
+
+def _build_aoti(job: _Job) -> _Built:
+    if job.program is None:
+        raise ExportFormatError(job.spec.name, "aoti", "needs the pt2 export, which failed; fix that first")
+    build_aoti(job.spec, job.program, job.staging / FORMAT_FILES["aoti"], isa=job.aoti_isa)
+    return _Built("aoti_compile_and_package", ["torch.export", "inductor"], options={"isa": job.aoti_isa})
+
+
+BUILDERS: dict[str, Callable[[_Job], _Built]] = {
+    "torchscript": _build_torchscript,
+    "pt2": _build_pt2,
+    "aoti": _build_aoti,
+}
+LOADERS: dict[str, Callable[[str], Callable[..., object]]] = {
+    "torchscript": load_torchscript,
+    "pt2": load_pt2,
+    "aoti": load_aoti,
+}
+
+
+@dataclass
+class ModelExport:
+    """What one model's export produced: its manifest and folder, and the formats that failed."""
+
+    spec: ModelSpec
+    model_dir: Path
+    manifest: Manifest
+    failures: list[ExportFormatError]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def ensure_writable(out_dir: Path) -> None:
+    """Fail early, with a clear message, if the output folder cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise OutputDirError(
+            f"cannot write to the output folder {out_dir} ({exc.strerror or exc}); "
+            "choose another with --out, or fix its permissions. Nothing was exported."
+        ) from None
+
+
+def check_parity(spec: ModelSpec, fmt: str, runner: Callable[..., object], cases: list[Case]) -> list[ParityRecord]:
+    tol = spec.tolerance[fmt]
+    records = []
+    for case in cases:
+        with torch.no_grad():
+            actual = as_output_tuple(runner(*case.args(spec)), spec)
+        c = compare_all(actual, case.expected(spec), tol)
+        records.append(
+            ParityRecord(
+                batch_size=case.batch_size,
+                input_shapes=case.input_shapes(),
+                holdout=case.holdout,
+                max_abs=c.max_abs,
+                max_rel=c.max_rel,
+                passed=c.passed,
+                reason=c.reason,
+            )
+        )
+    return records
+
+
+def parity_table(records: list[ParityRecord]) -> str:
+    lines = [f"{'batch':>5}  {'input shapes':<28} {'held out':<8} {'max abs':>10} {'max rel':>10}  result"]
+    for r in records:
+        shapes = ", ".join(f"{k}{v}" for k, v in r.input_shapes.items())
+        verdict = "ok" if r.passed else f"FAIL: {r.reason}"
+        lines.append(
+            f"{r.batch_size:>5}  {shapes:<28} {'yes' if r.holdout else 'no':<8} {r.max_abs:>10.3g} {r.max_rel:>10.3g}  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def _export_format(job: _Job, fmt: str, cases: list[Case], progress: Progress) -> tuple[FormatEntry, ExportFormatError | None]:
+    spec = job.spec
+    file = FORMAT_FILES[fmt]
+    path = job.staging / file
+    start = time.perf_counter()
+    progress(spec.name, fmt, "building")
+    try:
+        built = BUILDERS[fmt](job)
+        progress(spec.name, fmt, "reloading from disk and checking parity")
+        records = check_parity(spec, fmt, LOADERS[fmt](str(path)), cases)
+    except ExportFormatError as exc:
+        path.unlink(missing_ok=True)
+        return FormatEntry(file=file, status="failed", method=spec.export_method, error=str(exc)), exc
+    except Exception as exc:  # a saved artifact that cannot be reloaded or run is a failed format, not a crash
+        path.unlink(missing_ok=True)
+        err = ExportFormatError(spec.name, fmt, f"the saved artifact could not be reloaded and run: {type(exc).__name__}: {exc}")
+        return FormatEntry(file=file, status="failed", method=spec.export_method, error=str(err)), err
+    seconds = round(time.perf_counter() - start, 2)
+    if not all(r.passed for r in records):
+        path.unlink()
+        tol = spec.tolerance[fmt]
+        err = ExportFormatError(
+            spec.name,
+            fmt,
+            f"outputs differ from eager beyond atol={tol.atol:g} rtol={tol.rtol:g}; the file was not kept.\n"
+            f"{parity_table(records)}\n"
+            "If the difference is float rounding from fused kernels, widen this format's tolerance in the spec; "
+            "otherwise the export changed what the model computes.",
+        )
+        entry = FormatEntry(
+            file=file, status="failed", method=built.method, passes=built.passes, graph=built.graph,
+            parity=records, error=str(err), options=built.options,
+        )  # fmt: skip
+        return entry, err
+    progress(spec.name, fmt, f"ok in {seconds:.1f} s")
+    entry = FormatEntry(
+        file=file, status="ok", method=built.method, sha256=sha256_file(path), size_bytes=path.stat().st_size,
+        passes=built.passes, graph=built.graph, parity=records, options=built.options,
+    )  # fmt: skip
+    return entry, None
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    """Swap the finished staging folder into place, so a model folder is never half old, half new."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export_model(
+    spec: ModelSpec,
+    *,
+    out_dir: Path,
+    aoti: bool = False,
+    aoti_isa: AotiIsa = "native",
+    progress: Progress = _quiet,
+) -> ModelExport:
+    """Export every format of one model to out_dir/<name>/, each reloaded and compared with eager.
+
+    A format outside its tolerance is recorded as failed in the manifest and its file is not kept; the others
+    are still written. Raises TorchshipError only when nothing can be written for this model.
+    """
+    progress(spec.name, "eager", "building the model and its reference outputs")
+    try:
+        model = spec.factory().eval()
+    except Exception as exc:  # user code: any failure is reported with the model's name
+        raise SpecError(
+            f"model {spec.name!r}: its factory raised {type(exc).__name__}: {exc}. Fix the factory and retry."
+        ) from None
+    cases = make_cases(spec, model)
+    example = spec.example_inputs()
+    ensure_writable(out_dir)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{spec.name}.staging-"))
+    staging.chmod(0o755)
+    try:
+        job = _Job(spec, model, example, staging, aoti_isa)
+        formats = [f for f in spec.formats if f != "aoti" or aoti]
+        entries: dict[str, FormatEntry] = {}
+        failures: list[ExportFormatError] = []
+        for fmt in formats:
+            entry, err = _export_format(job, fmt, cases, progress)
+            entries[fmt] = entry
+            if err is not None:
+                failures.append(err)
+                progress(spec.name, fmt, "FAILED")
+        reference = staging / REFERENCE_NAME
+        save_reference(spec, cases, reference)
+        inputs, outputs = Manifest.signature_from(spec)
+        manifest = Manifest(
+            name=spec.name,
+            version=spec.version,
+            description=spec.description,
+            task=spec.task,
+            torch_version=torch.__version__,
+            device="cpu",
+            max_batch_size=spec.max_batch_size,
+            inputs=inputs,
+            outputs=outputs,
+            export_method=spec.export_method,
+            formats=entries,
+            tolerance={f: ToleranceMeta(atol=spec.tolerance[f].atol, rtol=spec.tolerance[f].rtol) for f in formats},
+            reference=ReferenceMeta(
+                file=REFERENCE_NAME,
+                sha256=sha256_file(reference),
+                batch_sizes=list(spec.reference_batch_sizes),
+                holdout_batch_sizes=list(spec.holdout_batch_sizes),
+            ),
+        )
+        write_manifest(manifest, staging)
+        final = out_dir / spec.name
+        _replace_dir(staging, final)
+    except TorchshipError:
+        raise
+    except OSError as exc:
+        raise OutputDirError(
+            f"[{spec.name}] could not write its artifacts to {out_dir}: {exc}. Check free space and permissions."
+        ) from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return ModelExport(spec, final, manifest, failures)

@@ -1,0 +1,156 @@
+"""The `torchship` command: a thin argparse layer over the stages; `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+from torchship.errors import TorchshipError
+
+if TYPE_CHECKING:
+    from export.exporter import ModelExport
+    from torchship.spec import TensorSpec
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def summary_table(results: list[ModelExport]) -> Table:
+    table = Table(title="export parity (every format reloaded from disk, compared with eager)")
+    for col in ("model", "format", "status", "batch sizes (held out)", "max abs err", "max rel err", "tolerance", "file size"):
+        table.add_column(col, justify="right" if col.startswith(("max", "file")) else "left")
+    for r in results:
+        for fmt, entry in r.manifest.formats.items():
+            ref = [str(p.batch_size) for p in entry.parity if not p.holdout]
+            held = [str(p.batch_size) for p in entry.parity if p.holdout]
+            sizes = ",".join(ref) + (f" ({','.join(held)})" if held else "")
+            tol = r.manifest.tolerance[fmt]
+            table.add_row(
+                r.spec.name,
+                fmt,
+                "[green]ok[/]" if entry.usable else "[red]FAILED[/]",
+                sizes or "-",
+                f"{max(p.max_abs for p in entry.parity):.3g}" if entry.parity else "-",
+                f"{max(p.max_rel for p in entry.parity):.3g}" if entry.parity else "-",
+                f"{tol.atol:g}/{tol.rtol:g}",
+                _size(entry.size_bytes),
+            )
+    return table
+
+
+def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
+    # Stage imports live in the commands: they import torch, which `torchship --help` does not need.
+    from export.exporter import ensure_writable, export_model
+    from torchship.registry import select
+
+    specs = select(args.models, args.spec)
+    out_dir = Path(args.out)
+    ensure_writable(out_dir)
+    if args.aoti and not any("aoti" in s.formats for s in specs):
+        err.print("[yellow]--aoti: none of the selected models supports the aoti format[/]")
+
+    def progress(model: str, stage: str, message: str) -> None:
+        err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [bold]{model}[/] {stage}: {message}")
+
+    results: list[ModelExport] = []
+    broken: list[str] = []
+    for i, spec in enumerate(specs, 1):
+        err.print(f"[bold cyan]({i}/{len(specs)}) exporting {spec.name}[/] -> {out_dir / spec.name}")
+        try:
+            results.append(export_model(spec, out_dir=out_dir, aoti=args.aoti, aoti_isa=args.aoti_isa, progress=progress))
+        except TorchshipError as exc:
+            broken.append(spec.name)
+            err.print(f"[red]error:[/] {exc}")
+    for r in results:
+        for failure in r.failures:
+            err.print(f"[red]error:[/] {failure}")
+    if results:
+        out.print(summary_table(results))
+    failed = broken + [f"{r.spec.name}:{f.fmt}" for r in results for f in r.failures]
+    if failed:
+        err.print(f"[red]{len(failed)} failed:[/] {', '.join(failed)}; the formats that passed were written.")
+        return EXIT_FAILED
+    out.print(f"all formats of {len(results)} model(s) are within tolerance; artifacts in {out_dir}/")
+    return EXIT_OK
+
+
+def _sig(tensors: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{t.name} {t.datatype}{t.oip_shape()}" for t in tensors)
+
+
+def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from torchship.registry import zoo
+
+    table = Table(title="model zoo")
+    for col in ("name", "version", "method", "formats", "inputs", "outputs"):
+        table.add_column(col)
+    for spec in zoo().values():
+        table.add_row(spec.name, spec.version, spec.export_method, ",".join(spec.formats), _sig(spec.inputs), _sig(spec.outputs))
+    out.print(table)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchship", description="Eager PyTorch -> served REST endpoints, proven equal to eager."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export models to frozen TorchScript, .pt2 and (with --aoti) AOTInductor, gated on parity")
+    p.add_argument(
+        "models", nargs="*", metavar="MODEL", help="zoo models to export (default: the whole zoo, unless --spec is given)"
+    )
+    p.add_argument(
+        "--spec",
+        action="append",
+        default=[],
+        metavar="MODULE:SPEC",
+        help="a user model's ModelSpec, e.g. my_pkg.my_module:SPEC (repeatable)",
+    )
+    p.add_argument("--out", default="artifacts", help="output folder (default: artifacts)")
+    p.add_argument("--aoti", action="store_true", help="also build the AOTInductor package (compiles C++; takes minutes)")
+    p.add_argument(
+        "--aoti-isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="AOTInductor vector ISA: 'native' (this CPU's best) or 'avx2' (portable to any x86-64 CPU with AVX2)",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("models", help="list the model zoo")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Console()
+    err = Console(stderr=True)
+    try:
+        code: int = args.func(args, out, err)
+    except TorchshipError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
