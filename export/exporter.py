@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -26,10 +27,12 @@ from torchship.manifest import (
     ParityRecord,
     ReferenceMeta,
     ToleranceMeta,
+    read_manifest,
     sha256_file,
     write_manifest,
 )
 from torchship.parity import compare_all
+from torchship.registry import resolve
 from torchship.spec import ModelSpec, as_output_tuple
 
 #: progress(model, format or stage, message)
@@ -273,3 +276,39 @@ def export_model(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return ModelExport(spec, final, manifest, failures)
+
+
+def _export_child(
+    ref: str, out_dir: Path, aoti: bool, aoti_isa: AotiIsa, progress: Progress
+) -> tuple[str, list[tuple[str, str]]]:
+    """Runs in a fresh process: ("ok", [(format, failure detail), ...]) or ("error", message)."""
+    try:
+        result = export_model(resolve(ref), out_dir=out_dir, aoti=aoti, aoti_isa=aoti_isa, progress=progress)
+    except TorchshipError as exc:
+        return "error", [("", str(exc))]
+    return "ok", [(f.fmt, f.detail) for f in result.failures]
+
+
+def export_isolated(
+    ref: str,
+    *,
+    out_dir: Path,
+    aoti: bool = False,
+    aoti_isa: AotiIsa = "native",
+    progress: Progress = _quiet,
+) -> ModelExport:
+    """export_model in a fresh process, for a zoo name or a `module:SPEC` reference.
+
+    TorchScript names the classes it compiles with a process-wide counter that ends up in the saved file, so an
+    export is byte-reproducible only when it starts from a fresh process; a crash in one model's export (a
+    compiler fault, say) also cannot take the others down. `progress` must be a module-level function.
+    """
+    spec = resolve(ref)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes=1, maxtasksperchild=1) as pool:
+        status, details = pool.apply(_export_child, (ref, out_dir, aoti, aoti_isa, progress))
+    if status == "error":
+        raise TorchshipError(details[0][1])
+    model_dir = out_dir / spec.name
+    manifest = read_manifest(model_dir)
+    return ModelExport(spec, model_dir, manifest, [ExportFormatError(spec.name, fmt, detail) for fmt, detail in details])

@@ -31,19 +31,23 @@ class TorchScriptResult:
 
 def _trace_strict(module: nn.Module, example: tuple[torch.Tensor, ...], *, what: str, spec: ModelSpec) -> torch.jit.ScriptModule:
     """Trace, treating any TracerWarning as a failed trace: it means the graph silently froze some Python value."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", TracerWarning)
-        try:
-            with torch.no_grad():
-                traced = torch.jit.trace(module, example)
-        except TracerWarning as warning:
-            raise ExportFormatError(
-                spec.name,
-                "torchscript",
-                f"tracing {what} raised a TracerWarning, so the trace would not be faithful: {warning}. "
-                "It has control flow that depends on tensor data or on arguments; script it instead "
-                "(export_method='script', or 'hybrid' with only the control-flow-free submodules in trace_submodules).",
-            ) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TracerWarning)
+        with torch.no_grad():
+            traced = torch.jit.trace(module, example)
+    tracer_warnings = [w for w in caught if issubclass(w.category, TracerWarning)]
+    for w in caught:  # everything else (TorchScript's deprecation notices, say) stays visible
+        if w not in tracer_warnings:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if tracer_warnings:
+        first = str(tracer_warnings[0].message).strip()
+        raise ExportFormatError(
+            spec.name,
+            "torchscript",
+            f"tracing {what} raised {len(tracer_warnings)} TracerWarning(s), so the trace would not be faithful: "
+            f"{first}\nIt has control flow that depends on tensor data or on arguments; script it instead "
+            "(export_method='script', or 'hybrid' with only the control-flow-free submodules in trace_submodules).",
+        )
     assert isinstance(traced, torch.jit.ScriptModule)
     return traced
 

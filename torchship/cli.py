@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from torchship.errors import TorchshipError
@@ -53,39 +54,43 @@ def summary_table(results: list[ModelExport]) -> Table:
     return table
 
 
+def print_progress(model: str, stage: str, message: str) -> None:
+    """Progress lines on stderr; module-level so that an export's child process can use it."""
+    Console(stderr=True, width=None if sys.stderr.isatty() else 160).print(
+        f"[dim]{time.strftime('%H:%M:%S')}[/] [bold]{escape(model)}[/] {stage}: {escape(message)}"
+    )
+
+
 def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     # Stage imports live in the commands: they import torch, which `torchship --help` does not need.
-    from export.exporter import ensure_writable, export_model
+    from export.exporter import ensure_writable, export_isolated
     from torchship.registry import select
 
-    specs = select(args.models, args.spec)
+    chosen = select(args.models, args.spec)
     out_dir = Path(args.out)
     ensure_writable(out_dir)
-    if args.aoti and not any("aoti" in s.formats for s in specs):
+    if args.aoti and not any("aoti" in s.formats for _, s in chosen):
         err.print("[yellow]--aoti: none of the selected models supports the aoti format[/]")
-
-    def progress(model: str, stage: str, message: str) -> None:
-        err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [bold]{model}[/] {stage}: {message}")
 
     results: list[ModelExport] = []
     broken: list[str] = []
-    for i, spec in enumerate(specs, 1):
-        err.print(f"[bold cyan]({i}/{len(specs)}) exporting {spec.name}[/] -> {out_dir / spec.name}")
+    for i, (ref, spec) in enumerate(chosen, 1):
+        err.print(f"[bold cyan]({i}/{len(chosen)}) exporting {spec.name}[/] -> {escape(str(out_dir / spec.name))}")
         try:
-            results.append(export_model(spec, out_dir=out_dir, aoti=args.aoti, aoti_isa=args.aoti_isa, progress=progress))
+            results.append(export_isolated(ref, out_dir=out_dir, aoti=args.aoti, aoti_isa=args.aoti_isa, progress=print_progress))
         except TorchshipError as exc:
             broken.append(spec.name)
-            err.print(f"[red]error:[/] {exc}")
+            err.print(f"[red]error:[/] {escape(str(exc))}")
     for r in results:
         for failure in r.failures:
-            err.print(f"[red]error:[/] {failure}")
+            err.print(f"[red]error:[/] {escape(str(failure))}")
     if results:
         out.print(summary_table(results))
     failed = broken + [f"{r.spec.name}:{f.fmt}" for r in results for f in r.failures]
     if failed:
         err.print(f"[red]{len(failed)} failed:[/] {', '.join(failed)}; the formats that passed were written.")
         return EXIT_FAILED
-    out.print(f"all formats of {len(results)} model(s) are within tolerance; artifacts in {out_dir}/")
+    out.print(f"all formats of {len(results)} model(s) are within tolerance; artifacts in {escape(str(out_dir))}/")
     return EXIT_OK
 
 
@@ -139,12 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = Console()
-    err = Console(stderr=True)
+    # Off a terminal rich assumes 80 columns, which wraps the summary table into an unreadable column.
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     try:
         code: int = args.func(args, out, err)
     except TorchshipError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")

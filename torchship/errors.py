@@ -22,6 +22,7 @@ class ExportFormatError(TorchshipError):
         super().__init__(f"[{model}] {fmt}: {message}")
         self.model = model
         self.fmt = fmt
+        self.detail = message
 
 
 class OutputDirError(TorchshipError):

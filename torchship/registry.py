@@ -37,17 +37,28 @@ def load_spec(ref: str) -> ModelSpec:
     return spec
 
 
-def select(names: list[str], spec_refs: list[str]) -> list[ModelSpec]:
-    """The specs a command works on: the named zoo models plus the --spec ones; the whole zoo if none is given."""
+def resolve(ref: str) -> ModelSpec:
+    """A zoo model's name, or `package.module:ATTRIBUTE` for a user's spec."""
+    if ":" in ref:
+        return load_spec(ref)
+    available = zoo()
+    if ref not in available:
+        raise SpecError(f"unknown model {ref!r}; the zoo has {sorted(available)} (or pass --spec module:SPEC)")
+    return available[ref]
+
+
+def select(names: list[str], spec_refs: list[str]) -> list[tuple[str, ModelSpec]]:
+    """(reference, spec) for each model a command works on: the named zoo models plus the --spec ones, or the
+    whole zoo if none is given. The reference (a zoo name or `module:SPEC`) lets a child process find it again."""
     available = zoo()
     unknown = [n for n in names if n not in available]
     if unknown:
         raise SpecError(f"unknown model(s) {unknown}; the zoo has {sorted(available)} (or pass --spec module:SPEC)")
-    chosen = [available[n] for n in names] + [load_spec(r) for r in spec_refs]
+    chosen = [(n, available[n]) for n in names] + [(r, load_spec(r)) for r in spec_refs]
     if not names and not spec_refs:
-        chosen = list(available.values())
+        chosen = list(available.items())
     seen: set[str] = set()
-    for s in chosen:
+    for _, s in chosen:
         if s.name in seen:
             raise SpecError(f"model name {s.name!r} is given twice; every model needs its own name")
         seen.add(s.name)

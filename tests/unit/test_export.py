@@ -1,0 +1,128 @@
+"""The exported artifacts, checked independently of the exporter's own parity gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.exporter import ModelExport
+from models import ZOO
+from tests.helpers import run_cli
+from torchship.errors import ManifestError
+from torchship.manifest import FORMAT_FILES, read_manifest, sha256_file
+from torchship.spec import ModelSpec
+
+# A batch size that is in no spec's reference set, holdout set or export example.
+UNSEEN_BATCH = 7
+PT2_MODELS = [name for name, spec in ZOO.items() if "pt2" in spec.formats]
+
+
+def _reference(model_dir: Path) -> dict[str, object]:
+    data: dict[str, object] = torch.load(model_dir / "reference.pt", weights_only=True)
+    return data
+
+
+def _outputs(value: object) -> tuple[torch.Tensor, ...]:
+    return (value,) if isinstance(value, torch.Tensor) else tuple(value)  # type: ignore[arg-type]
+
+
+def _allclose(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> bool:
+    if not expected.is_floating_point():
+        return torch.equal(actual, expected)
+    return actual.shape == expected.shape and torch.allclose(actual, expected, atol=atol, rtol=rtol)
+
+
+def _check_reference(spec: ModelSpec, model_dir: Path, fmt: str, run: object) -> None:
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    tol = manifest["tolerance"][fmt]
+    cases = _reference(model_dir)["cases"]
+    assert isinstance(cases, list)
+    assert sorted(c["batch_size"] for c in cases) == sorted(spec.reference_batch_sizes)
+    for case in cases:
+        args = [case["inputs"][t.name] for t in spec.inputs]
+        with torch.no_grad():
+            got = _outputs(run(*args))  # type: ignore[operator]
+        for t, value in zip(spec.outputs, got, strict=True):
+            assert _allclose(value, case["outputs"][t.name], tol["atol"], tol["rtol"]), (spec.name, fmt, case["batch_size"])
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_manifest_reports_every_format_within_tolerance(zoo_export: dict[str, ModelExport], name: str) -> None:
+    result = zoo_export[name]
+    manifest = read_manifest(result.model_dir)  # validates the schema and every sha256
+    spec = ZOO[name]
+    assert result.ok
+    assert set(manifest.formats) == {f for f in spec.formats if f != "aoti"}
+    assert manifest.inputs[0].shape[0] == -1 and manifest.inputs[0].max_shape[0] == spec.max_batch_size
+    for fmt, entry in manifest.formats.items():
+        assert entry.usable, fmt
+        checked = sorted(p.batch_size for p in entry.parity)
+        assert checked == sorted((*spec.reference_batch_sizes, *spec.holdout_batch_sizes))
+        assert any(p.holdout for p in entry.parity)
+        assert sha256_file(result.model_dir / FORMAT_FILES[fmt]) == entry.sha256
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_torchscript_is_frozen_and_reproduces_reference(zoo_export: dict[str, ModelExport], name: str) -> None:
+    model_dir = zoo_export[name].model_dir
+    module = torch.jit.load(str(model_dir / "model.torchscript.pt"))
+    assert list(module.named_parameters()) == []
+    assert list(module.named_buffers()) == []
+    _check_reference(ZOO[name], model_dir, "torchscript", module)
+
+
+@pytest.mark.parametrize("name", PT2_MODELS)
+def test_pt2_reproduces_reference_and_runs_at_an_unseen_batch(zoo_export: dict[str, ModelExport], name: str) -> None:
+    spec = ZOO[name]
+    model_dir = zoo_export[name].model_dir
+    program = torch.export.load(str(model_dir / "model.pt2")).module()
+    _check_reference(spec, model_dir, "pt2", program)
+    assert UNSEEN_BATCH not in {c["batch_size"] for c in _reference(model_dir)["cases"]}  # type: ignore[attr-defined]
+    inputs = spec.make_inputs(UNSEEN_BATCH, seed_offset=99)
+    args = [inputs[t.name] for t in spec.inputs]
+    eager = spec.factory()
+    with torch.no_grad():
+        got, want = _outputs(program(*args)), _outputs(eager(*args))
+    tol = spec.tolerance["pt2"]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape[0] == UNSEEN_BATCH
+        assert _allclose(g, w, tol.atol, tol.rtol)
+
+
+@pytest.mark.slow
+def test_cli_exports_are_byte_reproducible(tmp_path: Path) -> None:
+    """Two `torchship export` runs, one of the zoo in another order, give identical files (AOTInductor aside)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_cli("export", "--out", str(first))
+    run_cli("export", *reversed(list(ZOO)), "--out", str(second))
+    for name in ZOO:
+        for f in sorted((first / name).iterdir()):
+            assert f.read_bytes() == (second / name / f.name).read_bytes(), f"{name}/{f.name} differs"
+
+
+def test_tampered_artifact_is_refused(zoo_export: dict[str, ModelExport], tmp_path: Path) -> None:
+    copy = tmp_path / "simple_cnn"
+    copy.mkdir()
+    for f in zoo_export["simple_cnn"].model_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    with (copy / "model.pt2").open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02")
+    with pytest.raises(ManifestError, match="does not match the sha256"):
+        read_manifest(copy)
+
+
+def test_manifest_schema_rejects_unknown_fields(zoo_export: dict[str, ModelExport], tmp_path: Path) -> None:
+    raw = json.loads((zoo_export["dynamic_router"].model_dir / "manifest.json").read_text())
+    raw["surprise"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="does not match the manifest schema"):
+        read_manifest(tmp_path, verify_files=False)
+
+
+def test_missing_manifest_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="run `torchship export`"):
+        read_manifest(tmp_path)
