@@ -110,6 +110,23 @@ def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def cmd_archive(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from deploy.archive import archive_models, load_model_config
+
+    config = load_model_config(Path(args.model_config)) if args.model_config else load_model_config()
+    err.print(
+        f"archiving {', '.join(args.models) or 'every exported model'} from {escape(args.artifacts)} with torch-model-archiver"
+    )
+    endpoints = archive_models(args.models, artifacts=Path(args.artifacts), out_dir=Path(args.out), model_config=config)
+    table = Table(title=f"archives in {escape(args.out)}")
+    for col in ("endpoint", "model", "format", "archive", "size"):
+        table.add_column(col)
+    for e in endpoints:
+        table.add_row(e.name, e.model, e.fmt, escape(str(e.mar)), _size(e.mar.stat().st_size))
+    out.print(table)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchship", description="Eager PyTorch -> served REST endpoints, proven equal to eager."
@@ -136,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="AOTInductor vector ISA: 'native' (this CPU's best) or 'avx2' (portable to any x86-64 CPU with AVX2)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("archive", help="build model_store/<endpoint>.mar for every usable format with torch-model-archiver")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="exported models to archive (default: all in --artifacts)")
+    p.add_argument("--artifacts", default="artifacts", help="export folder (default: artifacts)")
+    p.add_argument("--out", default="model_store", help="where the .mar files go (default: model_store)")
+    p.add_argument("--model-config", default=None, help="TorchServe model-config YAML (default: configs/model-config.yaml)")
+    p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.set_defaults(func=cmd_models)

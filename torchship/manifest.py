@@ -11,8 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from handlers.codec import DATATYPES
 from torchship.errors import ManifestError
-from torchship.spec import DATATYPES, FORMATS, ModelSpec, TensorSpec
+from torchship.spec import FORMATS, ModelSpec, TensorSpec
 
 MANIFEST_NAME = "manifest.json"
 REFERENCE_NAME = "reference.pt"

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from handlers.codec import DATATYPES
 from torchship.errors import SpecError
 
 ExportMethod = Literal["trace", "script", "hybrid"]
@@ -17,20 +18,6 @@ Task = Literal["classifier", "tensor", "postprocess"]
 
 #: Every artifact format torchship knows, in the order they are exported.
 FORMATS: tuple[str, ...] = ("torchscript", "pt2", "aoti")
-
-#: OIP v2 datatype names and the torch dtypes they map to.
-DATATYPES: Mapping[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "UINT8": torch.uint8,
-    "INT8": torch.int8,
-    "INT16": torch.int16,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "FP16": torch.float16,
-    "BF16": torch.bfloat16,
-    "FP32": torch.float32,
-    "FP64": torch.float64,
-}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 BATCH_DIM = "batch"

@@ -1,0 +1,153 @@
+"""model_store/<endpoint>.mar: one self-contained archive per usable format of every exported model.
+
+Built by the real torch-model-archiver, then rewritten with sorted entries, fixed timestamps and modes, so the
+same inputs give a byte-identical .mar.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import handlers
+from torchship.errors import TorchshipError
+from torchship.manifest import FORMAT_FILES, MANIFEST_NAME, REFERENCE_NAME, Manifest, read_manifest
+
+#: The handler package files that travel inside every archive (torch + stdlib only).
+HANDLER_PACKAGE_FILES = ("__init__.py", "codec.py", "service.py")
+HANDLER_ENTRY = "torchship_handler.py"
+ENDPOINT_FILE = "endpoint.json"
+TOPK_MODEL = "process_outputs"
+TOPK_FILE = "process_outputs.torchscript.pt"
+DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "model-config.yaml"
+#: Every entry of a rewritten archive gets this timestamp (the zip format's earliest).
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+FIXED_CREATED_ON = "01/01/1980 00:00:00"
+
+
+class ArchiveError(TorchshipError):
+    """An archive could not be built."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    model: str
+    fmt: str
+    mar: Path
+
+
+def endpoint_name(model: str, fmt: str) -> str:
+    """`<model>` serves TorchScript, `<model>_pt2` the .pt2, `<model>_aoti` the AOTInductor package."""
+    return model if fmt == "torchscript" else f"{model}_{fmt}"
+
+
+def load_model_config(path: Path = DEFAULT_MODEL_CONFIG) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ArchiveError(f"cannot read the model config {path}: {exc}") from None
+    required = {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout", "deviceType"}
+    if not isinstance(config, dict) or not required <= set(config):
+        raise ArchiveError(f"{path} must be a mapping with {sorted(required)}")
+    return config
+
+
+def _archiver() -> str:
+    exe = Path(sys.executable).parent / "torch-model-archiver"
+    found = str(exe) if exe.exists() else shutil.which("torch-model-archiver")
+    if not found:
+        raise ArchiveError("torch-model-archiver is not installed; run `make setup` (it comes with torchship's dependencies)")
+    return found
+
+
+def _normalise(src: Path, dest: Path) -> None:
+    """Rewrite a .mar deterministically: sorted entries, fixed dates and modes, fixed createdOn."""
+    with zipfile.ZipFile(src) as zin:
+        entries = {info.filename: zin.read(info) for info in zin.infolist() if not info.is_dir()}
+    manifest_key = "MAR-INF/MANIFEST.json"
+    mar_manifest = json.loads(entries[manifest_key])
+    mar_manifest["createdOn"] = FIXED_CREATED_ON
+    entries[manifest_key] = (json.dumps(mar_manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with zipfile.ZipFile(tmp, "w") as zout:
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=FIXED_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            zout.writestr(info, entries[name], compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
+    tmp.replace(dest)
+
+
+def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: Path, model_config: dict[str, Any]) -> Endpoint:
+    """Build model_store/<endpoint>.mar for one format of one exported model."""
+    name = endpoint_name(manifest.name, fmt)
+    handler_src = Path(handlers.__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix=f"torchship-archive-{name}-") as tmp_name:
+        tmp = Path(tmp_name)
+        extra = tmp / "extra"
+        (extra / "handlers").mkdir(parents=True)
+        for f in HANDLER_PACKAGE_FILES:
+            shutil.copyfile(handler_src / f, extra / "handlers" / f)
+        shutil.copyfile(model_dir / MANIFEST_NAME, extra / MANIFEST_NAME)
+        shutil.copyfile(model_dir / REFERENCE_NAME, extra / REFERENCE_NAME)
+        (extra / ENDPOINT_FILE).write_text(json.dumps({"endpoint": name, "format": fmt}, indent=2) + "\n", encoding="utf-8")
+        if manifest.task == "classifier":
+            topk = model_dir.parent / TOPK_MODEL
+            topk_manifest = read_manifest(topk)
+            if not topk_manifest.formats.get("torchscript") or not topk_manifest.formats["torchscript"].usable:
+                raise ArchiveError(f"{name}: the classifier needs a usable {TOPK_MODEL} export for parameters.top_k")
+            shutil.copyfile(topk / FORMAT_FILES["torchscript"], extra / TOPK_FILE)
+        shutil.copyfile(handler_src / "entry.py", tmp / HANDLER_ENTRY)
+        config_path = tmp / "model-config.yaml"
+        config_path.write_text(yaml.safe_dump(model_config, sort_keys=True), encoding="utf-8")
+        built = tmp / "out"
+        built.mkdir()
+        cmd = [
+            _archiver(),
+            "--model-name", name,
+            "--version", manifest.version,
+            "--serialized-file", str(model_dir / FORMAT_FILES[fmt]),
+            "--handler", str(tmp / HANDLER_ENTRY),
+            "--extra-files", str(extra),
+            "--config-file", str(config_path),
+            "--export-path", str(built),
+            "--archive-format", "default",
+            "--force",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+        if proc.returncode != 0:
+            raise ArchiveError(
+                f"{name}: torch-model-archiver failed (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dest = out_dir / f"{name}.mar"
+        _normalise(built / f"{name}.mar", dest)
+    return Endpoint(name, manifest.name, fmt, dest)
+
+
+def archive_models(names: list[str], *, artifacts: Path, out_dir: Path, model_config: dict[str, Any]) -> list[Endpoint]:
+    """Archive every usable format of the named models (all exported models if none are named)."""
+    if not artifacts.is_dir():
+        raise ArchiveError(f"{artifacts} does not exist: run `torchship export` first")
+    available = sorted(p.name for p in artifacts.iterdir() if (p / MANIFEST_NAME).is_file())
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ArchiveError(f"no exported model(s) {unknown} in {artifacts}; exported: {available}")
+    endpoints: list[Endpoint] = []
+    for model in names or available:
+        model_dir = artifacts / model
+        manifest = read_manifest(model_dir)  # refuses files changed since export
+        for fmt in manifest.usable_formats():
+            endpoints.append(archive_endpoint(model_dir, manifest, fmt, out_dir=out_dir, model_config=model_config))
+    return endpoints
