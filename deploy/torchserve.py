@@ -6,6 +6,7 @@ here means: the management API lists every endpoint with at least minWorkers wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -94,14 +95,10 @@ class TorchServe:
             return
         pgid = os.getpgid(self.process.pid)
         os.killpg(pgid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=timeout_s)
 
 

@@ -341,7 +341,7 @@ def encode_response(
         t = tensor.detach().to("cpu").contiguous()
         entry: dict[str, Any] = {"name": name, "shape": list(t.shape), "datatype": DATATYPE_OF[t.dtype]}
         if "*" in binary_outputs or name in binary_outputs:
-            raw = ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
+            raw = _raw_bytes(t)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -355,6 +355,44 @@ def encode_response(
     if not chunks:
         return header, {}
     return header + b"".join(chunks), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
+
+
+def encode_request(
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    binary: bool = False,
+    parameters: Mapping[str, Any] | None = None,
+    request_id: str | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """Client side: tensors to a request body and its headers (JSON, or the binary-data extension)."""
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, tensor in inputs.items():
+        entry: dict[str, Any] = {"name": name, "shape": list(tensor.shape), "datatype": DATATYPE_OF[tensor.dtype]}
+        if binary:
+            raw = _raw_bytes(tensor)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = tensor.detach().flatten().tolist()
+        entries.append(entry)
+    doc: dict[str, Any] = {"inputs": entries}
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = dict(parameters)
+    header = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    if not binary:
+        return header, {"Content-Type": "application/json"}
+    return header + b"".join(chunks), {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
 
 
 def encode_error(message: str) -> bytes:

@@ -15,6 +15,7 @@ from rich.table import Table
 from torchship.errors import TorchshipError
 
 if TYPE_CHECKING:
+    from deploy.verify import VerifyRow
     from export.exporter import ModelExport
     from torchship.spec import TensorSpec
 
@@ -127,6 +128,85 @@ def cmd_archive(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def verify_table(rows: list[VerifyRow]) -> Table:
+    table = Table(title="served outputs vs eager (every reference batch, JSON and binary)")
+    for col in ("engine", "endpoint", "format", "batch", "encoding", "max abs err", "max rel err", "pass"):
+        table.add_column(col, justify="right" if col.startswith(("max", "batch")) else "left")
+    for r in rows:
+        verdict = "[green]yes[/]" if r.passed else f"[red]NO[/] {escape(r.reason)}"
+        table.add_row(
+            r.engine, r.endpoint, r.format, str(r.batch_size), r.encoding, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", verdict
+        )
+    return table
+
+
+def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
+    import signal
+    import tempfile
+
+    from deploy.torchserve import endpoints_in, start_torchserve, wait_ready
+
+    model_store = Path(args.model_store)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="torchship-torchserve-"))
+    endpoints = endpoints_in(model_store)
+    server = start_torchserve(model_store, workdir, port=args.port)
+
+    def stop_on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    try:
+        err.print(f"starting TorchServe with {len(endpoints)} endpoints; log: {escape(str(server.log_path))}")
+        wait_ready(server, endpoints, timeout_s=args.ready_timeout_s)
+        out.print(f"TorchServe ready at {server.inference_url}  (endpoints: {', '.join(endpoints)})")
+        out.print(f"inference token: {escape(str(server.key_file))} (key 'inference'; send 'Authorization: Bearer <key>')")
+        out.print("Ctrl-C or SIGTERM stops it.")
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        err.print(f"[red]TorchServe exited with code {server.process.returncode}[/]\n{escape(server.log_tail())}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        err.print("stopping TorchServe")
+        return EXIT_OK
+    finally:
+        server.stop()
+
+
+def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from deploy.client import token_from_key_file
+    from deploy.verify import verify, write_report
+
+    token = args.token or (token_from_key_file(Path(args.token_file)) if args.token_file else None)
+    rows = verify(args.engine, args.url, token=token, model_store=Path(args.model_store), endpoints=args.endpoint or None)
+    out.print(verify_table(rows))
+    report = Path(args.report or f"reports/verify-{args.engine}.json")
+    write_report(rows, report, engine=args.engine, url=args.url)
+    failed = [r for r in rows if not r.passed]
+    out.print(f"{len(rows) - len(failed)}/{len(rows)} checks passed; report: {escape(str(report))}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_pipeline(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from deploy.pipeline import run_pipeline
+
+    result = run_pipeline(
+        artifacts=Path(args.artifacts),
+        model_store=Path(args.model_store),
+        reports=Path(args.reports),
+        progress=print_progress,
+        say=lambda line: err.print(f"[bold cyan]{escape(line)}[/]"),
+    )
+    out.print(summary_table(result.exports))
+    out.print(verify_table(result.rows))
+    if not result.ok:
+        err.print(f"[red]pipeline failed:[/] {escape(', '.join(result.failures) or 'no verify rows')}")
+        return EXIT_FAILED
+    out.print(
+        f"pipeline passed: {len(result.rows)} served checks equal eager within tolerance; reports in {escape(args.reports)}/"
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchship", description="Eager PyTorch -> served REST endpoints, proven equal to eager."
@@ -160,6 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="model_store", help="where the .mar files go (default: model_store)")
     p.add_argument("--model-config", default=None, help="TorchServe model-config YAML (default: configs/model-config.yaml)")
     p.set_defaults(func=cmd_archive)
+
+    p = sub.add_parser("serve", help="serve the model store on an engine until Ctrl-C / SIGTERM")
+    p.add_argument("engine", choices=("torchserve",))
+    p.add_argument("--model-store", default="model_store")
+    p.add_argument("--port", type=int, default=None, help="inference port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--workdir", default=None, help="config, logs and key_file.json go here (default: a new temp dir)")
+    p.add_argument("--ready-timeout-s", type=float, default=300.0)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("verify", help="send every reference input over HTTP and compare with eager")
+    p.add_argument("--engine", required=True, choices=("torchserve",))
+    p.add_argument("--url", required=True, help="inference base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--token-file", default=None, help="TorchServe's key_file.json (its 'inference' key is used)")
+    p.add_argument("--token", default=None, help="the bearer token itself")
+    p.add_argument("--model-store", default="model_store", help="the archives being served (references come from them)")
+    p.add_argument("--endpoint", action="append", default=[], help="only these endpoints (repeatable)")
+    p.add_argument("--report", default=None, help="JSON report path (default: reports/verify-<engine>.json)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("pipeline", help="export -> archive -> serve on TorchServe -> verify -> stop")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--model-store", default="model_store")
+    p.add_argument("--reports", default="reports")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.set_defaults(func=cmd_models)

@@ -1,0 +1,137 @@
+"""reports/verify-<engine>.json: every reference input of every endpoint sent over HTTP, compared with eager.
+
+The references come from the archives themselves (each .mar carries manifest.json and reference.pt), so verify
+needs only the model store and a URL: it checks what is deployed, not what was exported last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deploy.client import Client, EndpointError
+from torchship.errors import TorchshipError
+from torchship.parity import compare_all
+from torchship.spec import Tolerance
+
+ENCODINGS = ("json", "binary")
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    engine: str
+    endpoint: str
+    model: str
+    format: str
+    batch_size: int
+    encoding: str
+    max_abs: float
+    max_rel: float
+    passed: bool
+    reason: str
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class ArchivedEndpoint:
+    """What verify needs from one .mar: its name, format, signature and reference cases."""
+
+    name: str
+    model: str
+    format: str
+    output_names: list[str]
+    tolerance: Tolerance
+    cases: list[dict[str, Any]]
+
+
+def read_archive(mar: Path) -> ArchivedEndpoint:
+    with zipfile.ZipFile(mar) as z:
+        endpoint = json.loads(z.read("endpoint.json"))
+        manifest = json.loads(z.read("manifest.json"))
+        reference = torch.load(io.BytesIO(z.read("reference.pt")), weights_only=True)
+    tol = manifest["tolerance"][endpoint["format"]]
+    return ArchivedEndpoint(
+        name=endpoint["endpoint"],
+        model=manifest["name"],
+        format=endpoint["format"],
+        output_names=[o["name"] for o in manifest["outputs"]],
+        tolerance=Tolerance(atol=tol["atol"], rtol=tol["rtol"]),
+        cases=list(reference["cases"]),
+    )
+
+
+def archived_endpoints(model_store: Path, names: list[str] | None = None) -> list[ArchivedEndpoint]:
+    mars = sorted(model_store.glob("*.mar"))
+    if not mars:
+        raise TorchshipError(f"no .mar files in {model_store}: run `torchship archive` first")
+    found = [read_archive(m) for m in mars]
+    if names:
+        unknown = sorted(set(names) - {e.name for e in found})
+        if unknown:
+            raise TorchshipError(f"no archives for endpoints {unknown} in {model_store}")
+        found = [e for e in found if e.name in names]
+    return found
+
+
+def verify_endpoint(client: Client, engine: str, ep: ArchivedEndpoint) -> list[VerifyRow]:
+    rows: list[VerifyRow] = []
+    for case in ep.cases:
+        expected = tuple(case["outputs"][n] for n in ep.output_names)
+        for encoding in ENCODINGS:
+            start = time.perf_counter()
+            try:
+                result = client.infer(ep.name, case["inputs"], binary=encoding == "binary", binary_output=encoding == "binary")
+                latency_ms = (time.perf_counter() - start) * 1000
+                missing = [n for n in ep.output_names if n not in result.outputs]
+                if missing:
+                    raise EndpointError(200, f"response lacks outputs {missing}")
+                c = compare_all(tuple(result.outputs[n] for n in ep.output_names), expected, ep.tolerance)
+                max_abs, max_rel, passed, reason = c.max_abs, c.max_rel, c.passed, c.reason
+            except (EndpointError, OSError, ValueError) as exc:
+                latency_ms = (time.perf_counter() - start) * 1000
+                max_abs, max_rel, passed, reason = float("inf"), float("inf"), False, f"{type(exc).__name__}: {exc}"
+            rows.append(
+                VerifyRow(
+                    engine,
+                    ep.name,
+                    ep.model,
+                    ep.format,
+                    int(case["batch_size"]),
+                    encoding,
+                    max_abs,
+                    max_rel,
+                    passed,
+                    reason,
+                    latency_ms,
+                )
+            )
+    return rows
+
+
+def verify(engine: str, url: str, *, token: str | None, model_store: Path, endpoints: list[str] | None = None) -> list[VerifyRow]:
+    """Send every reference case of every archived endpoint, in JSON and binary, and compare with eager."""
+    client = Client(url, token=token)
+    rows: list[VerifyRow] = []
+    for ep in archived_endpoints(model_store, endpoints):
+        rows.extend(verify_endpoint(client, engine, ep))
+    return rows
+
+
+def write_report(rows: list[VerifyRow], path: Path, *, engine: str, url: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "engine": engine,
+        "url": url,
+        "torch_version": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "passed": all(r.passed for r in rows),
+        "rows": [{k: (v if v != float("inf") else None) for k, v in asdict(r).items()} for r in rows],
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
