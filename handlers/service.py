@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 ENDPOINT_FILE = "endpoint.json"
 MANIFEST_FILE = "manifest.json"
 TOPK_FILE = "process_outputs.torchscript.pt"
+BATCH_REQUESTS_HEADER = "X-Torchship-Batch-Requests"
+BATCH_ROWS_HEADER = "X-Torchship-Batch-Rows"
 
 
 class Context(Protocol):
@@ -153,8 +155,10 @@ class TorchshipHandler:
                 decoded[idx] = decode_request(_body_of(request), self.signature, header_length=headers.get(BINARY_HEADER))
             except ClientError as exc:
                 replies[idx] = _Reply(encode_error(str(exc)), exc.status)
+        rows_run: dict[int, int] = {}
         for group in self._groups(decoded):
             self._predict_group(group, decoded, replies)
+            rows_run.update(dict.fromkeys(group, sum(decoded[i].batch_size for i in group)))
         out: list[bytes] = []
         for idx, maybe in enumerate(replies):
             # Every request must have been answered; a gap is our bug, reported as a server fault.
@@ -164,6 +168,10 @@ class TorchshipHandler:
             context.set_response_content_type(idx, "application/json" if not reply.headers else "application/octet-stream")
             for key, value in (reply.headers or {}).items():
                 context.set_response_header(idx, key, value)
+            # Observability: how many requests the engine batched together, and how many rows the model ran.
+            context.set_response_header(idx, BATCH_REQUESTS_HEADER, str(len(data)))
+            if idx in rows_run:
+                context.set_response_header(idx, BATCH_ROWS_HEADER, str(rows_run[idx]))
             out.append(reply.body)
         if len(out) != len(data):
             raise RuntimeError(f"handler produced {len(out)} responses for {len(data)} requests")

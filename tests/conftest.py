@@ -1,22 +1,48 @@
-"""Shared fixtures: the zoo exported once per test session into its own temp folder."""
+"""Shared fixtures: the zoo exported and archived once per test session, each in its own temp folder."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from deploy.archive import Endpoint, archive_models, load_model_config
 from export.exporter import ModelExport, export_model
 from models import ZOO
 
 USER_MODELS = Path(__file__).parent / "fixtures" / "user_models"
+#: The model whose AOTInductor package the suite builds (compiling one takes ~30 s on 2 cores).
+AOTI_MODEL = "simple_cnn"
 
 
 @pytest.fixture(scope="session")
 def zoo_export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelExport]:
-    """Every zoo model exported (TorchScript and .pt2) into a fresh folder."""
+    """Every zoo model exported (TorchScript and .pt2; simple_cnn also as AOTInductor) into a fresh folder."""
     out = tmp_path_factory.mktemp("artifacts")
-    return {name: export_model(spec, out_dir=out) for name, spec in ZOO.items()}
+    return {name: export_model(spec, out_dir=out, aoti=name == AOTI_MODEL) for name, spec in ZOO.items()}
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(zoo_export: dict[str, ModelExport]) -> Path:
+    return next(iter(zoo_export.values())).model_dir.parent
+
+
+@pytest.fixture(scope="session")
+def archives(
+    zoo_export: dict[str, ModelExport], artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Endpoint]:
+    """Every usable format of every zoo model archived with the real torch-model-archiver."""
+    store = tmp_path_factory.mktemp("model_store")
+    endpoints = archive_models([], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
+    return {e.name: e for e in endpoints}
+
+
+def unpack(mar: Path, dest: Path) -> Path:
+    """Unpack a .mar as TorchServe does; the folder is what the handler sees as model_dir."""
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(dest)
+    return dest
 
 
 @pytest.fixture

@@ -1,0 +1,261 @@
+"""The TorchServe handler in-process, on unpacked archives, with a fake context (no TorchServe)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from deploy.archive import Endpoint
+from handlers.codec import decode_response, encode_request
+from handlers.service import ArtifactError, TorchshipHandler
+from tests.conftest import unpack
+from tests.handler.fake_context import FakeContext
+from torchship.parity import compare_all
+from torchship.spec import Tolerance
+
+
+def _handler(archives: dict[str, Endpoint], name: str, tmp_path: Path) -> tuple[TorchshipHandler, Path]:
+    model_dir = unpack(archives[name].mar, tmp_path / name)
+    handler = TorchshipHandler()
+    handler.initialize(FakeContext(model_dir))
+    return handler, model_dir
+
+
+def _request(inputs: dict[str, torch.Tensor], *, binary: bool = False, **params: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    body, headers = encode_request(inputs, binary=binary, parameters=params or None)
+    return {"body": bytearray(body)}, headers
+
+
+def _run(
+    handler: TorchshipHandler, model_dir: Path, requests: list[tuple[dict[str, Any], dict[str, str]]]
+) -> tuple[list[bytes], FakeContext]:
+    ctx = FakeContext(model_dir, headers=[h for _, h in requests])
+    out = handler.handle([r for r, _ in requests], ctx)
+    assert len(out) == len(requests)
+    return out, ctx
+
+
+def _decode(body: bytes, ctx: FakeContext, idx: int) -> dict[str, Any]:
+    return decode_response(body, ctx.response_headers.get(idx, {}).get("Inference-Header-Content-Length"))
+
+
+def _reference(model_dir: Path) -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = torch.load(model_dir / "reference.pt", weights_only=True)["cases"]
+    return cases
+
+
+def _tolerance(model_dir: Path) -> tuple[list[str], Tolerance]:
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    fmt = json.loads((model_dir / "endpoint.json").read_text())["format"]
+    tol = manifest["tolerance"][fmt]
+    return [o["name"] for o in manifest["outputs"]], Tolerance(tol["atol"], tol["rtol"])
+
+
+ALL_ENDPOINTS = [
+    "simple_cnn",
+    "simple_cnn_pt2",
+    "simple_cnn_aoti",
+    "dynamic_router",
+    "dynamic_router_pt2",
+    "seq_decoder",
+    "seq_decoder_pt2",
+    "process_outputs",
+]
+
+
+@pytest.mark.parametrize("name", ALL_ENDPOINTS)
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_every_format_reproduces_reference_in_one_batch(
+    archives: dict[str, Endpoint], tmp_path: Path, name: str, binary: bool
+) -> None:
+    """All reference cases arrive as one engine batch; each request gets its own rows, equal to eager."""
+    handler, model_dir = _handler(archives, name, tmp_path)
+    cases = _reference(model_dir)
+    out, ctx = _run(handler, model_dir, [_request(c["inputs"], binary=binary) for c in cases])
+    names, tol = _tolerance(model_dir)
+    for idx, (body, case) in enumerate(zip(out, cases, strict=True)):
+        assert ctx.status(idx) == 200, body
+        got = _decode(body, ctx, idx)["outputs"]
+        check = compare_all(tuple(got[n] for n in names), tuple(case["outputs"][n] for n in names), tol)
+        assert check.passed, (name, case["batch_size"], check.reason)
+
+
+def test_compatible_requests_run_as_one_model_call(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
+    calls: list[int] = []
+    model = handler.model
+    assert model is not None
+
+    def counting(*args: torch.Tensor) -> Any:
+        calls.append(args[0].shape[0])
+        return model(*args)
+
+    handler.model = counting
+    xs = [torch.randn(b, 256) for b in (1, 3, 2, 5)]
+    out, ctx = _run(handler, model_dir, [_request({"x": x}) for x in xs])
+    assert calls == [11]
+    eager = __import__("models.dynamic_router", fromlist=["build"]).build()
+    for idx, x in enumerate(xs):
+        y = _decode(out[idx], ctx, idx)["outputs"]["y"]
+        with torch.no_grad():
+            # Rows come back to the request that sent them. Not bit-equal: the experts' matmuls ran on 11 rows
+            # instead of the request's own, which rounds differently (well inside the tolerance).
+            assert torch.allclose(y, eager(x), atol=1e-5, rtol=1e-4)
+        assert ctx.response_headers[idx]["X-Torchship-Batch-Rows"] == "11"
+        assert ctx.response_headers[idx]["X-Torchship-Batch-Requests"] == "4"
+
+
+def test_different_image_sizes_run_as_separate_groups(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    handler, model_dir = _handler(archives, "simple_cnn_pt2", tmp_path)
+    shapes = [(2, 3, 32, 32), (1, 3, 48, 40), (3, 3, 32, 32)]
+    out, ctx = _run(handler, model_dir, [_request({"x": torch.randn(s)}) for s in shapes])
+    rows = [ctx.response_headers[i]["X-Torchship-Batch-Rows"] for i in range(3)]
+    assert rows == ["5", "1", "5"]
+    assert [_decode(out[i], ctx, i)["outputs"]["logits"].shape[0] for i in range(3)] == [2, 1, 3]
+
+
+def test_batches_over_the_model_limit_are_split(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    handler, model_dir = _handler(archives, "dynamic_router_pt2", tmp_path)  # .pt2 batch dim is bounded at 64
+    xs = [torch.randn(40, 256), torch.randn(40, 256), torch.randn(10, 256)]
+    _out, ctx = _run(handler, model_dir, [_request({"x": x}) for x in xs])
+    assert all(ctx.status(i) == 200 for i in range(3))
+    assert [ctx.response_headers[i]["X-Torchship-Batch-Rows"] for i in range(3)] == ["40", "50", "50"]
+
+
+BAD_BODIES: list[tuple[str, Any, str]] = [
+    ("malformed json", b'{"inputs": [', "not valid JSON"),
+    ("empty body", b"", "body is empty"),
+    ("not an object", b"[1, 2]", "must be a JSON object"),
+    ("missing inputs", b'{"id": "a"}', "missing field 'inputs'"),
+    ("extra field", b'{"inputs": [], "bogus": 1}', "unknown fields ['bogus']"),
+    (
+        "unknown input",
+        {"inputs": [{"name": "z", "shape": [1, 256], "datatype": "FP32", "data": [0.0] * 256}]},
+        "unknown input 'z'",
+    ),
+    (
+        "wrong datatype",
+        {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "INT64", "data": [0] * 256}]},
+        "datatype must be FP32",
+    ),
+    ("wrong rank", {"inputs": [{"name": "x", "shape": [256], "datatype": "FP32", "data": [0.0] * 256}]}, "expected rank 2"),
+    (
+        "wrong fixed dim",
+        {"inputs": [{"name": "x", "shape": [1, 255], "datatype": "FP32", "data": [0.0] * 255}]},
+        "dim 1 must be 256",
+    ),
+    (
+        "data length",
+        {"inputs": [{"name": "x", "shape": [2, 256], "datatype": "FP32", "data": [0.0] * 256}]},
+        "data has 256 values but shape needs 512",
+    ),
+    (
+        "batch over limit",
+        {"inputs": [{"name": "x", "shape": [65, 256], "datatype": "FP32", "data": [0.0] * 65 * 256}]},
+        "dim 0 is 65, allowed 1..64",
+    ),
+    ("zero dim", {"inputs": [{"name": "x", "shape": [0, 256], "datatype": "FP32", "data": []}]}, "every dim must be >= 1"),
+    (
+        "strings",
+        {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "data": ["a"] * 256}]},
+        "flat array of FP32 numbers",
+    ),
+    (
+        "nested data",
+        {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "data": [[0.0] * 256]}]},
+        "data has 1 values",
+    ),
+    ("NaN token", b'{"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [NaN]}]}', "NaN"),
+    ("huge float", {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "data": [1e39] * 256}]}, "NaN or Inf"),
+    ("unknown parameter", {"inputs": [], "parameters": {"temperature": 2}}, "unknown parameters ['temperature']"),
+    ("top_k on non-classifier", {"inputs": [], "parameters": {"top_k": 2}}, "applies to classifiers"),
+]
+
+
+@pytest.mark.parametrize(("label", "body", "message"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_request_fails_alone_with_400_and_its_neighbours_succeed(
+    archives: dict[str, Endpoint], tmp_path: Path, label: str, body: Any, message: str
+) -> None:
+    handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    good = [_request({"x": torch.randn(2, 256)}) for _ in range(3)]
+    requests = [good[0], ({"body": bytearray(raw)}, {}), good[1], good[2]]
+    out, ctx = _run(handler, model_dir, requests)
+    assert ctx.status(1) == 400
+    assert message in json.loads(out[1])["error"], label
+    assert ctx.content_types[1] == "application/json"
+    for idx in (0, 2, 3):
+        assert ctx.status(idx) == 200
+        assert _decode(out[idx], ctx, idx)["outputs"]["y"].shape == (2, 256)
+
+
+def test_binary_header_that_lies_is_a_400(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
+    request, headers = _request({"x": torch.randn(1, 256)}, binary=True)
+    for lie in ("999999", "-1", "abc"):
+        out, ctx = _run(handler, model_dir, [(request, {**headers, "Inference-Header-Content-Length": lie})])
+        assert ctx.status(0) == 400, lie
+    truncated = {"body": request["body"][:-10]}
+    out, ctx = _run(handler, model_dir, [(truncated, headers)])
+    assert ctx.status(0) == 400 and "runs past the end" in json.loads(out[0])["error"]
+
+
+def test_header_names_are_matched_case_insensitively(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
+    request, headers = _request({"x": torch.randn(1, 256)}, binary=True)
+    lower = {k.lower(): v for k, v in headers.items()}
+    _out, ctx = _run(handler, model_dir, [(request, lower)])
+    assert ctx.status(0) == 200
+
+
+def test_top_k_uses_the_scripted_process_outputs(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    handler, model_dir = _handler(archives, "simple_cnn", tmp_path)
+    x = torch.randn(3, 3, 32, 32)
+    out, ctx = _run(handler, model_dir, [_request({"x": x}, top_k=3), _request({"x": x}), _request({"x": x}, top_k=11)])
+    first = _decode(out[0], ctx, 0)["outputs"]
+    assert set(first) == {"logits", "probabilities", "classes"}
+    assert first["classes"].shape == (3, 3) and first["classes"].dtype == torch.int64
+    assert torch.equal(first["classes"], first["logits"].topk(3, dim=-1).indices)
+    assert torch.allclose(first["probabilities"], torch.softmax(first["logits"], -1).topk(3, dim=-1).values)
+    assert set(_decode(out[1], ctx, 1)["outputs"]) == {"logits"}
+    assert ctx.status(2) == 400 and "top_k must be an integer in 1..10" in json.loads(out[2])["error"]
+
+
+def test_process_outputs_endpoint_takes_top_k_per_request(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    handler, model_dir = _handler(archives, "process_outputs", tmp_path)
+    logits = torch.randn(2, 10)
+    out, ctx = _run(handler, model_dir, [_request({"logits": logits}, top_k=2), _request({"logits": logits})])
+    assert _decode(out[0], ctx, 0)["outputs"]["classes"].shape == (2, 2)
+    assert _decode(out[1], ctx, 1)["outputs"]["classes"].shape == (2, 5)
+
+
+def test_binary_output_on_request(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    handler, model_dir = _handler(archives, "seq_decoder", tmp_path)
+    x = torch.randn(2, 16, 64)
+    out, ctx = _run(handler, model_dir, [_request({"x": x}, binary_data_output=True)])
+    assert ctx.content_types[0] == "application/octet-stream"
+    tokens = _decode(out[0], ctx, 0)["outputs"]["tokens"]
+    eager = __import__("models.seq_decoder", fromlist=["build"]).build()
+    with torch.no_grad():
+        assert torch.equal(tokens, eager(x))
+
+
+def test_a_changed_artifact_refuses_to_load(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    model_dir = unpack(archives["simple_cnn_pt2"].mar, tmp_path / "tampered")
+    with (model_dir / "model.pt2").open("r+b") as f:
+        f.seek(64)
+        f.write(b"\xff\xfe")
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        TorchshipHandler().initialize(FakeContext(model_dir))
+
+
+def test_device_comes_from_the_context(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    model_dir = unpack(archives["dynamic_router"].mar, tmp_path / "dev")
+    handler = TorchshipHandler()
+    handler.initialize(FakeContext(model_dir, gpu_id=0))
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert str(handler.device) == expected
