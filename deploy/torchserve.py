@@ -116,6 +116,7 @@ def start_torchserve(
     port: int | None = None,
     models: str = "all",
     config_template: Path = DEFAULT_CONFIG,
+    overrides: dict[str, str] | None = None,
 ) -> TorchServe:
     """Start TorchServe in the foreground of a new process group; it is not ready until `wait_ready` says so."""
     model_store = model_store.resolve()
@@ -142,6 +143,7 @@ def start_torchserve(
             "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -Djava.io.tmpdir={tmpdir}",
         }
     )
+    props.update(overrides or {})
     config = workdir / "config.properties"
     write_properties(config, props)
     env = {

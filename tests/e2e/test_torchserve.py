@@ -1,0 +1,204 @@
+"""A real TorchServe on free loopback ports, its own temp dir and key file, stopped as a process group at the end."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import torch
+
+from deploy.archive import archive_models, load_model_config
+from deploy.client import Client
+from deploy.torchserve import TorchServe, endpoints_in, start_torchserve, wait_ready
+from handlers.codec import decode_response, encode_request
+from models import ZOO
+from tests.helpers import run_cli
+
+#: Batches fill for up to 200 ms, so concurrent requests in a test land in one batch.
+E2E_MODEL_CONFIG = {**load_model_config(), "batchSize": 16, "maxBatchDelay": 200}
+#: A small body limit so that a 413 is cheap to provoke; the largest reference batch (~1 MB of JSON) still fits.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def store(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("e2e_store")
+    archive_models([], artifacts=artifacts_dir, out_dir=out, model_config=E2E_MODEL_CONFIG)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    ts = start_torchserve(store, tmp_path_factory.mktemp("torchserve"), overrides={"max_request_size": str(MAX_REQUEST_BYTES)})
+    try:
+        wait_ready(ts, endpoints_in(store), timeout_s=300)
+        yield ts
+    finally:
+        ts.stop()
+    assert ts.process.poll() is not None
+
+
+def _auth(server: TorchServe) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.inference_key()}"}
+
+
+def _post(server: TorchServe, endpoint: str, body: bytes, headers: dict[str, str]) -> requests.Response:
+    return requests.post(f"{server.inference_url}/predictions/{endpoint}", data=body, headers=headers, timeout=60)
+
+
+def _router_ok(server: TorchServe) -> None:
+    """The server still answers a valid request with the eager outputs."""
+    x = ZOO["dynamic_router"].make_inputs(3, seed_offset=5)["x"]
+    y = Client(server.inference_url, token=server.inference_key()).infer("dynamic_router", {"x": x}).outputs["y"]
+    with torch.no_grad():
+        assert torch.allclose(y, ZOO["dynamic_router"].factory()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_verify_passes_on_every_endpoint(server: TorchServe, store: Path, tmp_path: Path) -> None:
+    report = tmp_path / "verify.json"
+    proc = run_cli(
+        "verify", "--engine", "torchserve", "--url", server.inference_url, "--token-file", str(server.key_file),
+        "--model-store", str(store), "--report", str(report),
+    )  # fmt: skip
+    doc = json.loads(report.read_text())
+    assert doc["passed"] is True
+    endpoints = {r["endpoint"] for r in doc["rows"]}
+    assert endpoints == set(endpoints_in(store))
+    assert len(doc["rows"]) == len(endpoints) * 4 * 2  # 4 reference batch sizes, JSON and binary
+    assert "checks passed" in proc.stdout
+
+
+def _concurrently(fn: Any, n: int) -> list[Any]:
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(server: TorchServe) -> None:
+    spec = ZOO["dynamic_router"]
+    eager = spec.factory()
+    inputs = [spec.make_inputs(1 + i % 3, seed_offset=100 + i)["x"] for i in range(12)]
+    bodies = [encode_request({"x": x}) for x in inputs]
+    auth = _auth(server)
+    responses = _concurrently(lambda i: _post(server, "dynamic_router", bodies[i][0], {**auth, **bodies[i][1]}), 12)
+    batched = 0
+    for x, r in zip(inputs, responses, strict=True):
+        assert r.status_code == 200, r.text
+        y = decode_response(r.content)["outputs"]["y"]
+        with torch.no_grad():
+            assert torch.allclose(y, eager(x), atol=1e-5, rtol=1e-4)
+        batched += int(r.headers["X-Torchship-Batch-Requests"]) > 1
+    assert batched >= 2, "TorchServe never put two of the concurrent requests in one batch"
+
+
+def test_one_malformed_request_fails_alone_among_15_valid(server: TorchServe) -> None:
+    spec = ZOO["dynamic_router"]
+    eager = spec.factory()
+    auth = _auth(server)
+    for attempt in range(3):  # batching depends on timing: retry until the bad request shares a batch
+        inputs = [spec.make_inputs(2, seed_offset=200 + attempt * 16 + i)["x"] for i in range(16)]
+        bodies = [encode_request({"x": x}) for x in inputs]
+        bodies[7] = (b'{"inputs": [{"name": "x", "shape": [2, 256], "datatype": "FP32", "data": [1.0, 2.0]}]}', bodies[7][1])
+
+        def send(i: int, bodies: list[tuple[bytes, dict[str, str]]] = bodies) -> requests.Response:
+            return _post(server, "dynamic_router", bodies[i][0], {**auth, **bodies[i][1]})
+
+        responses = _concurrently(send, 16)
+        assert responses[7].status_code == 400
+        assert "data has 2 values but shape needs 512" in responses[7].json()["error"]
+        for i, (x, r) in enumerate(zip(inputs, responses, strict=True)):
+            if i == 7:
+                continue
+            assert r.status_code == 200, r.text
+            with torch.no_grad():
+                assert torch.allclose(decode_response(r.content)["outputs"]["y"], eager(x), atol=1e-5, rtol=1e-4)
+        if int(responses[7].headers["X-Torchship-Batch-Requests"]) > 1:
+            return
+    pytest.fail("the malformed request never shared a batch with valid ones in 3 attempts")
+
+
+def _valid_router_body() -> tuple[bytes, dict[str, str]]:
+    return encode_request({"x": torch.randn(1, 256)})
+
+
+BAD_INPUTS = [
+    ("malformed json", "dynamic_router", b'{"inputs": [', {}, 400),
+    (
+        "wrong datatype",
+        "dynamic_router",
+        b'{"inputs":[{"name":"x","shape":[1,256],"datatype":"INT32","data":[' + b",".join([b"1"] * 256) + b"]}]}",
+        {},
+        400,
+    ),
+    (
+        "wrong shape",
+        "dynamic_router",
+        b'{"inputs":[{"name":"x","shape":[1,128],"datatype":"FP32","data":[' + b",".join([b"1.0"] * 128) + b"]}]}",
+        {},
+        400,
+    ),
+    (
+        "wrong rank",
+        "simple_cnn",
+        b'{"inputs":[{"name":"x","shape":[3,32,32],"datatype":"FP32","data":[' + b",".join([b"0.5"] * 3072) + b"]}]}",
+        {},
+        400,
+    ),
+    ("data length", "dynamic_router", b'{"inputs":[{"name":"x","shape":[2,256],"datatype":"FP32","data":[1.0]}]}', {}, 400),
+    ("batch over limit", "seq_decoder", None, {}, 400),
+    ("oversized body", "dynamic_router", b"0" * (MAX_REQUEST_BYTES + 1024), {}, 413),
+    ("unknown endpoint", "no_such_model", None, {}, 404),
+]
+
+
+@pytest.mark.parametrize(("label", "endpoint", "body", "headers", "status"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_a_4xx_json_error_and_the_server_stays_healthy(  # noqa: PLR0917  (pytest parameters)
+    server: TorchServe, label: str, endpoint: str, body: bytes | None, headers: dict[str, str], status: int
+) -> None:
+    if body is None:
+        if label == "batch over limit":
+            body, headers = encode_request({"x": torch.zeros(33, 2, 64)})  # seq_decoder takes at most 32
+        else:
+            body, headers = _valid_router_body()
+    r = _post(server, endpoint, body, {**_auth(server), "Content-Type": "application/json", **headers})
+    assert r.status_code == status, (label, r.status_code, r.text[:300])
+    if status == 413:
+        # TorchServe's frontend refuses an oversized body before any handler runs, with an empty body.
+        assert r.content == b""
+    else:
+        doc = r.json()
+        assert isinstance(doc, dict) and (doc.get("error") or doc.get("message")), doc
+    _router_ok(server)
+
+
+@pytest.mark.parametrize("token", [None, "not-the-key"], ids=["missing", "wrong"])
+def test_requests_without_the_inference_token_are_refused(server: TorchServe, token: str | None) -> None:
+    body, headers = _valid_router_body()
+    if token:
+        headers = {**headers, "Authorization": f"Bearer {token}"}
+    r = _post(server, "dynamic_router", body, headers)
+    assert 400 <= r.status_code < 500
+    assert "Token Authorization failed" in r.json()["message"]
+    assert r.status_code != 200
+    _router_ok(server)
+
+
+def test_management_api_is_not_on_the_inference_port(server: TorchServe) -> None:
+    r = requests.get(f"{server.inference_url}/models", headers=_auth(server), timeout=10)
+    assert r.status_code in (404, 405)
+    assert server.management_url.startswith("http://127.0.0.1:")
