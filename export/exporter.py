@@ -17,6 +17,7 @@ from torch import nn
 from export.pt2 import AotiIsa, build_aoti, build_pt2, load_aoti, load_pt2, save_pt2
 from export.reference import Case, make_cases, save_reference
 from export.torchscript import build_torchscript, load_torchscript
+from handlers.service import sha256_file
 from torchship.errors import ExportFormatError, OutputDirError, SpecError, TorchshipError
 from torchship.manifest import (
     FORMAT_FILES,
@@ -28,7 +29,6 @@ from torchship.manifest import (
     ReferenceMeta,
     ToleranceMeta,
     read_manifest,
-    sha256_file,
     write_manifest,
 )
 from torchship.parity import compare_all

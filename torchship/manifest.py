@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -12,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from handlers.codec import DATATYPES
+from handlers.service import sha256_file
 from torchship.errors import ManifestError
 from torchship.spec import FORMATS, ModelSpec, TensorSpec
 
@@ -147,14 +147,6 @@ class Manifest(_Strict):
     @classmethod
     def signature_from(cls, spec: ModelSpec) -> tuple[list[TensorMeta], list[TensorMeta]]:
         return [TensorMeta.from_spec(t) for t in spec.inputs], [TensorMeta.from_spec(t) for t in spec.outputs]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(manifest: Manifest, model_dir: Path) -> Path:

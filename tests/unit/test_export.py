@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from export.exporter import ModelExport
+from handlers.service import sha256_file
 from models import ZOO
 from tests.conftest import AOTI_MODEL
 from tests.helpers import run_cli
 from torchship.errors import ManifestError
-from torchship.manifest import FORMAT_FILES, read_manifest, sha256_file
+from torchship.manifest import FORMAT_FILES, read_manifest
 from torchship.spec import ModelSpec
 
 # A batch size that is in no spec's reference set, holdout set or export example.
