@@ -1,0 +1,83 @@
+"""A local Ray Serve for the model store: Ray started on this machine only (no dashboard, bounded CPUs, HTTP on
+127.0.0.1), the torchship app deployed, every endpoint checked, and Ray shut down on request."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from torchship.errors import TorchshipError
+
+APP_NAME = "torchship"
+
+
+class RayServeError(TorchshipError):
+    """Ray Serve could not be started or did not become ready."""
+
+
+@dataclass
+class RayServe:
+    url: str
+    endpoints: list[str]
+
+
+def start_ray_serve(
+    model_store: Path,
+    workdir: Path,
+    *,
+    port: int,
+    num_cpus: int = 2,
+    token: str | None = None,
+    ready_timeout_s: float = 300.0,
+) -> RayServe:
+    """Start a local Ray in this process, deploy the app and wait until every endpoint answers its ready probe."""
+    import ray
+    from ray import serve
+
+    from deploy.ray_app import app
+
+    endpoints = sorted(p.stem for p in model_store.glob("*.mar"))
+    if not endpoints:
+        raise RayServeError(f"no .mar files in {model_store}: run `torchship archive` first")
+    # Ray's own token auth (for its cluster APIs: GCS, jobs, dashboard) stays on, with a fresh per-run token
+    # in the environment rather than the $HOME/.ray/auth_token it would otherwise create.
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=str(workdir / "ray"),
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model_store": str(model_store.resolve()), "cache_dir": str(workdir / "cache"), "token": token}
+    serve.run(app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    pending = set(endpoints)
+    while pending:
+        if time.monotonic() > deadline:
+            raise RayServeError(f"Ray Serve: {sorted(pending)} not ready after {ready_timeout_s:.0f} s")
+        for name in sorted(pending):
+            try:
+                if requests.get(f"{url}/v2/models/{name}/ready", timeout=5).status_code == 200:
+                    pending.discard(name)
+            except requests.RequestException:
+                break
+        time.sleep(0.5)
+    return RayServe(url, endpoints)
+
+
+def stop_ray_serve() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
