@@ -1,7 +1,9 @@
-"""`make pipeline`: export -> archive -> serve on TorchServe -> verify -> stop, ending with one parity table."""
+"""`make pipeline`: export -> archive -> serve on TorchServe and on Ray Serve -> verify both -> one parity table."""
 
 from __future__ import annotations
 
+import json
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from deploy.archive import archive_models, load_model_config
 from deploy.torchserve import endpoints_in, start_torchserve, wait_ready
-from deploy.verify import VerifyRow, verify, write_report
+from deploy.verify import CrossRow, VerifyRow, cross_engine, verify, write_report
 from export.exporter import ModelExport, Progress, ensure_writable, export_isolated
 from models import ZOO
 
@@ -21,6 +23,7 @@ Say = Callable[[str], None]
 class PipelineResult:
     exports: list[ModelExport]
     rows: list[VerifyRow]
+    cross: list[CrossRow]
     failures: list[str]
 
     @property
@@ -28,17 +31,71 @@ class PipelineResult:
         return not self.failures and bool(self.rows) and all(r.passed for r in self.rows)
 
 
-def markdown_table(rows: list[VerifyRow]) -> str:
+def _fmt(x: float) -> str:
+    return "-" if x == float("inf") else f"{x:.3g}"
+
+
+def markdown_table(cross: list[CrossRow]) -> str:
     lines = [
-        "| engine | endpoint | format | batch | encoding | max abs err | max rel err | pass |",
+        "Largest absolute difference per check (all outputs of the check).",
+        "",
+        "| endpoint | format | batch | encoding | TorchServe vs eager | Ray vs eager | TorchServe vs Ray | pass |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for c in cross:
         lines.append(
-            f"| {r.engine} | `{r.endpoint}` | {r.format} | {r.batch_size} | {r.encoding} | {r.max_abs:.3g} | {r.max_rel:.3g} | "
-            f"{'yes' if r.passed else 'NO: ' + r.reason} |"
+            f"| `{c.endpoint}` | {c.format} | {c.batch_size} | {c.encoding} | {_fmt(c.torchserve.max_abs)} | "
+            f"{_fmt(c.ray.max_abs)} | {_fmt(c.engines_max_abs)} | {'yes' if c.passed else 'NO'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def serve_and_verify(model_store: Path, say: Say) -> tuple[list[VerifyRow], list[VerifyRow]]:
+    """Serve the model store on TorchServe, verify, stop; then the same on Ray Serve."""
+    from deploy.ray_serve import start_ray_serve, stop_ray_serve
+    from deploy.torchserve import free_port
+
+    with tempfile.TemporaryDirectory(prefix="torchship-ts-") as workdir:
+        say("serve: TorchServe on 127.0.0.1 (free ports, token auth on), waiting for every worker READY")
+        started = time.monotonic()
+        server = start_torchserve(model_store, Path(workdir))
+        try:
+            wait_ready(server, endpoints_in(model_store))
+            say(f"      ready in {time.monotonic() - started:.1f} s at {server.inference_url}; verifying")
+            ts_rows = verify("torchserve", server.inference_url, token=server.inference_key(), model_store=model_store)
+        finally:
+            server.stop()
+    with tempfile.TemporaryDirectory(prefix="torchship-ray-") as workdir:
+        say("serve: Ray Serve on 127.0.0.1 (local Ray, no dashboard), the same archives and handler")
+        started = time.monotonic()
+        token = secrets.token_hex(16)
+        try:
+            ray = start_ray_serve(model_store, Path(workdir), port=free_port(), token=token)
+            say(f"      ready in {time.monotonic() - started:.1f} s at {ray.url}; verifying")
+            ray_rows = verify("ray", ray.url, token=token, model_store=model_store)
+        finally:
+            stop_ray_serve()
+    return ts_rows, ray_rows
+
+
+def write_reports(reports: Path, ts_rows: list[VerifyRow], ray_rows: list[VerifyRow], cross: list[CrossRow]) -> None:
+    reports.mkdir(parents=True, exist_ok=True)
+    write_report(ts_rows, reports / "verify-torchserve.json", engine="torchserve", url="local")
+    write_report(ray_rows, reports / "verify-ray.json", engine="ray", url="local")
+    doc = {
+        "passed": all(c.passed for c in cross) and len(cross) == len(ts_rows) == len(ray_rows),
+        "rows": [
+            {
+                "endpoint": c.endpoint, "format": c.format, "batch_size": c.batch_size, "encoding": c.encoding,
+                "torchserve_max_abs": c.torchserve.max_abs, "ray_max_abs": c.ray.max_abs,
+                "engines_max_abs": c.engines_max_abs, "passed": c.passed,
+            }
+            for c in cross
+        ],
+    }  # fmt: skip
+    (reports / "pipeline.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    title = "# torchship pipeline: served outputs vs eager, on both engines\n\n"
+    (reports / "pipeline.md").write_text(title + markdown_table(cross), encoding="utf-8")
 
 
 def run_pipeline(*, artifacts: Path, model_store: Path, reports: Path, progress: Progress, say: Say) -> PipelineResult:
@@ -55,21 +112,13 @@ def run_pipeline(*, artifacts: Path, model_store: Path, reports: Path, progress:
         stale.unlink()
     endpoints = archive_models([], artifacts=artifacts, out_dir=model_store, model_config=load_model_config())
     say(f"      {len(endpoints)} archives in {model_store}/")
-    with tempfile.TemporaryDirectory(prefix="torchship-torchserve-") as workdir:
-        say("[3/4] serve: TorchServe on 127.0.0.1 (free ports, token auth on), waiting for every worker READY")
-        started = time.monotonic()
-        server = start_torchserve(model_store, Path(workdir))
-        try:
-            wait_ready(server, endpoints_in(model_store))
-            say(f"      ready in {time.monotonic() - started:.1f} s at {server.inference_url}")
-            say("[4/4] verify: every reference batch of every endpoint, JSON and binary, against eager")
-            rows = verify("torchserve", server.inference_url, token=server.inference_key(), model_store=model_store)
-        finally:
-            server.stop()
-    reports.mkdir(parents=True, exist_ok=True)
-    write_report(rows, reports / "verify-torchserve.json", engine="torchserve", url=server.inference_url)
-    (reports / "pipeline.md").write_text(
-        "# torchship pipeline: served outputs vs eager\n\n" + markdown_table(rows), encoding="utf-8"
-    )
-    failures += [f"verify {r.endpoint} batch {r.batch_size} {r.encoding}" for r in rows if not r.passed]
-    return PipelineResult(exports, rows, failures)
+    say("[3/4] serve and verify on both engines: every reference batch, JSON and binary, against eager")
+    ts_rows, ray_rows = serve_and_verify(model_store, say)
+    cross = cross_engine(ts_rows, ray_rows)
+    say("[4/4] report")
+    write_reports(reports, ts_rows, ray_rows, cross)
+    rows = ts_rows + ray_rows
+    failures += [f"verify {r.engine} {r.endpoint} batch {r.batch_size} {r.encoding}" for r in rows if not r.passed]
+    if len(cross) != len(ts_rows) or len(ts_rows) != len(ray_rows):
+        failures.append("the two engines did not answer the same set of checks")
+    return PipelineResult(exports, rows, cross, failures)

@@ -33,6 +33,7 @@ def start_ray_serve(
     port: int,
     num_cpus: int = 2,
     token: str | None = None,
+    max_request_bytes: int | None = None,
     ready_timeout_s: float = 300.0,
 ) -> RayServe:
     """Start a local Ray in this process, deploy the app and wait until every endpoint answers its ready probe."""
@@ -56,7 +57,9 @@ def start_ray_serve(
         configure_logging=False,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model_store": str(model_store.resolve()), "cache_dir": str(workdir / "cache"), "token": token}
+    args: dict[str, object] = {"model_store": str(model_store.resolve()), "cache_dir": str(workdir / "cache"), "token": token}
+    if max_request_bytes is not None:
+        args["max_request_bytes"] = max_request_bytes
     serve.run(app(args), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout_s

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ class VerifyRow:
     passed: bool
     reason: str
     latency_ms: float
+    #: The served outputs, kept in memory to compare engines with each other (not written to reports).
+    outputs: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -92,26 +95,18 @@ def verify_endpoint(client: Client, engine: str, ep: ArchivedEndpoint) -> list[V
                 missing = [n for n in ep.output_names if n not in result.outputs]
                 if missing:
                     raise EndpointError(200, f"response lacks outputs {missing}")
-                c = compare_all(tuple(result.outputs[n] for n in ep.output_names), expected, ep.tolerance)
+                outputs = tuple(result.outputs[n] for n in ep.output_names)
+                c = compare_all(outputs, expected, ep.tolerance)
                 max_abs, max_rel, passed, reason = c.max_abs, c.max_rel, c.passed, c.reason
             except (EndpointError, OSError, ValueError) as exc:
                 latency_ms = (time.perf_counter() - start) * 1000
                 max_abs, max_rel, passed, reason = float("inf"), float("inf"), False, f"{type(exc).__name__}: {exc}"
-            rows.append(
-                VerifyRow(
-                    engine,
-                    ep.name,
-                    ep.model,
-                    ep.format,
-                    int(case["batch_size"]),
-                    encoding,
-                    max_abs,
-                    max_rel,
-                    passed,
-                    reason,
-                    latency_ms,
-                )
+                outputs = None
+            batch = int(case["batch_size"])
+            row = VerifyRow(
+                engine, ep.name, ep.model, ep.format, batch, encoding, max_abs, max_rel, passed, reason, latency_ms, outputs
             )
+            rows.append(row)
     return rows
 
 
@@ -132,6 +127,46 @@ def write_report(rows: list[VerifyRow], path: Path, *, engine: str, url: str) ->
         "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "passed": all(r.passed for r in rows),
-        "rows": [{k: (v if v != float("inf") else None) for k, v in asdict(r).items()} for r in rows],
+        "rows": [_row_json(r) for r in rows],
     }
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+def _row_json(row: VerifyRow) -> dict[str, Any]:
+    doc = {k: v for k, v in asdict(row).items() if k != "outputs"}
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in doc.items()}
+
+
+@dataclass(frozen=True)
+class CrossRow:
+    """One (endpoint, batch, encoding) on both engines, and how far the two engines are from each other."""
+
+    endpoint: str
+    format: str
+    batch_size: int
+    encoding: str
+    torchserve: VerifyRow
+    ray: VerifyRow
+    engines_max_abs: float
+
+    @property
+    def passed(self) -> bool:
+        return self.torchserve.passed and self.ray.passed
+
+
+def cross_engine(torchserve: list[VerifyRow], ray: list[VerifyRow]) -> list[CrossRow]:
+    """Pair the two engines' rows and measure the largest difference between their outputs."""
+    by_key = {(r.endpoint, r.batch_size, r.encoding): r for r in ray}
+    rows: list[CrossRow] = []
+    for t in torchserve:
+        r = by_key.get((t.endpoint, t.batch_size, t.encoding))
+        if r is None:
+            continue
+        diff = float("inf")
+        if t.outputs is not None and r.outputs is not None:
+            diff = max(
+                (float((a.to(torch.float64) - b.to(torch.float64)).abs().max()) if a.numel() else 0.0)
+                for a, b in zip(t.outputs, r.outputs, strict=True)
+            )
+        rows.append(CrossRow(t.endpoint, t.format, t.batch_size, t.encoding, t, r, diff))
+    return rows

@@ -15,7 +15,7 @@ from rich.table import Table
 from torchship.errors import TorchshipError
 
 if TYPE_CHECKING:
-    from deploy.verify import VerifyRow
+    from deploy.verify import CrossRow, VerifyRow
     from export.exporter import ModelExport
     from torchship.spec import TensorSpec
 
@@ -140,21 +140,35 @@ def verify_table(rows: list[VerifyRow]) -> Table:
     return table
 
 
+def cross_table(cross: list[CrossRow]) -> Table:
+    table = Table(title="served outputs vs eager on both engines (max abs error; every reference batch, JSON and binary)")
+    for col in ("endpoint", "format", "batch", "encoding", "TorchServe vs eager", "Ray vs eager", "TorchServe vs Ray", "pass"):
+        table.add_column(col, justify="left" if col in ("endpoint", "format", "encoding", "pass") else "right")
+    for c in cross:
+        verdict = "[green]yes[/]" if c.passed else f"[red]NO[/] {escape(c.torchserve.reason or c.ray.reason)}"
+        table.add_row(
+            c.endpoint, c.format, str(c.batch_size), c.encoding,
+            f"{c.torchserve.max_abs:.3g}", f"{c.ray.max_abs:.3g}", f"{c.engines_max_abs:.3g}", verdict,
+        )  # fmt: skip
+    return table
+
+
 def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     import signal
     import tempfile
 
     from deploy.torchserve import endpoints_in, start_torchserve, wait_ready
 
-    model_store = Path(args.model_store)
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="torchship-torchserve-"))
-    endpoints = endpoints_in(model_store)
-    server = start_torchserve(model_store, workdir, port=args.port)
-
     def stop_on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop_on_signal)
+    model_store = Path(args.model_store)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"torchship-{args.engine}-"))
+    if args.engine == "ray":
+        return _serve_ray(args, model_store, workdir, out, err)
+    endpoints = endpoints_in(model_store)
+    server = start_torchserve(model_store, workdir, port=args.port)
     try:
         err.print(f"starting TorchServe with {len(endpoints)} endpoints; log: {escape(str(server.log_path))}")
         wait_ready(server, endpoints, timeout_s=args.ready_timeout_s)
@@ -172,10 +186,40 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         server.stop()
 
 
+def _serve_ray(args: argparse.Namespace, model_store: Path, workdir: Path, out: Console, err: Console) -> int:
+    import os
+
+    from deploy.ray_app import TOKEN_ENV
+    from deploy.ray_serve import start_ray_serve, stop_ray_serve
+    from deploy.torchserve import free_port
+
+    token = os.environ.get(TOKEN_ENV)
+    try:
+        err.print(f"starting a local Ray and the torchship app; Ray's files: {escape(str(workdir))}")
+        server = start_ray_serve(
+            model_store, workdir, port=args.port or free_port(), token=token, ready_timeout_s=args.ready_timeout_s
+        )
+        out.print(f"Ray Serve ready at {server.url}  (endpoints: {', '.join(server.endpoints)})")
+        out.print(f"inference token: {'$' + TOKEN_ENV if token else f'none (set {TOKEN_ENV} to require one)'}")
+        out.print("Ctrl-C or SIGTERM stops it.")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        err.print("stopping Ray Serve")
+        return EXIT_OK
+    finally:
+        stop_ray_serve()
+
+
 def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     from deploy.client import token_from_key_file
     from deploy.verify import verify, write_report
 
+    if args.engine == "all":
+        return _verify_all(args, out, err)
+    if not args.url:
+        err.print("[red]error:[/] --url is required for a single engine (or use --engine all to start both)")
+        return EXIT_USAGE
     token = args.token or (token_from_key_file(Path(args.token_file)) if args.token_file else None)
     rows = verify(args.engine, args.url, token=token, model_store=Path(args.model_store), endpoints=args.endpoint or None)
     out.print(verify_table(rows))
@@ -184,6 +228,19 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     failed = [r for r in rows if not r.passed]
     out.print(f"{len(rows) - len(failed)}/{len(rows)} checks passed; report: {escape(str(report))}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _verify_all(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from deploy.pipeline import serve_and_verify, write_reports
+    from deploy.verify import cross_engine
+
+    ts_rows, ray_rows = serve_and_verify(Path(args.model_store), lambda line: err.print(escape(line)))
+    cross = cross_engine(ts_rows, ray_rows)
+    out.print(cross_table(cross))
+    write_reports(Path(args.report or "reports"), ts_rows, ray_rows, cross)
+    ok = bool(cross) and all(c.passed for c in cross) and len(cross) == len(ts_rows) == len(ray_rows)
+    out.print(f"{sum(c.passed for c in cross)}/{len(cross)} checks passed on both engines")
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def cmd_pipeline(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -197,12 +254,13 @@ def cmd_pipeline(args: argparse.Namespace, out: Console, err: Console) -> int:
         say=lambda line: err.print(f"[bold cyan]{escape(line)}[/]"),
     )
     out.print(summary_table(result.exports))
-    out.print(verify_table(result.rows))
+    out.print(cross_table(result.cross))
     if not result.ok:
         err.print(f"[red]pipeline failed:[/] {escape(', '.join(result.failures) or 'no verify rows')}")
         return EXIT_FAILED
     out.print(
-        f"pipeline passed: {len(result.rows)} served checks equal eager within tolerance; reports in {escape(args.reports)}/"
+        f"pipeline passed: {len(result.cross)} checks, each equal to eager within tolerance on both TorchServe and Ray Serve "
+        f"({len(result.rows)} served answers); reports in {escape(args.reports)}/"
     )
     return EXIT_OK
 
@@ -242,24 +300,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("serve", help="serve the model store on an engine until Ctrl-C / SIGTERM")
-    p.add_argument("engine", choices=("torchserve",))
+    p.add_argument("engine", choices=("torchserve", "ray"))
     p.add_argument("--model-store", default="model_store")
     p.add_argument("--port", type=int, default=None, help="inference port on 127.0.0.1 (default: a free one)")
     p.add_argument("--workdir", default=None, help="config, logs and key_file.json go here (default: a new temp dir)")
     p.add_argument("--ready-timeout-s", type=float, default=300.0)
+    p.add_argument("--max-request-bytes", type=int, default=None, help="ray: body size limit (default 64 MiB, as TorchServe's)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("verify", help="send every reference input over HTTP and compare with eager")
-    p.add_argument("--engine", required=True, choices=("torchserve",))
-    p.add_argument("--url", required=True, help="inference base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--engine", required=True, choices=("torchserve", "ray", "all"), help="'all' starts both engines itself")
+    p.add_argument("--url", default=None, help="inference base URL, e.g. http://127.0.0.1:8080 (not with --engine all)")
     p.add_argument("--token-file", default=None, help="TorchServe's key_file.json (its 'inference' key is used)")
     p.add_argument("--token", default=None, help="the bearer token itself")
     p.add_argument("--model-store", default="model_store", help="the archives being served (references come from them)")
     p.add_argument("--endpoint", action="append", default=[], help="only these endpoints (repeatable)")
-    p.add_argument("--report", default=None, help="JSON report path (default: reports/verify-<engine>.json)")
+    p.add_argument("--report", default=None, help="JSON report path (default: reports/verify-<engine>.json; a folder for 'all')")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("pipeline", help="export -> archive -> serve on TorchServe -> verify -> stop")
+    p = sub.add_parser("pipeline", help="export -> archive -> serve on TorchServe and Ray Serve -> verify both -> stop")
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--model-store", default="model_store")
     p.add_argument("--reports", default="reports")

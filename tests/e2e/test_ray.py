@@ -1,0 +1,200 @@
+"""A real Ray Serve (`torchship serve ray`) on a free loopback port, its own Ray temp dir, stopped at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from deploy.archive import archive_models
+from deploy.client import Client
+from deploy.ray_app import TOKEN_ENV
+from deploy.torchserve import free_port
+from handlers.codec import decode_response, encode_request
+from models import ZOO
+from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
+from tests.helpers import REPO, TORCHSHIP, run_cli
+
+TOKEN = "ray-e2e-token"
+
+
+@dataclass
+class RayServer:
+    url: str
+    process: subprocess.Popen[str]
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def ray_store(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ray_store")
+    archive_models([], artifacts=artifacts_dir, out_dir=out, model_config=E2E_MODEL_CONFIG)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
+    workdir = Path(tmp_path_factory.mktemp("ray"))
+    port = free_port()
+    cmd = [
+        str(TORCHSHIP), "serve", "ray", "--model-store", str(ray_store), "--port", str(port),
+        "--workdir", str(workdir), "--max-request-bytes", str(MAX_REQUEST_BYTES),
+    ]  # fmt: skip
+    env = {**os.environ, TOKEN_ENV: TOKEN}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C or SIGTERM stops it" in line:
+                break
+        text = "".join(lines)
+        assert f"Ray Serve ready at http://127.0.0.1:{port}" in text, text[-3000:]
+        yield RayServer(f"http://127.0.0.1:{port}", proc, workdir)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True, check=False)
+    assert leftover.stdout.strip() == "", f"Ray processes left running: {leftover.stdout}"
+
+
+def _post(server: RayServer, endpoint: str, body: bytes, headers: dict[str, str]) -> requests.Response:
+    return requests.post(f"{server.url}/predictions/{endpoint}", data=body, headers=headers, timeout=60)
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _router_ok(server: RayServer) -> None:
+    x = ZOO["dynamic_router"].make_inputs(3, seed_offset=5)["x"]
+    y = Client(server.url, token=TOKEN).infer("dynamic_router", {"x": x}).outputs["y"]
+    with torch.no_grad():
+        assert torch.allclose(y, ZOO["dynamic_router"].factory()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_verify_passes_on_every_endpoint(ray_server: RayServer, ray_store: Path, tmp_path: Path) -> None:
+    report = tmp_path / "verify-ray.json"
+    run_cli(
+        "verify",
+        "--engine",
+        "ray",
+        "--url",
+        ray_server.url,
+        "--token",
+        TOKEN,
+        "--model-store",
+        str(ray_store),
+        "--report",
+        str(report),
+    )
+    doc = json.loads(report.read_text())
+    assert doc["passed"] is True
+    assert len(doc["rows"]) == len(list(ray_store.glob("*.mar"))) * 4 * 2
+
+
+@pytest.mark.parametrize(("label", "endpoint", "body", "headers", "status"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_the_same_status_as_on_torchserve(  # noqa: PLR0917  (pytest parameters)
+    ray_server: RayServer, label: str, endpoint: str, body: bytes | None, headers: dict[str, str], status: int
+) -> None:
+    if body is None:
+        if label == "batch over limit":
+            body, headers = encode_request({"x": torch.zeros(33, 2, 64)})
+        else:
+            body, headers = encode_request({"x": torch.randn(1, 256)})
+    r = _post(ray_server, endpoint, body, {**_auth(), "Content-Type": "application/json", **headers})
+    assert r.status_code == status, (label, r.status_code, r.text[:300])
+    assert r.json()["error"]  # Ray answers every error, 413 included, with a JSON body
+    _router_ok(ray_server)
+
+
+@pytest.mark.parametrize("token", [None, "not-the-key"], ids=["missing", "wrong"])
+def test_requests_without_the_token_are_refused_like_torchserve(ray_server: RayServer, token: str | None) -> None:
+    body, headers = encode_request({"x": torch.randn(1, 256)})
+    if token:
+        headers = {**headers, "Authorization": f"Bearer {token}"}
+    r = _post(ray_server, "dynamic_router", body, headers)
+    assert r.status_code == 400
+    assert "Token Authorization failed" in r.json()["error"]
+    infer = requests.post(f"{ray_server.url}/v2/models/dynamic_router/infer", data=body, headers=headers, timeout=30)
+    assert infer.status_code == 400
+    _router_ok(ray_server)
+
+
+def test_concurrent_requests_are_batched_and_one_malformed_fails_alone(ray_server: RayServer) -> None:
+    spec = ZOO["dynamic_router"]
+    eager = spec.factory()
+    for attempt in range(3):
+        inputs = [spec.make_inputs(2, seed_offset=300 + attempt * 16 + i)["x"] for i in range(16)]
+        bodies = [encode_request({"x": x}) for x in inputs]
+        bodies[5] = (b'{"inputs": [{"name": "x", "shape": [2, 256], "datatype": "FP32", "data": [1.0]}]}', bodies[5][1])
+
+        def send(i: int, bodies: list[tuple[bytes, dict[str, str]]] = bodies) -> requests.Response:
+            return _post(ray_server, "dynamic_router", bodies[i][0], {**_auth(), **bodies[i][1]})
+
+        responses = _concurrently(send, 16)
+        assert responses[5].status_code == 400
+        assert "data has 1 values but shape needs 512" in responses[5].json()["error"]
+        for i, (x, r) in enumerate(zip(inputs, responses, strict=True)):
+            if i != 5:
+                assert r.status_code == 200, r.text
+                with torch.no_grad():
+                    assert torch.allclose(decode_response(r.content)["outputs"]["y"], eager(x), atol=1e-5, rtol=1e-4)
+        if (
+            int(responses[5].headers["X-Torchship-Batch-Requests"]) > 1
+            and max(int(r.headers["X-Torchship-Batch-Requests"]) for r in responses) > 2
+        ):
+            return
+    pytest.fail("@serve.batch never put the concurrent requests together in 3 attempts")
+
+
+def test_oip_routes_health_metadata_and_methods(ray_server: RayServer) -> None:
+    assert requests.get(f"{ray_server.url}/v2/health/live", timeout=10).json() == {"live": True, "ready": True}
+    assert requests.get(f"{ray_server.url}/v2/health/ready", timeout=10).status_code == 200
+    assert requests.get(f"{ray_server.url}/ping", timeout=10).status_code == 200
+    meta = requests.get(f"{ray_server.url}/v2/models/simple_cnn_pt2", timeout=10).json()
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3, -1, -1]}]
+    assert requests.get(f"{ray_server.url}/v2/models/nope/ready", timeout=10).status_code == 404
+    assert requests.get(f"{ray_server.url}/predictions/simple_cnn", timeout=10).status_code == 405
+    assert requests.get(f"{ray_server.url}/../etc/passwd", timeout=10).status_code == 404
+
+
+def test_stock_oip_client_tritonclient(ray_server: RayServer) -> None:
+    """tritonclient[http], not our client: health, metadata, and an inference equal to the eager reference."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=ray_server.url.removeprefix("http://"))
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("simple_cnn")
+    meta = client.get_model_metadata("dynamic_router_pt2")
+    assert meta["inputs"][0]["name"] == "x" and meta["outputs"][0]["name"] == "y"
+    spec = ZOO["dynamic_router"]
+    x = spec.make_inputs(4, seed_offset=77)["x"]
+    for binary in (True, False):
+        infer_input = httpclient.InferInput("x", list(x.shape), "FP32")
+        infer_input.set_data_from_numpy(x.numpy().astype(np.float32), binary_data=binary)
+        result = client.infer("dynamic_router_pt2", [infer_input], headers=_auth())
+        y = torch.from_numpy(result.as_numpy("y").copy())
+        with torch.no_grad():
+            assert torch.allclose(y, spec.factory()(x), atol=1e-5, rtol=1e-4), binary
