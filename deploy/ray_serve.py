@@ -53,6 +53,8 @@ def start_ray_serve(
         num_cpus=num_cpus,
         include_dashboard=False,
         _temp_dir=str(workdir / "ray"),
+        # Ray's internal services (GCS, raylet, object manager) bind this address: loopback, for a local run.
+        _node_ip_address="127.0.0.1",
         log_to_driver=False,
         configure_logging=False,
     )

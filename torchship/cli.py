@@ -159,10 +159,7 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     from deploy.torchserve import endpoints_in, start_torchserve, wait_ready
 
-    def stop_on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGTERM, _interrupt)
     model_store = Path(args.model_store)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"torchship-{args.engine}-"))
     if args.engine == "ray":
@@ -186,8 +183,14 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         server.stop()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM handler: stop the server the way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def _serve_ray(args: argparse.Namespace, model_store: Path, workdir: Path, out: Console, err: Console) -> int:
     import os
+    import signal
 
     from deploy.ray_app import TOKEN_ENV
     from deploy.ray_serve import start_ray_serve, stop_ray_serve
@@ -197,8 +200,15 @@ def _serve_ray(args: argparse.Namespace, model_store: Path, workdir: Path, out: 
     try:
         err.print(f"starting a local Ray and the torchship app; Ray's files: {escape(str(workdir))}")
         server = start_ray_serve(
-            model_store, workdir, port=args.port or free_port(), token=token, ready_timeout_s=args.ready_timeout_s
+            model_store,
+            workdir,
+            port=args.port or free_port(),
+            token=token,
+            max_request_bytes=args.max_request_bytes,
+            ready_timeout_s=args.ready_timeout_s,
         )
+        # ray.init installs a C++ SIGTERM handler that aborts the process; take SIGTERM back for a clean stop.
+        signal.signal(signal.SIGTERM, _interrupt)
         out.print(f"Ray Serve ready at {server.url}  (endpoints: {', '.join(server.endpoints)})")
         out.print(f"inference token: {'$' + TOKEN_ENV if token else f'none (set {TOKEN_ENV} to require one)'}")
         out.print("Ctrl-C or SIGTERM stops it.")
