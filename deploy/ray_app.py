@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import ray
 import yaml
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -35,6 +36,7 @@ DEFAULT_CACHE = Path(tempfile.gettempdir()) / "torchship-ray-cache"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 TOKEN_ENV = "TORCHSHIP_INFERENCE_TOKEN"
 TOKEN_FILE_ENV = "TORCHSHIP_INFERENCE_TOKEN_FILE"
+NODE_HEADER = "X-Torchship-Node"
 
 
 class UnsafeArchive(Exception):
@@ -112,6 +114,8 @@ class Endpoint:
         self.handler = TorchshipHandler()
         self.handler.initialize(RayContext(self.model_dir, [], gpu_id=gpu_id))
         self.gpu_id = gpu_id
+        # Which Ray node answered: lets a multi-node deployment show that replicas on every node serve.
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.infer_batch.set_max_batch_size(max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -125,6 +129,7 @@ class Endpoint:
         for idx, body in enumerate(bodies):
             headers = dict(ctx.response_headers.get(idx, {}))
             headers["content-type"] = ctx.content_types.get(idx, "application/json")
+            headers[NODE_HEADER] = self.node_id
             replies.append((ctx.statuses.get(idx, 200), body, headers))
         return replies
 
@@ -237,7 +242,8 @@ def _token(args: Mapping[str, Any]) -> str | None:
 
 def app(args: dict[str, Any]) -> serve.Application:
     """Application builder. args: model_store (folder of .mar), cache_dir, token / token_file, num_cpus per
-    replica, num_replicas, max_request_bytes. Batch size and wait come from each archive's model-config.yaml."""
+    replica (ingress_num_cpus for the ingress), num_replicas, max_request_bytes. Batch size and wait come from each
+    archive's model-config.yaml."""
     model_store = Path(args.get("model_store", "model_store")).resolve()
     cache_dir = str(Path(args.get("cache_dir", DEFAULT_CACHE)).resolve())
     mars = sorted(model_store.glob("*.mar"))
@@ -258,7 +264,8 @@ def app(args: dict[str, Any]) -> serve.Application:
             ray_actor_options={"num_cpus": num_cpus},
         )
         handles[mar.stem] = deployment.bind(str(mar), cache_dir, batch, wait_s)
+    ingress_cpus = float(args.get("ingress_num_cpus", num_cpus))
     ingress = serve.deployment(Ingress).options(
-        name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": num_cpus}
+        name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": ingress_cpus}
     )
     return ingress.bind(handles, _token(args), int(args.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)))

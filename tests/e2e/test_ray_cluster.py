@@ -1,0 +1,116 @@
+"""A real two-node Ray cluster on this machine (a head and a worker joined over 127.0.0.1 with `ray start`): the app's
+replicas spread over both nodes, and replicas on each node answer correctly."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.archive import archive_models, load_model_config
+from deploy.torchserve import free_port
+from tests.helpers import REPO
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [str(RAY), "start", "--block", *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys, time
+    import ray, requests, torch
+    from ray import serve
+    from deploy.ray_app import app
+    from handlers.codec import decode_response, encode_request
+    from models import ZOO
+
+    address, store, cache, http_port = sys.argv[1:5]
+    ray.init(address=address, log_to_driver=False)
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    serve.start(http_options={"host": "127.0.0.1", "port": int(http_port)}, proxy_location="HeadOnly")
+    # 0.6 CPU per replica on 1-CPU nodes: two replicas cannot share a node, so they must spread.
+    serve.run(app({"model_store": store, "cache_dir": cache, "num_replicas": 2, "num_cpus": 0.6, "ingress_num_cpus": 0}),
+              name="torchship", route_prefix="/", blocking=False)
+    spec = ZOO["dynamic_router"]
+    eager = spec.factory()
+    seen, wrong = {}, 0
+    for i in range(80):
+        x = spec.make_inputs(1 + i % 4, seed_offset=i)["x"]
+        body, headers = encode_request({"x": x})
+        r = requests.post(f"http://127.0.0.1:{http_port}/predictions/dynamic_router", data=body, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        y = decode_response(r.content)["outputs"]["y"]
+        node = r.headers["X-Torchship-Node"]
+        with torch.no_grad():
+            ok = torch.allclose(y, eager(x), atol=1e-5, rtol=1e-4)
+        seen[node] = seen.get(node, 0) + 1
+        wrong += not ok
+    serve.shutdown()
+    print(json.dumps({"nodes": nodes, "answered_by": seen, "wrong": wrong}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_replicas_on_both_nodes_answer_correctly(artifacts_dir: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    archive_models(["dynamic_router"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
+    for extra in store.glob("dynamic_router_*.mar"):  # one endpoint: its 2 replicas must fill both 1-CPU nodes
+        extra.unlink()
+    temp = Path(f"/tmp/ts-ray-{secrets.token_hex(3)}")  # short: Ray's socket paths must fit in 107 bytes
+    port = free_port()
+    # Ray token auth on for every process of the cluster (head, worker, driver), with one per-test token.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    head = _start_node(
+        ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp), *common],
+        env,
+        tmp_path / "head.log",
+    )
+    worker = None
+    try:
+        time.sleep(8)
+        worker = _start_node(["--address", f"127.0.0.1:{port}", *common], env, tmp_path / "worker.log")
+        time.sleep(8)
+        proc = subprocess.run(
+            [sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", str(store), str(tmp_path / "cache"), str(free_port())],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=420, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:] + (tmp_path / "head.log").read_text()[-2000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(head)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert len(result["nodes"]) == 2, result
+    assert result["wrong"] == 0
+    assert set(result["answered_by"]) == set(result["nodes"]), f"not every node answered: {result}"
+    leftover = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True, check=False)
+    assert leftover.stdout.strip() == "", f"Ray processes left running: {leftover.stdout}"
