@@ -27,6 +27,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
+import handlers
+from deploy.archive import HANDLER_PACKAGE_FILES
 from handlers.codec import TensorSignature, encode_error
 from handlers.service import TorchshipHandler
 
@@ -75,6 +77,26 @@ def unpack_mar(mar: Path, cache_dir: Path) -> Path:
     return dest
 
 
+class HandlerMismatch(Exception):
+    """The archive carries different handler code than this app runs: the engines would not serve alike."""
+
+
+def check_same_handler(model_dir: Path) -> None:
+    """Refuse an archive whose handlers/ differ from the code this app runs, byte for byte.
+
+    TorchServe runs the handler the archive carries; this app runs the installed one. Both are the same files only
+    if the archive was built by this torchship: otherwise pre/post-processing could drift between the engines.
+    """
+    installed = Path(handlers.__file__).resolve().parent
+    for name in HANDLER_PACKAGE_FILES:
+        archived = model_dir / "handlers" / name
+        if not archived.is_file() or archived.read_bytes() != (installed / name).read_bytes():
+            raise HandlerMismatch(
+                f"{model_dir.name}: handlers/{name} in the archive differs from the one this app runs; "
+                "rebuild the archives with this torchship (`torchship archive`)"
+            )
+
+
 class RayContext:
     """TorchServe's context, as far as the handler uses it, for one Ray batch."""
 
@@ -110,6 +132,7 @@ class Endpoint:
 
     def __init__(self, mar: str, cache_dir: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         self.model_dir = unpack_mar(Path(mar), Path(cache_dir))
+        check_same_handler(self.model_dir)
         gpu_id = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else None
         self.handler = TorchshipHandler()
         self.handler.initialize(RayContext(self.model_dir, [], gpu_id=gpu_id))
