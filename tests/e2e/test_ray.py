@@ -16,7 +16,7 @@ import pytest
 import requests
 import torch
 
-from deploy.archive import archive_models
+from deploy.archive import archive_models, load_model_config
 from deploy.client import Client
 from deploy.ray_app import TOKEN_ENV
 from deploy.torchserve import free_port
@@ -198,3 +198,17 @@ def test_stock_oip_client_tritonclient(ray_server: RayServer) -> None:
         y = torch.from_numpy(result.as_numpy("y").copy())
         with torch.no_grad():
             assert torch.allclose(y, spec.factory()(x), atol=1e-5, rtol=1e-4), binary
+
+
+def test_verify_all_starts_both_engines_and_compares_them(artifacts_dir: Path, tmp_path: Path) -> None:
+    """`torchship verify --engine all`: both engines on the same archives, one cross-engine table and report."""
+    store = tmp_path / "store"
+    archive_models(["seq_decoder"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
+    proc = run_cli("verify", "--engine", "all", "--model-store", str(store), "--report", str(tmp_path / "reports"), timeout_s=900)
+    assert "checks passed on both engines" in proc.stdout
+    doc = json.loads((tmp_path / "reports" / "pipeline.json").read_text())
+    assert doc["passed"] is True
+    assert len(doc["rows"]) == 2 * 4 * 2  # seq_decoder and seq_decoder_pt2, 4 batches, JSON and binary
+    assert all(r["engines_max_abs"] == 0 for r in doc["rows"])  # integer tokens: the engines agree exactly
+    for engine in ("torchserve", "ray"):
+        assert json.loads((tmp_path / "reports" / f"verify-{engine}.json").read_text())["passed"] is True
