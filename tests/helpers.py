@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,3 +33,43 @@ def run_cli(
             f"torchship {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     return proc
+
+
+READY_MARKER = "Ctrl-C or SIGTERM stops it"
+
+
+@contextmanager
+def serve_command(
+    args: list[str], *, workdir: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 400
+) -> Iterator[str]:
+    """Run `torchship serve ...` as a user would and yield what it printed up to its ready line.
+
+    On exit: SIGTERM, which must stop it with exit code 0, then no process mentioning workdir may be left.
+    """
+    proc = subprocess.Popen(
+        [str(TORCHSHIP), "serve", *args, "--workdir", str(workdir)],
+        cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if READY_MARKER in line:
+                break
+        text = "".join(lines)
+        assert READY_MARKER in text, text[-3000:]
+        yield text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True, check=False)
+    assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +19,7 @@ from deploy.torchserve import free_port
 from handlers.codec import decode_response, encode_request
 from models import ZOO
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
-from tests.helpers import REPO, TORCHSHIP, run_cli
+from tests.helpers import run_cli, serve_command
 
 TOKEN = "ray-e2e-token"
 
@@ -31,7 +27,6 @@ TOKEN = "ray-e2e-token"
 @dataclass
 class RayServer:
     url: str
-    process: subprocess.Popen[str]
     workdir: Path
 
 
@@ -46,36 +41,10 @@ def ray_store(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def ray_server(ray_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
     workdir = Path(tmp_path_factory.mktemp("ray"))
     port = free_port()
-    cmd = [
-        str(TORCHSHIP), "serve", "ray", "--model-store", str(ray_store), "--port", str(port),
-        "--workdir", str(workdir), "--max-request-bytes", str(MAX_REQUEST_BYTES),
-    ]  # fmt: skip
-    env = {**os.environ, TOKEN_ENV: TOKEN}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C or SIGTERM stops it" in line:
-                break
-        text = "".join(lines)
+    args = ["ray", "--model-store", str(ray_store), "--port", str(port), "--max-request-bytes", str(MAX_REQUEST_BYTES)]
+    with serve_command(args, workdir=workdir, env={TOKEN_ENV: TOKEN}) as text:
         assert f"Ray Serve ready at http://127.0.0.1:{port}" in text, text[-3000:]
-        yield RayServer(f"http://127.0.0.1:{port}", proc, workdir)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True, check=False)
-    assert leftover.stdout.strip() == "", f"Ray processes left running: {leftover.stdout}"
+        yield RayServer(f"http://127.0.0.1:{port}", workdir)
 
 
 def _post(server: RayServer, endpoint: str, body: bytes, headers: dict[str, str]) -> requests.Response:

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +17,7 @@ from deploy.client import Client
 from deploy.torchserve import TorchServe, endpoints_in, start_torchserve, wait_ready
 from handlers.codec import decode_response, encode_request
 from models import ZOO
-from tests.helpers import REPO, TORCHSHIP, run_cli
+from tests.helpers import run_cli, serve_command
 
 #: Batches fill for up to 200 ms, so concurrent requests in a test land in one batch.
 E2E_MODEL_CONFIG = {**load_model_config(), "batchSize": 16, "maxBatchDelay": 200}
@@ -213,34 +209,10 @@ def test_serve_command_prints_url_and_token_and_stops_on_sigterm(artifacts_dir: 
     store = tmp_path / "store"
     archive_models(["dynamic_router"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
     workdir = tmp_path / "work"
-    proc = subprocess.Popen(
-        [str(TORCHSHIP), "serve", "torchserve", "--model-store", str(store), "--workdir", str(workdir)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C or SIGTERM stops it" in line:
-                break
-        text = "".join(lines)
+    with serve_command(["torchserve", "--model-store", str(store)], workdir=workdir) as text:
         assert "TorchServe ready at http://127.0.0.1:" in text, text
         url = text.split("ready at ")[1].split()[0]
         assert str(workdir / "key_file.json") in text.replace("\n", "")
         token = json.loads((workdir / "key_file.json").read_text())["inference"]["key"]
-        x = torch.randn(2, 256)
-        y = Client(url, token=token).infer("dynamic_router", {"x": x}).outputs["y"]
+        y = Client(url, token=token).infer("dynamic_router", {"x": torch.randn(2, 256)}).outputs["y"]
         assert y.shape == (2, 256)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True, check=False)
-    assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"
