@@ -10,7 +10,7 @@ ARTIFACTS ?= artifacts
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lint typecheck unit pytest test pipeline export clean
+.PHONY: setup lint typecheck unit pytest test pipeline export cpp clean
 
 setup: $(STAMP)
 
@@ -43,5 +43,9 @@ export: setup
 pipeline: setup
 	$(BIN)/torchship pipeline --artifacts $(ARTIFACTS)
 
+# The C++ loader (deploy/cpp) against the pip-installed torch; needs cmake and a C++17 compiler.
+cpp: setup
+	$(BIN)/python -c 'from deploy.cpp_io import build_cpp; print(build_cpp())'
+
 clean:
-	rm -rf $(ARTIFACTS) reports model_store/*.mar .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(ARTIFACTS) reports model_store/*.mar build .pytest_cache .mypy_cache .ruff_cache

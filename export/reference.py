@@ -27,6 +27,9 @@ class Case:
     def expected(self, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
         return tuple(self.outputs[t.name] for t in spec.outputs)
 
+    def expected_from(self, names: list[str]) -> tuple[torch.Tensor, ...]:
+        return tuple(self.outputs[n] for n in names)
+
     def input_shapes(self) -> dict[str, list[int]]:
         return {k: list(v.shape) for k, v in self.inputs.items()}
 
