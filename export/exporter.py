@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.pt2 import AotiIsa, build_aoti, build_pt2, load_aoti, load_pt2, save_pt2
+from export.pt2 import AotiIsa, build_aoti, build_pt2, save_pt2
 from export.reference import Case, make_cases, save_reference
-from export.torchscript import build_torchscript, load_torchscript
-from handlers.service import sha256_file
+from export.torchscript import build_torchscript
+from handlers.service import LOADERS, sha256_file
 from torchship.errors import ExportFormatError, OutputDirError, SpecError, TorchshipError
 from torchship.manifest import (
     FORMAT_FILES,
@@ -85,11 +85,6 @@ BUILDERS: dict[str, Callable[[_Job], _Built]] = {
     "torchscript": _build_torchscript,
     "pt2": _build_pt2,
     "aoti": _build_aoti,
-}
-LOADERS: dict[str, Callable[[str], Callable[..., object]]] = {
-    "torchscript": load_torchscript,
-    "pt2": load_pt2,
-    "aoti": load_aoti,
 }
 
 
@@ -161,7 +156,7 @@ def _export_format(job: _Job, fmt: str, cases: list[Case], progress: Progress) -
     try:
         built = BUILDERS[fmt](job)
         progress(spec.name, fmt, "reloading from disk and checking parity")
-        records = check_parity(spec, fmt, LOADERS[fmt](str(path)), cases)
+        records = check_parity(spec, fmt, LOADERS[fmt](str(path), torch.device("cpu")), cases)
     except ExportFormatError as exc:
         path.unlink(missing_ok=True)
         return FormatEntry(file=file, status="failed", method=spec.export_method, error=str(exc)), exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -55,10 +54,6 @@ def save_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-def load_pt2(path: str) -> Callable[..., object]:
-    return torch.export.load(path).module()
-
-
 def build_aoti(spec: ModelSpec, program: torch.export.ExportedProgram, path: Path, *, isa: AotiIsa) -> None:
     """Compile an AOTInductor package with the local C++ compiler.
 
@@ -78,10 +73,3 @@ def build_aoti(spec: ModelSpec, program: torch.export.ExportedProgram, path: Pat
             f"AOTInductor compilation failed: {type(exc).__name__}: {str(exc).strip()[:2000]}\n"
             "It needs a working C++ compiler (g++ or clang) on PATH; check `g++ --version`, or export without --aoti.",
         ) from None
-
-
-def load_aoti(path: str) -> Callable[..., object]:
-    import torch._inductor
-
-    runner: Callable[..., object] = torch._inductor.aoti_load_package(path)
-    return runner

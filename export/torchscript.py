@@ -133,9 +133,3 @@ def build_torchscript(spec: ModelSpec, model: nn.Module, example: tuple[torch.Te
         ops_after_freeze={op: after[op] for op in TRACKED_OPS if after[op]},
     )
     return TorchScriptResult(module=frozen, passes=[spec.export_method, *FREEZE_PASSES], graph=graph)
-
-
-def load_torchscript(path: str) -> torch.jit.ScriptModule:
-    module = torch.jit.load(path, map_location="cpu")
-    assert isinstance(module, torch.jit.ScriptModule)
-    return module.eval()

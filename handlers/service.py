@@ -48,28 +48,29 @@ class Context(Protocol):
     def set_response_content_type(self, idx: int, value: str) -> None: ...
 
 
-def _load_torchscript(path: str, device: torch.device) -> Callable[..., Any]:
+def load_torchscript(path: str, device: torch.device) -> Callable[..., Any]:
     module: Callable[..., Any] = torch.jit.load(path, map_location=device).eval()
     return module
 
 
-def _load_pt2(path: str, device: torch.device) -> Callable[..., Any]:
+def load_pt2(path: str, device: torch.device) -> Callable[..., Any]:
     module = torch.export.load(path).module()
     return module.to(device) if device.type != "cpu" else module
 
 
-def _load_aoti(path: str, device: torch.device) -> Callable[..., Any]:
+def load_aoti(path: str, device: torch.device) -> Callable[..., Any]:
     import torch._inductor  # heavy; only AOTInductor endpoints need it
 
     runner: Callable[..., Any] = torch._inductor.aoti_load_package(path)
     return runner
 
 
-#: How each artifact format is loaded, by the `format` in endpoint.json.
+#: How each artifact format is loaded, by the `format` in endpoint.json. The export parity gate loads through
+#: this same table, so what was checked at export is loaded exactly as the engines load it.
 LOADERS: Mapping[str, Callable[[str, torch.device], Callable[..., Any]]] = {
-    "torchscript": _load_torchscript,
-    "pt2": _load_pt2,
-    "aoti": _load_aoti,
+    "torchscript": load_torchscript,
+    "pt2": load_pt2,
+    "aoti": load_aoti,
 }
 
 
@@ -140,7 +141,7 @@ class TorchshipHandler:
         self.model = LOADERS[self.format](str(artifact), self.device)
         topk_file = model_dir / TOPK_FILE
         if self.signature.task == "classifier" and topk_file.is_file():
-            self.topk = _load_torchscript(str(topk_file), torch.device("cpu"))
+            self.topk = load_torchscript(str(topk_file), torch.device("cpu"))
         log.info("torchship endpoint %s: %s on %s", self.endpoint, self.format, self.device)
         self.initialized = True
 

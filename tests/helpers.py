@@ -73,3 +73,17 @@ def serve_command(
             proc.wait(timeout=30)
     leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True, check=False)
     assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"
+
+
+def assert_router_answers(url: str, token: str | None) -> None:
+    """The server still answers a valid dynamic_router request with the eager outputs (after a bad one, say)."""
+    import torch
+
+    from deploy.client import Client
+    from models import ZOO
+
+    spec = ZOO["dynamic_router"]
+    x = spec.make_inputs(3, seed_offset=5)["x"]
+    y = Client(url, token=token).infer("dynamic_router", {"x": x}).outputs["y"]
+    with torch.no_grad():
+        assert torch.allclose(y, spec.factory()(x), atol=1e-5, rtol=1e-4)

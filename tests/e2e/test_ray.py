@@ -13,13 +13,12 @@ import requests
 import torch
 
 from deploy.archive import archive_models, load_model_config
-from deploy.client import Client
 from deploy.ray_app import TOKEN_ENV
 from deploy.torchserve import free_port
 from handlers.codec import decode_response, encode_request
 from models import ZOO
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
-from tests.helpers import run_cli, serve_command
+from tests.helpers import assert_router_answers, run_cli, serve_command
 
 TOKEN = "ray-e2e-token"
 
@@ -55,13 +54,6 @@ def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _router_ok(server: RayServer) -> None:
-    x = ZOO["dynamic_router"].make_inputs(3, seed_offset=5)["x"]
-    y = Client(server.url, token=TOKEN).infer("dynamic_router", {"x": x}).outputs["y"]
-    with torch.no_grad():
-        assert torch.allclose(y, ZOO["dynamic_router"].factory()(x), atol=1e-5, rtol=1e-4)
-
-
 def test_verify_passes_on_every_endpoint(ray_server: RayServer, ray_store: Path, tmp_path: Path) -> None:
     report = tmp_path / "verify-ray.json"
     run_cli(
@@ -94,7 +86,7 @@ def test_bad_input_gets_the_same_status_as_on_torchserve(  # noqa: PLR0917  (pyt
     r = _post(ray_server, endpoint, body, {**_auth(), "Content-Type": "application/json", **headers})
     assert r.status_code == status, (label, r.status_code, r.text[:300])
     assert r.json()["error"]  # Ray answers every error, 413 included, with a JSON body
-    _router_ok(ray_server)
+    assert_router_answers(ray_server.url, TOKEN)
 
 
 @pytest.mark.parametrize("token", [None, "not-the-key"], ids=["missing", "wrong"])
@@ -107,7 +99,7 @@ def test_requests_without_the_token_are_refused_like_torchserve(ray_server: RayS
     assert "Token Authorization failed" in r.json()["error"]
     infer = requests.post(f"{ray_server.url}/v2/models/dynamic_router/infer", data=body, headers=headers, timeout=30)
     assert infer.status_code == 400
-    _router_ok(ray_server)
+    assert_router_answers(ray_server.url, TOKEN)
 
 
 def test_concurrent_requests_are_batched_and_one_malformed_fails_alone(ray_server: RayServer) -> None:

@@ -17,7 +17,7 @@ from deploy.client import Client
 from deploy.torchserve import TorchServe, endpoints_in, start_torchserve, wait_ready
 from handlers.codec import decode_response, encode_request
 from models import ZOO
-from tests.helpers import run_cli, serve_command
+from tests.helpers import assert_router_answers, run_cli, serve_command
 
 #: Batches fill for up to 200 ms, so concurrent requests in a test land in one batch.
 E2E_MODEL_CONFIG = {**load_model_config(), "batchSize": 16, "maxBatchDelay": 200}
@@ -49,14 +49,6 @@ def _auth(server: TorchServe) -> dict[str, str]:
 
 def _post(server: TorchServe, endpoint: str, body: bytes, headers: dict[str, str]) -> requests.Response:
     return requests.post(f"{server.inference_url}/predictions/{endpoint}", data=body, headers=headers, timeout=60)
-
-
-def _router_ok(server: TorchServe) -> None:
-    """The server still answers a valid request with the eager outputs."""
-    x = ZOO["dynamic_router"].make_inputs(3, seed_offset=5)["x"]
-    y = Client(server.inference_url, token=server.inference_key()).infer("dynamic_router", {"x": x}).outputs["y"]
-    with torch.no_grad():
-        assert torch.allclose(y, ZOO["dynamic_router"].factory()(x), atol=1e-5, rtol=1e-4)
 
 
 def test_verify_passes_on_every_endpoint(server: TorchServe, store: Path, tmp_path: Path) -> None:
@@ -183,7 +175,7 @@ def test_bad_input_gets_a_4xx_json_error_and_the_server_stays_healthy(  # noqa: 
     else:
         doc = r.json()
         assert isinstance(doc, dict) and (doc.get("error") or doc.get("message")), doc
-    _router_ok(server)
+    assert_router_answers(server.inference_url, server.inference_key())
 
 
 @pytest.mark.parametrize("token", [None, "not-the-key"], ids=["missing", "wrong"])
@@ -195,7 +187,7 @@ def test_requests_without_the_inference_token_are_refused(server: TorchServe, to
     assert 400 <= r.status_code < 500
     assert "Token Authorization failed" in r.json()["message"]
     assert r.status_code != 200
-    _router_ok(server)
+    assert_router_answers(server.inference_url, server.inference_key())
 
 
 def test_management_api_is_not_on_the_inference_port(server: TorchServe) -> None:

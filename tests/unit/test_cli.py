@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.pt2 import load_aoti
+from handlers.service import load_aoti
 from tests.helpers import run_cli
 from torchship.cli import main
 from torchship.manifest import read_manifest
@@ -111,7 +111,7 @@ def test_aoti_package_for_simple_cnn(tmp_path: Path) -> None:
     manifest = read_manifest(tmp_path / "simple_cnn")
     assert manifest.usable_formats() == ["torchscript", "pt2", "aoti"]
     assert manifest.formats["aoti"].options == {"isa": "native"}
-    runner = load_aoti(str(tmp_path / "simple_cnn" / "model.aoti.pt2"))
+    runner = load_aoti(str(tmp_path / "simple_cnn" / "model.aoti.pt2"), torch.device("cpu"))
     reference = torch.load(tmp_path / "simple_cnn" / "reference.pt", weights_only=True)
     tol = json.loads((tmp_path / "simple_cnn" / "manifest.json").read_text())["tolerance"]["aoti"]
     for case in reference["cases"]:

@@ -8,13 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from export.exporter import ModelExport
-from export.torchscript import load_torchscript
+from handlers.service import load_torchscript
 from models.dynamic_router import NUM_EXPERTS, DynamicRouter, to_masked
 from models.dynamic_router import build as build_router
 from models.process_outputs import process_outputs
 from models.seq_decoder import Encoder
 from models.seq_decoder import build as build_decoder
 
+CPU = torch.device("cpu")
 ROUTER = build_router()
 MASKED = to_masked(ROUTER)
 
@@ -70,7 +71,7 @@ def test_seed_bug_train_mode_trace_bakes_in_dropout() -> None:
 
 
 def test_hybrid_artifact_is_deterministic_and_matches_eager_greedy(zoo_export: dict[str, ModelExport]) -> None:
-    ts = load_torchscript(str(zoo_export["seq_decoder"].model_dir / "model.torchscript.pt"))
+    ts = load_torchscript(str(zoo_export["seq_decoder"].model_dir / "model.torchscript.pt"), CPU)
     eager = build_decoder()
     x = torch.randn(3, 20, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_hybrid_artifact_is_deterministic_and_matches_eager_greedy(zoo_export: d
 
 
 def test_sampling_is_reproducible_with_a_seed(zoo_export: dict[str, ModelExport]) -> None:
-    ts = load_torchscript(str(zoo_export["seq_decoder"].model_dir / "model.torchscript.pt"))
+    ts = load_torchscript(str(zoo_export["seq_decoder"].model_dir / "model.torchscript.pt"), CPU)
     eager = build_decoder()
     x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_sampling_is_reproducible_with_a_seed(zoo_export: dict[str, ModelExport]
 
 
 def test_set_temperature_survives_freezing(zoo_export: dict[str, ModelExport]) -> None:
-    ts = load_torchscript(str(zoo_export["seq_decoder"].model_dir / "model.torchscript.pt"))
+    ts = load_torchscript(str(zoo_export["seq_decoder"].model_dir / "model.torchscript.pt"), CPU)
     x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         greedy = ts(x, True)
@@ -113,7 +114,7 @@ def test_set_temperature_survives_freezing(zoo_export: dict[str, ModelExport]) -
 
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_process_outputs_artifact_matches_eager_per_row(zoo_export: dict[str, ModelExport], k: int) -> None:
-    ts = load_torchscript(str(zoo_export["process_outputs"].model_dir / "model.torchscript.pt"))
+    ts = load_torchscript(str(zoo_export["process_outputs"].model_dir / "model.torchscript.pt"), CPU)
     logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(k))
     probs, classes = ts(logits, k)
     want_probs, want_classes = process_outputs(logits, k)
@@ -124,7 +125,7 @@ def test_process_outputs_artifact_matches_eager_per_row(zoo_export: dict[str, Mo
 
 
 def test_process_outputs_rejects_k_out_of_range(zoo_export: dict[str, ModelExport]) -> None:
-    ts = load_torchscript(str(zoo_export["process_outputs"].model_dir / "model.torchscript.pt"))
+    ts = load_torchscript(str(zoo_export["process_outputs"].model_dir / "model.torchscript.pt"), CPU)
     with pytest.raises(Exception, match="top_k must be between 1 and the number of classes"):
         ts(torch.randn(2, 10), 11)
 
@@ -135,6 +136,6 @@ def test_freezing_folded_batchnorm_into_the_convolutions(zoo_export: dict[str, M
     assert graph.ops_before_freeze["aten::batch_norm"] == 3
     assert "aten::batch_norm" not in graph.ops_after_freeze
     assert graph.nodes_after_freeze < graph.nodes_before_freeze
-    loaded = load_torchscript(str(zoo_export["simple_cnn"].model_dir / "model.torchscript.pt"))
+    loaded = load_torchscript(str(zoo_export["simple_cnn"].model_dir / "model.torchscript.pt"), CPU)
     kinds = {n.kind() for n in loaded.graph.nodes()}
     assert "aten::batch_norm" not in kinds and "aten::_convolution" in kinds
