@@ -18,8 +18,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0 2> >(grep -v 'is ignored: it is neither' >&2)
-	$(PIP) -e '.[dev]' 2> >(grep -v 'is ignored: it is neither' >&2)
+	$(PIP) -e '.[dev,deploy,bench]' 2> >(grep -v 'is ignored: it is neither' >&2)
 	$(BIN)/python -m deploy.java --ensure
+	@test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/python -m pip install -q --disable-pip-version-check checkov==3.3.30 2> >(grep -v 'is ignored: it is neither' >&2)
 	@touch $@
 
 lint: setup

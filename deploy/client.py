@@ -34,10 +34,18 @@ class InferResult:
 
 
 def token_from_key_file(path: Path) -> str:
-    """The inference key from TorchServe's key_file.json."""
+    """The inference key from TorchServe's key_file.json, or the whole file when it holds just a token (a Secret)."""
     try:
-        key: str = json.loads(path.read_text(encoding="utf-8"))["inference"]["key"]
-    except (OSError, ValueError, KeyError) as exc:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise TorchshipError(f"cannot read the inference token from {path}: {exc}") from None
+    if not text.startswith("{"):
+        if not text:
+            raise TorchshipError(f"{path} is empty")
+        return text
+    try:
+        key: str = json.loads(text)["inference"]["key"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise TorchshipError(f"cannot read the inference key from {path}: {exc}") from None
     return key
 

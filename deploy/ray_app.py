@@ -10,7 +10,6 @@ deployment answers TorchServe's `POST /predictions/<endpoint>` and the rest of O
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -29,15 +28,13 @@ from starlette.responses import Response
 
 import handlers
 from deploy.archive import HANDLER_PACKAGE_FILES
-from handlers.codec import TensorSignature, encode_error
+from handlers.codec import TOKEN_FAILED, TOKEN_STATUS, TensorSignature, encode_error, inference_token, token_matches
 from handlers.service import TorchshipHandler
 
 #: Where unpacked archives are cached (one folder per archive sha256).
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "torchship-ray-cache"
 #: Same limit as TorchServe's max_request_size in configs/config.properties.
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
-TOKEN_ENV = "TORCHSHIP_INFERENCE_TOKEN"
-TOKEN_FILE_ENV = "TORCHSHIP_INFERENCE_TOKEN_FILE"
 NODE_HEADER = "X-Torchship-Node"
 
 
@@ -194,10 +191,7 @@ class Ingress:
         self.max_request_bytes = max_request_bytes
 
     def _authorized(self, request: Request) -> bool:
-        if not self.token:
-            return True
-        given = request.headers.get("authorization", "")
-        return given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer ") :].encode(), self.token.encode())
+        return not self.token or token_matches(request.headers.get("authorization"), self.token)
 
     async def __call__(self, request: Request) -> Response:
         parts = [p for p in request.url.path.split("/") if p]
@@ -232,7 +226,7 @@ class Ingress:
             return _error(405, f"{request.method} is not allowed; use POST")
         if not self._authorized(request):
             # The same status and wording TorchServe uses, so both engines have one access rule.
-            return _error(400, "Token Authorization failed. Token either incorrect, expired, or not provided correctly")
+            return _error(TOKEN_STATUS, TOKEN_FAILED)
         if name not in self.endpoints:
             return _error(404, f"Model not found: {name}")
         declared = request.headers.get("content-length")
@@ -255,24 +249,24 @@ def _model_config(mar: Path) -> dict[str, Any]:
 def _token(args: Mapping[str, Any]) -> str | None:
     if args.get("token"):
         return str(args["token"])
-    if env := os.environ.get(TOKEN_ENV):
-        return env
-    token_file = args.get("token_file") or os.environ.get(TOKEN_FILE_ENV)
-    if token_file:
-        return Path(token_file).read_text(encoding="utf-8").strip()
-    return None
+    if args.get("token_file"):
+        return Path(str(args["token_file"])).read_text(encoding="utf-8").strip()
+    return inference_token(os.environ)
 
 
 def app(args: dict[str, Any]) -> serve.Application:
     """Application builder. args: model_store (folder of .mar), cache_dir, token / token_file, num_cpus per
-    replica (ingress_num_cpus for the ingress), num_replicas, max_request_bytes. Batch size and wait come from each
-    archive's model-config.yaml."""
+    replica (ingress_num_cpus for the ingress), num_gpus per endpoint replica (0: CPU), num_replicas,
+    max_request_bytes. Batch size and wait come from each archive's model-config.yaml."""
     model_store = Path(args.get("model_store", "model_store")).resolve()
     cache_dir = str(Path(args.get("cache_dir", DEFAULT_CACHE)).resolve())
     mars = sorted(model_store.glob("*.mar"))
     if not mars:
         raise FileNotFoundError(f"no .mar files in {model_store}: run `torchship archive` first")
     num_cpus = float(args.get("num_cpus", 0.1))
+    # Fractional GPUs let several endpoints share one device; Ray sets CUDA_VISIBLE_DEVICES for the replica.
+    num_gpus = float(args.get("num_gpus", 0))
+    actor_options: dict[str, float] = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {})}
     num_replicas = int(args.get("num_replicas", 1))
     handles: dict[str, serve.Application] = {}
     for mar in mars:
@@ -284,7 +278,7 @@ def app(args: dict[str, Any]) -> serve.Application:
             num_replicas=num_replicas,
             # Batches never exceed max_ongoing_requests: leave room for a full batch plus the next one forming.
             max_ongoing_requests=2 * batch,
-            ray_actor_options={"num_cpus": num_cpus},
+            ray_actor_options=actor_options,
         )
         handles[mar.stem] = deployment.bind(str(mar), cache_dir, batch, wait_s)
     ingress_cpus = float(args.get("ingress_num_cpus", num_cpus))

@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
 from deploy.java import find_java, java_home
+from deploy.probe import NotReady, model_ready
 from torchship.errors import TorchshipError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config.properties"
@@ -64,6 +63,9 @@ class TorchServe:
     management_url: str
     metrics_url: str
     log_path: Path
+    #: False when the config turns TorchServe's own token auth off (the Kubernetes config: the handler checks a
+    #: shared token instead), so there is no key file to wait for.
+    token_auth: bool = True
 
     @property
     def key_file(self) -> Path:
@@ -176,6 +178,7 @@ def start_torchserve(
         management_url=props["management_address"],
         metrics_url=props["metrics_address"],
         log_path=log_path,
+        token_auth=props.get("disable_token_authorization", "false").lower() != "true",
     )
 
 
@@ -192,16 +195,12 @@ def wait_ready(server: TorchServe, endpoints: list[str], *, timeout_s: float = 3
             raise ServeError(f"TorchServe exited with code {server.process.returncode} while starting:\n{server.log_tail()}")
         if time.monotonic() > deadline:
             raise ServeError(f"TorchServe: {sorted(pending)} not READY after {timeout_s:.0f} s:\n{server.log_tail()}")
-        if server.key_file.exists():
-            headers = {"Authorization": f"Bearer {server.management_key()}"}
+        key = server.management_key() if server.key_file.exists() else None
+        if key is not None or not server.token_auth:
             for name in sorted(pending):
                 try:
-                    r = requests.get(f"{server.management_url}/models/{name}", headers=headers, timeout=5)
-                except requests.RequestException:
-                    break
-                if r.status_code == 200:
-                    info = r.json()[0]
-                    ready = sum(1 for w in info.get("workers", []) if w.get("status") == "READY")
-                    if ready >= max(1, int(info.get("minWorkers", 1))):
+                    if model_ready(server.management_url, name, key):
                         pending.discard(name)
+                except NotReady:
+                    break
         time.sleep(poll_s)

@@ -6,10 +6,12 @@ torch + stdlib only: this module travels inside every .mar and runs on a stock T
 from __future__ import annotations
 
 import ctypes
+import hmac
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -393,6 +395,33 @@ def encode_request(
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
     }
+
+
+#: Where the shared inference token comes from when the engine itself cannot take one (TorchServe in Kubernetes
+#: generates its own random keys per pod, so a Secret's token is checked here; the Ray ingress uses the same).
+TOKEN_ENV = "TORCHSHIP_INFERENCE_TOKEN"
+TOKEN_FILE_ENV = "TORCHSHIP_INFERENCE_TOKEN_FILE"
+#: TorchServe's own status and wording for a missing or wrong token, so every engine has one access rule.
+TOKEN_STATUS = 400
+TOKEN_FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+
+
+def inference_token(environ: Mapping[str, str]) -> str | None:
+    """The token from TORCHSHIP_INFERENCE_TOKEN, or from the file TORCHSHIP_INFERENCE_TOKEN_FILE names; None if unset."""
+    if token := environ.get(TOKEN_ENV, "").strip():
+        return token
+    if path := environ.get(TOKEN_FILE_ENV):
+        token = Path(path).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"{TOKEN_FILE_ENV}={path} is empty")
+        return token
+    return None
+
+
+def token_matches(authorization: str | None, token: str) -> bool:
+    """Constant-time check of an `Authorization: Bearer <token>` header."""
+    given = authorization or ""
+    return given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer ") :].encode(), token.encode())
 
 
 def encode_error(message: str) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 
 from handlers.codec import (
     BINARY_HEADER,
+    TOKEN_FAILED,
+    TOKEN_STATUS,
     BadRequest,
     ClientError,
     InferRequest,
@@ -26,6 +29,8 @@ from handlers.codec import (
     decode_request,
     encode_error,
     encode_response,
+    inference_token,
+    token_matches,
 )
 
 log = logging.getLogger(__name__)
@@ -122,6 +127,7 @@ class TorchshipHandler:
         self.initialized = False
         self.model: Callable[..., Any] | None = None
         self.topk: Callable[..., Any] | None = None
+        self.token: str | None = None
 
     def initialize(self, context: Context) -> None:
         props = context.system_properties
@@ -142,7 +148,9 @@ class TorchshipHandler:
         topk_file = model_dir / TOPK_FILE
         if self.signature.task == "classifier" and topk_file.is_file():
             self.topk = load_torchscript(str(topk_file), torch.device("cpu"))
-        log.info("torchship endpoint %s: %s on %s", self.endpoint, self.format, self.device)
+        # Set only where the engine cannot enforce a shared token itself (TorchServe in Kubernetes; see the README).
+        self.token = inference_token(os.environ)
+        log.info("torchship endpoint %s: %s on %s (token check %s)", self.endpoint, self.format, self.device, bool(self.token))
         self.initialized = True
 
     # -- one batch from the engine -------------------------------------------------------------
@@ -153,6 +161,9 @@ class TorchshipHandler:
         for idx, request in enumerate(data):
             try:
                 headers = _lower_headers(context, idx)
+                if self.token and not token_matches(headers.get("authorization"), self.token):
+                    replies[idx] = _Reply(encode_error(TOKEN_FAILED), TOKEN_STATUS)
+                    continue
                 decoded[idx] = decode_request(_body_of(request), self.signature, header_length=headers.get(BINARY_HEADER))
             except ClientError as exc:
                 replies[idx] = _Reply(encode_error(str(exc)), exc.status)

@@ -192,9 +192,9 @@ def _serve_ray(args: argparse.Namespace, model_store: Path, workdir: Path, out: 
     import os
     import signal
 
-    from deploy.ray_app import TOKEN_ENV
     from deploy.ray_serve import start_ray_serve, stop_ray_serve
     from deploy.torchserve import free_port
+    from handlers.codec import TOKEN_ENV
 
     token = os.environ.get(TOKEN_ENV)
     try:
@@ -251,6 +251,67 @@ def _verify_all(args: argparse.Namespace, out: Console, err: Console) -> int:
     ok = bool(cross) and all(c.passed for c in cross) and len(cross) == len(ts_rows) == len(ray_rows)
     out.print(f"{sum(c.passed for c in cross)}/{len(cross)} checks passed on both engines")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_deploy_sync(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from deploy.kube import sync
+
+    written = sync(Path(args.k8s_dir))
+    out.print("\n".join(f"wrote {escape(str(p))}" for p in written) or "generated files already in step with configs/")
+    return EXIT_OK
+
+
+def cmd_deploy_check(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from deploy.kube import check
+
+    steps = check(Path(args.k8s_dir), Path(args.docker_dir), lint=not args.no_lint, progress=lambda m: err.print(escape(m)))
+    table = Table(title="deploy check")
+    for col in ("check", "result", "detail"):
+        table.add_column(col)
+    for step in steps:
+        table.add_row(step.name, "[green]ok[/]" if step.passed else "[red]FAILED[/]", escape(step.detail))
+    out.print(table)
+    failed = [s.name for s in steps if not s.passed]
+    out.print(f"{len(steps) - len(failed)}/{len(steps)} checks passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _gate(args: argparse.Namespace, out: Console) -> bool:
+    from deploy.client import token_from_key_file
+    from deploy.rollout import gate
+    from deploy.verify import write_report
+
+    token = args.token or (token_from_key_file(Path(args.token_file)) if args.token_file else None)
+    result = gate(args.url, token=token, model_store=Path(args.model_store), endpoints=args.endpoint or None)
+    out.print(verify_table(result.rows))
+    if args.report:
+        write_report(result.rows, Path(args.report), engine="candidate", url=args.url)
+    for row in result.failed:
+        out.print(f"[red]drift:[/] {row.endpoint} batch {row.batch_size} {row.encoding}: {escape(row.reason)}")
+    verdict = "[green]gate passed[/]" if result.passed else "[red]gate refused the candidate[/]"
+    out.print(f"{verdict}: {len(result.rows) - len(result.failed)}/{len(result.rows)} checks within tolerance")
+    return result.passed
+
+
+def cmd_deploy_gate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    return EXIT_OK if _gate(args, out) else EXIT_FAILED
+
+
+def cmd_deploy_rollout(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from deploy.rollout import promote
+
+    err.print(f"parity gate against the candidate at {escape(args.url)}")
+    if not _gate(args, err):
+        err.print("[red]rollout refused:[/] the candidate's outputs differ from eager; nothing was applied")
+        return EXIT_FAILED
+    overlay = Path(args.k8s_dir) / "overlays" / args.overlay
+    manifests = promote(overlay, args.image, dry_run=args.dry_run, progress=lambda m: err.print(escape(m)))
+    if args.dry_run:
+        out.print(manifests, markup=False, highlight=False, soft_wrap=True)
+        err.print(f"dry run: the {args.overlay} overlay with {escape(args.image)} printed, not applied")
+    else:
+        out.print(f"rolled out {escape(args.image)} with the {args.overlay} overlay")
+    return EXIT_OK
 
 
 def cmd_pipeline(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -333,6 +394,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-store", default="model_store")
     p.add_argument("--reports", default="reports")
     p.set_defaults(func=cmd_pipeline)
+
+    deploy = sub.add_parser("deploy", help="Kubernetes: generate, check and gate the rollout of deploy/k8s")
+    dsub = deploy.add_subparsers(dest="deploy_command", required=True)
+    p = dsub.add_parser("sync", help="write deploy/k8s's generated config files from configs/")
+    p.add_argument("--k8s-dir", default="deploy/k8s")
+    p.set_defaults(func=cmd_deploy_sync)
+    p = dsub.add_parser("check", help="render every overlay and validate it offline (schemas, CRDs, ports, lint, checkov)")
+    p.add_argument("--k8s-dir", default="deploy/k8s")
+    p.add_argument("--docker-dir", default="docker")
+    p.add_argument("--no-lint", action="store_true", help="leave out yamllint, hadolint and checkov")
+    p.set_defaults(func=cmd_deploy_check)
+    for name, helptext in (
+        ("gate", "verify a candidate revision over HTTP; exit 1 when any output differs from eager beyond tolerance"),
+        ("rollout", "run the gate against the candidate, then apply the overlay with its image and wait for the rollout"),
+    ):
+        p = dsub.add_parser(name, help=helptext)
+        p.add_argument("--url", required=True, help="the candidate's inference base URL")
+        p.add_argument("--model-store", default="model_store", help="the archives the candidate serves (references)")
+        p.add_argument("--token", default=None)
+        p.add_argument("--token-file", default=None, help="a file holding the token, or TorchServe's key_file.json")
+        p.add_argument("--endpoint", action="append", default=[], help="only these endpoints (repeatable)")
+        p.add_argument("--report", default=None, help="write the gate's JSON report here")
+        if name == "rollout":
+            p.add_argument("--overlay", default="cpu", choices=("cpu", "gpu", "staging"))
+            p.add_argument("--image", required=True, help="the candidate's image, repo:tag or repo@sha256:digest")
+            p.add_argument("--k8s-dir", default="deploy/k8s")
+            p.add_argument("--dry-run", action="store_true", help="print the manifests instead of applying them")
+        p.set_defaults(func=cmd_deploy_gate if name == "gate" else cmd_deploy_rollout)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.set_defaults(func=cmd_models)

@@ -13,9 +13,8 @@ import requests
 import torch
 
 from deploy.archive import archive_models, load_model_config
-from deploy.ray_app import TOKEN_ENV
 from deploy.torchserve import free_port
-from handlers.codec import decode_response, encode_request
+from handlers.codec import TOKEN_ENV, decode_response, encode_request
 from models import ZOO
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
 from tests.helpers import assert_router_answers, run_cli, serve_command
