@@ -87,3 +87,34 @@ def assert_router_answers(url: str, token: str | None) -> None:
     y = Client(url, token=token).infer("dynamic_router", {"x": x}).outputs["y"]
     with torch.no_grad():
         assert torch.allclose(y, spec.factory()(x), atol=1e-5, rtol=1e-4)
+
+
+def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
+    """A self-consistent copy of a `.pt2` archive whose weights were changed after export: the sha256 in its manifest
+    matches the new file (so it loads), but its outputs no longer equal the eager references it carries."""
+    import hashlib
+    import json
+    import zipfile
+
+    import torch
+
+    with zipfile.ZipFile(mar) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    manifest = json.loads(members["manifest.json"])
+    entry = manifest["formats"]["pt2"]
+    work = out.with_suffix(".work.pt2")
+    work.write_bytes(members[entry["file"]])
+    program = torch.export.load(work)
+    with torch.no_grad():
+        first = next(t for t in program.state_dict.values() if t.is_floating_point())
+        first.add_(delta)
+    torch.export.save(program, work)
+    members[entry["file"]] = work.read_bytes()
+    work.unlink()
+    entry["sha256"] = hashlib.sha256(members[entry["file"]]).hexdigest()
+    entry["size_bytes"] = len(members[entry["file"]])
+    members["manifest.json"] = json.dumps(manifest, indent=2).encode()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deploy.archive import Endpoint
-from handlers.codec import decode_response, encode_request
+from handlers.codec import TOKEN_ENV, TOKEN_FAILED, TOKEN_FILE_ENV, decode_response, encode_request
 from handlers.service import ArtifactError, TorchshipHandler
 from tests.conftest import unpack
 from tests.handler.fake_context import FakeContext
@@ -259,3 +259,36 @@ def test_device_comes_from_the_context(archives: dict[str, Endpoint], tmp_path: 
     handler.initialize(FakeContext(model_dir, gpu_id=0))
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert str(handler.device) == expected
+
+
+def test_shared_token_from_the_environment_is_checked_per_request(
+    archives: dict[str, Endpoint], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kubernetes: TorchServe's own keys differ per pod, so the handler checks the Secret's token (a file).
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    monkeypatch.setenv(TOKEN_FILE_ENV, str(token_file))
+    handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
+    request, headers = _request({"x": torch.randn(1, 256)})
+    cases = [
+        (request, headers),
+        (request, {**headers, "Authorization": "Bearer wrong"}),
+        (request, {**headers, "Authorization": "s3cret"}),
+        (request, {**headers, "Authorization": "Bearer s3cret"}),
+    ]
+    out, ctx = _run(handler, model_dir, cases)
+    for idx in (0, 1, 2):
+        assert ctx.status(idx) == 400
+        assert json.loads(out[idx])["error"] == TOKEN_FAILED
+    assert ctx.status(3) == 200
+    assert _decode(out[3], ctx, 3)["outputs"]["y"].shape == (1, 256)
+
+
+def test_no_token_configured_means_no_token_check(
+    archives: dict[str, Endpoint], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
+    handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
+    _, ctx = _run(handler, model_dir, [_request({"x": torch.randn(1, 256)})])
+    assert ctx.status(0) == 200
