@@ -10,7 +10,7 @@ ARTIFACTS ?= artifacts
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lint typecheck unit pytest test pipeline export cpp clean
+.PHONY: setup lint typecheck unit pytest test pipeline export cpp bench clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ export: setup
 # export -> archive -> TorchServe -> verify -> stop; the parity tables end the output, reports/ keeps them.
 pipeline: setup
 	$(BIN)/torchship pipeline --artifacts $(ARTIFACTS)
+
+# Every format in-process and both engines over HTTP, side by side in one run: reports/bench.{json,md}, bench/*.png.
+bench: setup
+	$(BIN)/torchship bench --artifacts $(ARTIFACTS)
 
 # The C++ loader (deploy/cpp) against the pip-installed torch; needs cmake and a C++17 compiler.
 cpp: setup

@@ -80,7 +80,7 @@ def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _to_script(spec: ModelSpec, model: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+def to_script(spec: ModelSpec, model: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
     if spec.export_method == "trace":
         return _trace_strict(model, example, what="the model", spec=spec)
     work = copy.deepcopy(model).eval()
@@ -112,7 +112,7 @@ def _op_counts(graph: torch.Graph) -> Counter[str]:
 def build_torchscript(spec: ModelSpec, model: nn.Module, example: tuple[torch.Tensor, ...]) -> TorchScriptResult:
     """Build the frozen TorchScript module for a spec (not yet saved)."""
     try:
-        scripted = _to_script(spec, model, example).eval()
+        scripted = to_script(spec, model, example).eval()
     except ExportFormatError:
         raise
     except Exception as exc:  # torch raises many types here; each becomes one actionable message

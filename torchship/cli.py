@@ -314,6 +314,24 @@ def cmd_deploy_rollout(args: argparse.Namespace, out: Console, err: Console) -> 
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from bench.run import FULL, QUICK, run
+
+    doc = run(QUICK if args.quick else FULL, Path(args.artifacts), Path(args.out), lambda m: print_progress("bench", "run", m))
+    engines = doc["served"]["engines"].values()
+    bad = sum(t["errors"] + t["wrong"] for e in engines for t in e["throughput"])
+    unverified = [r for r in doc["inprocess"] if not r["verified"]]
+    for t in doc["targets"]:
+        out.print(f"{'[green]met[/]' if t['met'] else '[yellow]missed[/]'}  {escape(t['target'])}: {t['value']:.2f} {t['unit']}")
+    out.print(
+        f"report: {escape(str(Path(args.out) / 'bench.md'))} (+ bench.json, {len(doc['plots'])} plots) in {doc['seconds']:.0f} s"
+    )
+    if bad or unverified:
+        err.print(f"[red]{bad} served errors or wrong answers, {len(unverified)} in-process results not equal to eager[/]")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_pipeline(args: argparse.Namespace, out: Console, err: Console) -> int:
     from deploy.pipeline import run_pipeline
 
@@ -422,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--k8s-dir", default="deploy/k8s")
             p.add_argument("--dry-run", action="store_true", help="print the manifests instead of applying them")
         p.set_defaults(func=cmd_deploy_gate if name == "gate" else cmd_deploy_rollout)
+
+    p = sub.add_parser("bench", help="benchmark every format in-process and both engines over HTTP (reports/bench.*)")
+    p.add_argument("--artifacts", default="artifacts", help="export folder (missing models are exported first)")
+    p.add_argument("--out", default="reports", help="where bench.json, bench.md and bench/*.png go")
+    p.add_argument("--quick", action="store_true", help="tiny counts: checks the machinery, not the speed")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.set_defaults(func=cmd_models)

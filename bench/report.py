@@ -1,0 +1,122 @@
+"""bench.md and the PNG plots from bench.json's document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.inprocess import LABELS, VARIANTS
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lines = [
+        "# torchship benchmarks",
+        "",
+        f"{m['date']}, {m['cores']} cores ({m['cpu']}), torch {m['torch']}, {m['threads']} threads, Python {m['python']}"
+        + (" — QUICK mode (counts too small to read speed from)" if doc["quick"] else ""),
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {t['target']} | {t['value']:.2f} {t['unit']} | {'yes' if t['met'] else 'no'} |" for t in doc["targets"]]
+    lines += ["", "## Formats in-process (p50 ms; speedup over eager in the same run)", ""]
+    for label in sorted({r["workload"] for r in doc["inprocess"]}):
+        rows = [r for r in doc["inprocess"] if r["workload"] == label]
+        batches = sorted({r["batch"] for r in rows})
+        lines += [f"### {label}", "", "| variant | " + " | ".join(f"batch {b}" for b in batches) + " | verified |",
+                  "|---|" + "---|" * len(batches) + "---|"]  # fmt: skip
+        for v in VARIANTS:
+            cells = {r["batch"]: r for r in rows if r["variant"] == v}
+            if not cells:
+                continue
+            text = [f"{cells[b]['p50_ms']:.2f} ({cells[b]['speedup_vs_eager']:.2f}x)" if b in cells else "-" for b in batches]
+            ok = all(c["verified"] for c in cells.values())
+            lines.append(f"| {LABELS[v]} | " + " | ".join(text) + f" | {'yes' if ok else 'NO'} |")
+        lines.append("")
+    srv = doc["served"]
+    base = srv["inprocess"]
+    lines += ["## Served", "", f"Workload: {srv['workload']}. In-process on the same artifact: batch 1 p50 "
+              f"{base['batch1_p50_ms']:.2f} ms, batch 8 {base['batch8_rows_per_s']:.1f} img/s.", "",
+              "| engine | cold start to first correct answer | resident memory | batch 1 p50 / p99 | overhead p50 |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, e in srv["engines"].items():
+        s = e["sequential"]
+        lines.append(f"| {name} | {e['cold_start_s']:.1f} s | {e['rss_mib']:.0f} MiB | {s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms "
+                     f"| {s['overhead_p50_ms']:.2f} ms |")  # fmt: skip
+    lines += ["", "| engine | batching | clients | img/s | p50 ms | p99 ms | requests | verified | errors | wrong |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, e in srv["engines"].items():
+        for t in e["throughput"]:
+            mode = "on" if t["batching"] else "off"
+            lines.append(f"| {name} | {mode} | {t['clients']} | {t['rows_per_s']:.1f} | {t['p50_ms']:.1f} | {t['p99_ms']:.1f} "
+                         f"| {t['requests']} | {t['verified']} | {t['errors']} | {t['wrong']} |")  # fmt: skip
+    lines += ["", "| engine | body | size | p50 ms | JSON / binary |", "|---|---|---|---|---|"]
+    for name, e in srv["engines"].items():
+        lb = e["large_body"]
+        ratio = lb["json"]["p50_ms"] / lb["binary"]["p50_ms"]
+        for enc in ("json", "binary"):
+            lines.append(f"| {name} | {enc} | {lb[enc]['body_bytes'] / 2**20:.1f} MiB | {lb[enc]['p50_ms']:.0f} | {ratio:.1f}x |")
+    lines += ["", f"Run time: {doc['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def plots(doc: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    labels = sorted({r["workload"] for r in doc["inprocess"]})
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4), squeeze=False)
+    for ax, label in zip(axes[0], labels, strict=True):
+        rows = [r for r in doc["inprocess"] if r["workload"] == label]
+        batches = sorted({r["batch"] for r in rows})
+        variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            ys = [next((r["speedup_vs_eager"] for r in rows if r["variant"] == v and r["batch"] == b), 0) for b in batches]
+            ax.bar([j + i * width for j in range(len(batches))], ys, width, label=LABELS[v])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_title(label)
+        ax.set_ylabel("speedup over eager (p50)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "inprocess_speedup.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    srv = doc["served"]
+    for name, e in srv["engines"].items():
+        for batching in (True, False):
+            pts = [t for t in e["throughput"] if t["batching"] is batching]
+            ax.plot([t["clients"] for t in pts], [t["rows_per_s"] for t in pts], marker="o",
+                    linestyle="-" if batching else "--", label=f"{name}, batching {'on' if batching else 'off'}")  # fmt: skip
+    ax.axhline(srv["inprocess"]["batch8_rows_per_s"], color="gray", linestyle=":", label="in-process, batch 8")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("images / s (every answer checked)")
+    ax.set_title(srv["workload"], fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "served_throughput.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = list(srv["engines"])
+    seq = [srv["engines"][n]["sequential"]["p50_ms"] for n in names]
+    ax.bar(["in-process", *names], [srv["inprocess"]["batch1_p50_ms"], *seq], color=["gray", "C0", "C1"][: len(names) + 1])
+    ax.set_ylabel("batch 1 latency p50 (ms)")
+    ax.set_title("per-request overhead, sequential requests")
+    fig.tight_layout()
+    written.append(out / "served_latency.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written

@@ -1,0 +1,197 @@
+"""Both engines over HTTP on the same archive: per-request overhead, throughput under concurrency with dynamic
+batching on and off, JSON versus binary bodies, cold start and memory. Every answer is checked against eager."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import torch
+import yaml
+
+from deploy.archive import archive_models, load_model_config
+from handlers.codec import decode_response, encode_request
+from torchship.parity import compare_all
+from torchship.spec import Tolerance
+
+MODEL = "simple_cnn"
+BATCHED, UNBATCHED = "simple_cnn", "simple_cnn_nobatch"
+
+
+@dataclass(frozen=True)
+class Payload:
+    body: bytes
+    headers: dict[str, str]
+    expected: torch.Tensor
+
+
+def bench_store(artifacts: Path, out: Path, model_config: dict[str, Any]) -> Path:
+    """simple_cnn's frozen TorchScript archive twice: with the configured dynamic batching, and with batchSize 1."""
+    archive_models([MODEL], artifacts=artifacts, out_dir=out, model_config=model_config)
+    for extra in out.glob(f"{MODEL}_*.mar"):
+        extra.unlink()
+    with zipfile.ZipFile(out / f"{BATCHED}.mar") as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    members["model-config.yaml"] = yaml.safe_dump({**model_config, "batchSize": 1, "maxBatchDelay": 0}).encode()
+    endpoint = json.loads(members["endpoint.json"])
+    members["endpoint.json"] = json.dumps({**endpoint, "endpoint": UNBATCHED}).encode()
+    mar_manifest = json.loads(members["MAR-INF/MANIFEST.json"])
+    mar_manifest["model"]["modelName"] = UNBATCHED
+    members["MAR-INF/MANIFEST.json"] = json.dumps(mar_manifest).encode()
+    with zipfile.ZipFile(out / f"{UNBATCHED}.mar", "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return out
+
+
+def tolerance_of(store: Path) -> Tolerance:
+    with zipfile.ZipFile(store / f"{BATCHED}.mar") as z:
+        tol = json.loads(z.read("manifest.json"))["tolerance"]["torchscript"]
+    return Tolerance(tol["atol"], tol["rtol"])
+
+
+def make_payloads(model: Callable[..., torch.Tensor], shapes: list[tuple[int, ...]], *, binary: bool) -> list[Payload]:
+    out = []
+    for i, shape in enumerate(shapes):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1000 + i))
+        with torch.inference_mode():
+            expected = model(x)
+        body, headers = encode_request({"x": x}, binary=binary, parameters={"binary_data_output": True} if binary else None)
+        out.append(Payload(body, headers, expected))
+    return out
+
+
+@dataclass
+class LoadResult:
+    requests: int = 0
+    verified: int = 0
+    errors: int = 0
+    wrong: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms or [0.0])
+        return {
+            "requests": self.requests, "verified": self.verified, "errors": self.errors, "wrong": self.wrong,
+            "seconds": self.seconds, "rows_per_s": self.rows / self.seconds if self.seconds else 0.0,
+            "p50_ms": statistics.median(lat), "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        }  # fmt: skip
+
+
+async def _load(
+    url: str, token: str | None, payloads: list[Payload], tol: Tolerance, *, clients: int, duration_s: float,
+    max_requests: int | None,
+) -> LoadResult:  # fmt: skip
+    result = LoadResult(latencies_ms=[])
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    deadline = time.perf_counter() + duration_s
+    counter = iter(range(10**9))
+
+    async def client(session: aiohttp.ClientSession, offset: int) -> None:
+        i = offset
+        while time.perf_counter() < deadline:
+            n = next(counter)
+            if max_requests is not None and n >= max_requests:
+                return
+            p = payloads[i % len(payloads)]
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=p.body, headers={**p.headers, **auth}) as r:
+                    raw = await r.read()
+                    status, header_len = r.status, r.headers.get("Inference-Header-Content-Length")
+            except (aiohttp.ClientError, TimeoutError):
+                result.requests += 1
+                result.errors += 1
+                continue
+            assert result.latencies_ms is not None
+            result.latencies_ms.append((time.perf_counter() - t0) * 1000)
+            result.requests += 1
+            if status != 200:
+                result.errors += 1
+                continue
+            got = decode_response(raw, header_len)["outputs"]["logits"]
+            result.verified += 1
+            if compare_all((got,), (p.expected,), tol).passed:
+                result.rows += int(p.expected.shape[0])
+            else:
+                result.wrong += 1
+
+    start = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as session:
+        await asyncio.gather(*(client(session, k) for k in range(clients)))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def run_load(
+    url: str, token: str | None, payloads: list[Payload], tol: Tolerance, *, clients: int, duration_s: float,
+    max_requests: int | None = None,
+) -> LoadResult:  # fmt: skip
+    return asyncio.run(_load(url, token, payloads, tol, clients=clients, duration_s=duration_s, max_requests=max_requests))
+
+
+def rss_bytes(root: psutil.Process, *, include_root: bool) -> int:
+    procs = root.children(recursive=True) + ([root] if include_root else [])
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+@contextmanager
+def engine(name: str, store: Path, workdir: Path) -> Iterator[tuple[str, str | None, Callable[[], int], float]]:
+    """Start one engine; yield (base URL, token, footprint(), the monotonic time it was launched at)."""
+    from deploy.torchserve import endpoints_in, free_port, start_torchserve, wait_ready
+
+    started = time.monotonic()
+    if name == "torchserve":
+        ts = start_torchserve(store, workdir)
+        try:
+            wait_ready(ts, endpoints_in(store))
+            proc = psutil.Process(ts.process.pid)
+            yield ts.inference_url, ts.inference_key(), lambda: rss_bytes(proc, include_root=True), started
+        finally:
+            ts.stop()
+    else:
+        from deploy.ray_serve import start_ray_serve, stop_ray_serve
+
+        try:
+            ray = start_ray_serve(store, workdir, port=free_port(), token=None)
+            me = psutil.Process()
+            # Ray runs its driver in this process: count its child processes (GCS, raylet, workers, replicas).
+            yield ray.url, None, lambda: rss_bytes(me, include_root=False), started
+        finally:
+            stop_ray_serve()
+
+
+def first_correct_answer_s(url: str, token: str | None, payload: Payload, tol: Tolerance, started: float) -> float:
+    """Seconds from `started` to the first answer equal to eager (polling; the engine may still be warming up)."""
+    while True:
+        r = run_load(f"{url}/predictions/{BATCHED}", token, [payload], tol, clients=1, duration_s=60, max_requests=1)
+        if r.verified and not r.wrong:
+            return time.monotonic() - started
+        time.sleep(0.2)
+
+
+def body_sizes(payloads: list[Payload]) -> int:
+    return sum(len(p.body) for p in payloads) // max(1, len(payloads))
+
+
+__all__ = ["bench_store", "engine", "first_correct_answer_s", "load_model_config", "make_payloads", "run_load", "tolerance_of"]
