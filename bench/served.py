@@ -19,7 +19,7 @@ import psutil
 import torch
 import yaml
 
-from deploy.archive import archive_models, load_model_config
+from deploy.archive import archive_models
 from handlers.codec import decode_response, encode_request
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
@@ -190,8 +190,4 @@ def first_correct_answer_s(url: str, token: str | None, payload: Payload, tol: T
         time.sleep(0.2)
 
 
-def body_sizes(payloads: list[Payload]) -> int:
-    return sum(len(p.body) for p in payloads) // max(1, len(payloads))
-
-
-__all__ = ["bench_store", "engine", "first_correct_answer_s", "load_model_config", "make_payloads", "run_load", "tolerance_of"]
+__all__ = ["bench_store", "engine", "first_correct_answer_s", "make_payloads", "run_load", "tolerance_of"]

@@ -6,6 +6,7 @@ with `kubectl kustomize` and checked offline — schemas, CRDs, ports, lint and 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -100,14 +101,21 @@ def generated_files(k8s_dir: Path = K8S_DIR) -> dict[Path, str]:
     }
 
 
+def stale_files(k8s_dir: Path = K8S_DIR) -> dict[Path, str]:
+    """The generated files that are missing or differ from what configs/ gives, with their expected text."""
+    return {
+        path: text
+        for path, text in generated_files(k8s_dir).items()
+        if not path.is_file() or path.read_text(encoding="utf-8") != text
+    }
+
+
 def sync(k8s_dir: Path = K8S_DIR) -> list[Path]:
     """Write the generated files that differ; return the ones written."""
-    written = []
-    for path, text in generated_files(k8s_dir).items():
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
-            written.append(path)
-    return written
+    stale = stale_files(k8s_dir)
+    for path, text in stale.items():
+        path.write_text(text, encoding="utf-8")
+    return list(stale)
 
 
 # -- tools --------------------------------------------------------------------------------------------------------
@@ -150,6 +158,13 @@ def _pod_templates(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"workerGroupSpecs[{i}]", group.get("template", {})
 
 
+@functools.cache
+def _schema(path: Path) -> dict[str, Any]:
+    """A CRD schema file, read once (check validates every object on every Kubernetes version)."""
+    schema: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return schema
+
+
 def _where(error: jsonschema.ValidationError) -> str:
     return "/".join(str(p) for p in error.absolute_path) or "(top)"
 
@@ -161,7 +176,7 @@ def validate_object(obj: dict[str, Any], version: str, schema_dir: Path = SCHEMA
     key = (obj.get("apiVersion"), obj.get("kind"))
     name = f"{key[1]}/{obj.get('metadata', {}).get('name', '?')}"
     if key in CRD_SCHEMAS:
-        schema = json.loads((schema_dir / CRD_SCHEMAS[key]).read_text(encoding="utf-8"))
+        schema = _schema(schema_dir / CRD_SCHEMAS[key])
         problems = [f"{name}: {_where(e)}: {e.message}" for e in jsonschema.Draft202012Validator(schema).iter_errors(obj)]
         for where, template in _pod_templates(obj):
             wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
@@ -323,11 +338,7 @@ def check(
         steps.append(Step(name, not problems, "\n".join(problems) if problems else ok_detail))
         progress(f"{name}: {'ok' if not problems else 'FAILED'}")
 
-    stale = [
-        str(p.relative_to(k8s_dir))
-        for p, text in generated_files(k8s_dir).items()
-        if not p.is_file() or p.read_text(encoding="utf-8") != text
-    ]
+    stale = [str(p.relative_to(k8s_dir)) for p in stale_files(k8s_dir)]
     record("generated files", [f"{s} is stale: run `torchship deploy sync`" for s in stale], "in step with configs/")
 
     rendered: dict[str, list[dict[str, Any]]] = {}
