@@ -6,6 +6,7 @@ same inputs give a byte-identical .mar.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 import handlers
+from handlers.service import CHECKSUMS_FILE
 from torchship.errors import TorchshipError
 from torchship.manifest import FORMAT_FILES, MANIFEST_NAME, REFERENCE_NAME, Manifest, read_manifest
 
@@ -71,13 +73,16 @@ def _archiver() -> str:
 
 
 def _normalise(src: Path, dest: Path) -> None:
-    """Rewrite a .mar deterministically: sorted entries, fixed dates and modes, fixed createdOn."""
+    """Rewrite a .mar deterministically: sorted entries, fixed dates and modes, fixed createdOn, and a listing of
+    every entry's sha256 that the handler checks before it loads anything."""
     with zipfile.ZipFile(src) as zin:
         entries = {info.filename: zin.read(info) for info in zin.infolist() if not info.is_dir()}
     manifest_key = "MAR-INF/MANIFEST.json"
     mar_manifest = json.loads(entries[manifest_key])
     mar_manifest["createdOn"] = FIXED_CREATED_ON
     entries[manifest_key] = (json.dumps(mar_manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(entries.items()) if name != CHECKSUMS_FILE}
+    entries[CHECKSUMS_FILE] = (json.dumps(checksums, indent=2) + "\n").encode("utf-8")
     tmp = dest.with_name(f".{dest.name}.tmp")
     with zipfile.ZipFile(tmp, "w") as zout:
         for name in sorted(entries):

@@ -185,8 +185,11 @@ def _error(status: int, message: str) -> Response:
 class Ingress:
     """Routes TorchServe's and OIP v2's REST paths to the endpoint deployments; enforces the inference token."""
 
-    def __init__(self, endpoints: dict[str, DeploymentHandle], token: str | None, max_request_bytes: int) -> None:
+    def __init__(
+        self, endpoints: dict[str, DeploymentHandle], versions: dict[str, str], token: str | None, max_request_bytes: int
+    ) -> None:
         self.endpoints = endpoints
+        self.versions = versions
         self.token = token
         self.max_request_bytes = max_request_bytes
 
@@ -194,18 +197,25 @@ class Ingress:
         return not self.token or token_matches(request.headers.get("authorization"), self.token)
 
     async def __call__(self, request: Request) -> Response:
-        parts = [p for p in request.url.path.split("/") if p]
+        # Empty segments are kept ("//predictions//x" is no route, as on TorchServe); one trailing slash is allowed.
+        parts = request.url.path.split("/")[1:]
+        if len(parts) > 1 and parts[-1] == "":
+            parts = parts[:-1]
         method = request.method
         if parts in (["ping"], ["v2", "health", "live"], ["v2", "health", "ready"]):
             if method != "GET":
                 return _error(405, f"{method} is not allowed on {request.url.path}; use GET")
             return _json(200, {"status": "Healthy"} if parts == ["ping"] else {"live": True, "ready": True})
-        if len(parts) == 2 and parts[0] == "predictions":
-            return await self._infer(request, parts[1])
+        if len(parts) in (2, 3) and parts[0] == "predictions" and all(parts):
+            # TorchServe hands /predictions/<model>[/<version>] to the handler whatever the method (a GET has no body
+            # and gets 400); this app does the same, so both engines answer every request alike.
+            return await self._infer(request, parts[1], version=parts[2] if len(parts) == 3 else None)
         if len(parts) == 3 and parts[:2] == ["v2", "models"]:
             return await self._metadata(request, parts[2])
         if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] in ("ready", "infer"):
             if parts[3] == "infer":
+                if method != "POST":
+                    return _error(405, f"{method} is not allowed; use POST")
                 return await self._infer(request, parts[2])
             if method != "GET":
                 return _error(405, "use GET")
@@ -221,14 +231,14 @@ class Ingress:
             return _error(404, f"unknown endpoint {name!r}")
         return _json(200, await self.endpoints[name].metadata.remote())
 
-    async def _infer(self, request: Request, name: str) -> Response:
-        if request.method != "POST":
-            return _error(405, f"{request.method} is not allowed; use POST")
+    async def _infer(self, request: Request, name: str, version: str | None = None) -> Response:
         if not self._authorized(request):
             # The same status and wording TorchServe uses, so both engines have one access rule.
             return _error(TOKEN_STATUS, TOKEN_FAILED)
         if name not in self.endpoints:
             return _error(404, f"Model not found: {name}")
+        if version is not None and version != self.versions.get(name):
+            return _error(404, f"Model version: {version} does not exist for model: {name}")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
             return _error(413, f"body is {declared} bytes; the limit is {self.max_request_bytes}")
@@ -240,10 +250,12 @@ class Ingress:
         return Response(payload, status_code=status, headers=reply_headers)
 
 
-def _model_config(mar: Path) -> dict[str, Any]:
+def _model_config(mar: Path) -> tuple[dict[str, Any], str]:
+    """The archive's model-config.yaml and its model version."""
     with zipfile.ZipFile(mar) as z:
         config: dict[str, Any] = yaml.safe_load(z.read("model-config.yaml"))
-    return config
+        version = str(json.loads(z.read("manifest.json"))["version"])
+    return config, version
 
 
 def _token(args: Mapping[str, Any]) -> str | None:
@@ -269,8 +281,9 @@ def app(args: dict[str, Any]) -> serve.Application:
     actor_options: dict[str, float] = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {})}
     num_replicas = int(args.get("num_replicas", 1))
     handles: dict[str, serve.Application] = {}
+    versions: dict[str, str] = {}
     for mar in mars:
-        config = _model_config(mar)
+        config, versions[mar.stem] = _model_config(mar)
         batch = int(config.get("batchSize", 8))
         wait_s = float(config.get("maxBatchDelay", 5)) / 1000.0
         deployment = serve.deployment(Endpoint).options(
@@ -285,4 +298,4 @@ def app(args: dict[str, Any]) -> serve.Application:
     ingress = serve.deployment(Ingress).options(
         name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": ingress_cpus}
     )
-    return ingress.bind(handles, _token(args), int(args.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)))
+    return ingress.bind(handles, versions, _token(args), int(args.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)))

@@ -8,6 +8,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -67,6 +68,8 @@ def start_ray_serve(
     deadline = time.monotonic() + ready_timeout_s
     pending = set(endpoints)
     while pending:
+        if failure := _deploy_failure(serve.status()):
+            raise RayServeError(f"Ray Serve: the torchship app failed to deploy: {failure}")
         if time.monotonic() > deadline:
             raise RayServeError(f"Ray Serve: {sorted(pending)} not ready after {ready_timeout_s:.0f} s")
         for name in sorted(pending):
@@ -77,6 +80,17 @@ def start_ray_serve(
                 break
         time.sleep(0.5)
     return RayServe(url, endpoints)
+
+
+def _deploy_failure(status: Any) -> str | None:
+    """The first deployment's error when the app is DEPLOY_FAILED (an archive refused at load, say), else None."""
+    app = status.applications.get(APP_NAME)
+    if app is None or app.status != "DEPLOY_FAILED":
+        return None
+    for name, deployment in sorted(app.deployments.items()):
+        if deployment.status in ("DEPLOY_FAILED", "UNHEALTHY") and deployment.message:
+            return f"{name}: {deployment.message}"
+    return str(app.message)
 
 
 def stop_ray_serve() -> None:

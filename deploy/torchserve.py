@@ -20,11 +20,18 @@ from pathlib import Path
 
 from deploy.java import find_java, java_home
 from deploy.probe import NotReady, model_ready
+from handlers.service import MAX_REQUEST_BYTES_ENV
 from torchship.errors import TorchshipError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config.properties"
 KEY_FILE = "key_file.json"
 LOG_TAIL_LINES = 40
+#: The handler's own refusals at load (tampered archive, wrong handler code): TorchServe would restart the worker
+#: forever, so readiness stops waiting and reports the first such line.
+LOAD_REFUSALS = ("ArtifactError:", "HandlerMismatch:")
+#: TorchServe's frontend answers a body over its max_request_size with an empty 413 before any handler runs. The
+#: handler enforces the configured limit itself (JSON 413, like the Ray app); the frontend's cut sits this much higher.
+FRONTEND_LIMIT_FACTOR = 2
 
 
 class ServeError(TorchshipError):
@@ -91,6 +98,17 @@ class TorchServe:
         except OSError:
             return "(no log)"
 
+    def load_refusal(self) -> str | None:
+        """The first line where a handler refused to load its archive, if any."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if any(marker in line for marker in LOAD_REFUSALS):
+                return line.strip()
+        return None
+
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop the whole process group: the `torchserve` wrapper, its java child and the Python workers."""
         if self.process.poll() is not None:
@@ -146,6 +164,8 @@ def start_torchserve(
         }
     )
     props.update(overrides or {})
+    limit_bytes = int(props.get("max_request_size", str(64 * 1024 * 1024)))
+    props["max_request_size"] = str(limit_bytes * FRONTEND_LIMIT_FACTOR)
     config = workdir / "config.properties"
     write_properties(config, props)
     env = {
@@ -154,6 +174,7 @@ def start_torchserve(
         "JAVA_HOME": str(java_home(java)),
         "PATH": f"{java.parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    env[MAX_REQUEST_BYTES_ENV] = str(limit_bytes)
     env["LOG_LOCATION"] = str(workdir / "logs")
     env["METRICS_LOCATION"] = str(workdir / "logs")
     log_path = workdir / "torchserve.log"
@@ -193,6 +214,8 @@ def wait_ready(server: TorchServe, endpoints: list[str], *, timeout_s: float = 3
     while pending:
         if server.process.poll() is not None:
             raise ServeError(f"TorchServe exited with code {server.process.returncode} while starting:\n{server.log_tail()}")
+        if refusal := server.load_refusal():
+            raise ServeError(f"TorchServe: an endpoint refused to load: {refusal}")
         if time.monotonic() > deadline:
             raise ServeError(f"TorchServe: {sorted(pending)} not READY after {timeout_s:.0f} s:\n{server.log_tail()}")
         key = server.management_key() if server.key_file.exists() else None

@@ -31,6 +31,7 @@ DATATYPES: Mapping[str, torch.dtype] = {
 }
 DATATYPE_OF: Mapping[torch.dtype, str] = {v: k for k, v in DATATYPES.items()}
 BINARY_HEADER = "inference-header-content-length"
+EMPTY_BODY = "body is empty; POST an OIP v2 inference request"
 REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
 INPUT_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
 INPUT_PARAMETERS = frozenset({"binary_data_size"})
@@ -58,8 +59,21 @@ class NotFound(ClientError):
     status = 404
 
 
+class UnsupportedMediaType(ClientError):
+    status = 415
+
+
 #: The one table from exception to HTTP status; anything not listed is a server fault (500).
-ERROR_STATUS: Mapping[type[Exception], int] = {BadRequest: 400, PayloadTooLarge: 413, NotFound: 404, ClientError: 400}
+ERROR_STATUS: Mapping[type[Exception], int] = {
+    BadRequest: 400,
+    PayloadTooLarge: 413,
+    NotFound: 404,
+    UnsupportedMediaType: 415,
+    ClientError: 400,
+}
+#: Content types a request may carry (parameters such as `; charset=utf-8` aside). None given means JSON, as curl
+#: and most clients send it; anything else (form posts, multipart, text) is refused rather than guessed at.
+ACCEPTED_CONTENT_TYPES = frozenset({"application/json", "application/octet-stream"})
 
 
 def status_for(exc: BaseException) -> int:
@@ -126,6 +140,24 @@ class InferRequest:
         return tuple(tuple(t.shape[1:]) for t in self.inputs.values())
 
 
+def check_content_type(value: str | None) -> None:
+    """Refuse a body whose declared media type torchship does not decode (415)."""
+    if value is None or not value.strip():
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media not in ACCEPTED_CONTENT_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {media!r} is not served; send application/json, or application/octet-stream with "
+            "Inference-Header-Content-Length for the binary extension"
+        )
+
+
+def check_body_size(body: object, limit_bytes: int | None) -> None:
+    """Refuse a body over the endpoint's limit with 413 (engines that parse the body first cannot be measured)."""
+    if limit_bytes is not None and isinstance(body, (bytes, bytearray, str)) and len(body) > limit_bytes:
+        raise PayloadTooLarge(f"body is {len(body)} bytes; the limit is {limit_bytes}")
+
+
 def _reject_constant(name: str) -> float:
     raise BadRequest(f"JSON contains {name}, which is not valid JSON; send finite numbers")
 
@@ -148,7 +180,7 @@ def split_body(body: bytes | bytearray | str | Mapping[str, Any], header_length:
         if isinstance(body, Mapping):
             return body, b""
         if isinstance(body, (bytes, bytearray)) and not body:
-            raise BadRequest("body is empty; send an OIP v2 inference request")
+            raise BadRequest(EMPTY_BODY)
         return parse_json(body), b""
     try:
         n = int(header_length)

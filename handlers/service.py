@@ -20,12 +20,15 @@ import torch
 
 from handlers.codec import (
     BINARY_HEADER,
+    EMPTY_BODY,
     TOKEN_FAILED,
     TOKEN_STATUS,
     BadRequest,
     ClientError,
     InferRequest,
     Signature,
+    check_body_size,
+    check_content_type,
     decode_request,
     encode_error,
     encode_response,
@@ -36,6 +39,10 @@ from handlers.codec import (
 log = logging.getLogger(__name__)
 
 ENDPOINT_FILE = "endpoint.json"
+#: sha256 of every other entry of the archive, written by `torchship archive`: a changed byte anywhere refuses the load.
+CHECKSUMS_FILE = "torchship-checksums.json"
+#: The body limit the handler enforces with a JSON 413 (the launchers set it; TorchServe's frontend limit sits above it).
+MAX_REQUEST_BYTES_ENV = "TORCHSHIP_MAX_REQUEST_BYTES"
 MANIFEST_FILE = "manifest.json"
 TOPK_FILE = "process_outputs.torchscript.pt"
 BATCH_REQUESTS_HEADER = "X-Torchship-Batch-Requests"
@@ -91,6 +98,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def verify_checksums(model_dir: Path) -> None:
+    """Refuse an unpacked archive any of whose files differs from what `torchship archive` wrote."""
+    listing = model_dir / CHECKSUMS_FILE
+    try:
+        expected = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{model_dir.name}: {CHECKSUMS_FILE} is missing or unreadable ({exc}); rebuild the archive") from None
+    if not isinstance(expected, dict) or not expected:
+        raise ArtifactError(f"{model_dir.name}: {CHECKSUMS_FILE} lists no files; rebuild the archive")
+    changed = sorted(
+        name for name, digest in expected.items() if not (model_dir / name).is_file() or sha256_file(model_dir / name) != digest
+    )
+    if changed:
+        raise ArtifactError(
+            f"{model_dir.name}: {', '.join(changed)} missing or changed since the archive was built "
+            "(sha256 mismatch); rebuild the archive with `torchship archive`"
+        )
+
+
+def max_request_bytes(environ: Mapping[str, str]) -> int | None:
+    raw = environ.get(MAX_REQUEST_BYTES_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ValueError(f"{MAX_REQUEST_BYTES_ENV} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
 def pick_device(gpu_id: Any) -> torch.device:
     """The GPU TorchServe assigned this worker, or the CPU when it assigned none (or none is usable)."""
     if gpu_id is not None and torch.cuda.is_available():
@@ -117,7 +152,7 @@ def _body_of(request: Mapping[str, Any]) -> Any:
     for key in ("body", "data"):
         if key in request and request[key] is not None:
             return request[key]
-    raise BadRequest("body is empty; send an OIP v2 inference request")
+    raise BadRequest(EMPTY_BODY)
 
 
 class TorchshipHandler:
@@ -128,11 +163,13 @@ class TorchshipHandler:
         self.model: Callable[..., Any] | None = None
         self.topk: Callable[..., Any] | None = None
         self.token: str | None = None
+        self.max_request_bytes: int | None = None
 
     def initialize(self, context: Context) -> None:
         props = context.system_properties
         model_dir = Path(props["model_dir"])
         manifest = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        verify_checksums(model_dir)
         endpoint = json.loads((model_dir / ENDPOINT_FILE).read_text(encoding="utf-8"))
         self.endpoint: str = endpoint["endpoint"]
         self.format: str = endpoint["format"]
@@ -150,6 +187,7 @@ class TorchshipHandler:
             self.topk = load_torchscript(str(topk_file), torch.device("cpu"))
         # Set only where the engine cannot enforce a shared token itself (TorchServe in Kubernetes; see the README).
         self.token = inference_token(os.environ)
+        self.max_request_bytes = max_request_bytes(os.environ)
         log.info("torchship endpoint %s: %s on %s (token check %s)", self.endpoint, self.format, self.device, bool(self.token))
         self.initialized = True
 
@@ -164,7 +202,10 @@ class TorchshipHandler:
                 if self.token and not token_matches(headers.get("authorization"), self.token):
                     replies[idx] = _Reply(encode_error(TOKEN_FAILED), TOKEN_STATUS)
                     continue
-                decoded[idx] = decode_request(_body_of(request), self.signature, header_length=headers.get(BINARY_HEADER))
+                check_content_type(headers.get("content-type"))
+                body = _body_of(request)
+                check_body_size(body, self.max_request_bytes)
+                decoded[idx] = decode_request(body, self.signature, header_length=headers.get(BINARY_HEADER))
             except ClientError as exc:
                 replies[idx] = _Reply(encode_error(str(exc)), exc.status)
         rows_run: dict[int, int] = {}
