@@ -47,6 +47,12 @@ def model_ready(management_url: str, name: str, key: str | None = None, timeout_
     return ready >= max(1, int(info.get("minWorkers", 1)))
 
 
+def worker_pids(management_url: str, name: str, key: str | None = None, timeout_s: float = 5.0) -> list[int]:
+    """The process ids of `name`'s READY workers (what a fault test kills)."""
+    info = _get(f"{management_url.rstrip('/')}/models/{urllib.parse.quote(name, safe='')}", key, timeout_s)[0]
+    return sorted(int(w["pid"]) for w in info.get("workers", []) if w.get("status") == "READY" and w.get("pid"))
+
+
 def check(management_url: str, key: str | None = None, expected: int = 1) -> str:
     """Raise NotReady unless at least `expected` models are registered and all of them are ready."""
     models = registered_models(management_url, key)

@@ -82,6 +82,22 @@ def start_ray_serve(
     return RayServe(url, endpoints)
 
 
+def replica_pids(endpoint: str, app_name: str = APP_NAME) -> list[int]:
+    """Process ids of this machine's Ray Serve replicas of `endpoint` (Ray titles them ray::ServeReplica:<app>:<name>)."""
+    title = f"ray::ServeReplica:{app_name}:{endpoint}"
+    pids: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.split(b"\0", 1)[0].decode(errors="replace").strip() == title:
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
 def _deploy_failure(status: Any) -> str | None:
     """The first deployment's error when the app is DEPLOY_FAILED (an archive refused at load, say), else None."""
     app = status.applications.get(APP_NAME)
