@@ -10,7 +10,7 @@ ARTIFACTS ?= artifacts
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lint typecheck unit pytest test pipeline export cpp bench clean
+.PHONY: setup lint typecheck unit pytest test pipeline export cpp bench reliability clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ pipeline: setup
 # Every format in-process and both engines over HTTP, side by side in one run: reports/bench.{json,md}, bench/*.png.
 bench: setup
 	$(BIN)/torchship bench --artifacts $(ARTIFACTS)
+
+# Hostile corpus, fuzz, 5,000 checked requests per engine, a killed worker/replica, restarts, tampered archives and
+# access, on both engines: reports/reliability.{json,md} (make test runs the same checks with smaller counts).
+reliability: setup
+	$(BIN)/torchship reliability --artifacts $(ARTIFACTS)
 
 # The C++ loader (deploy/cpp) against the pip-installed torch; needs cmake and a C++17 compiler.
 cpp: setup

@@ -19,7 +19,7 @@ import psutil
 import torch
 import yaml
 
-from deploy.archive import archive_models
+from deploy.archive import archive_models, write_archive
 from handlers.codec import decode_response, encode_request
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
@@ -48,9 +48,7 @@ def bench_store(artifacts: Path, out: Path, model_config: dict[str, Any]) -> Pat
     mar_manifest = json.loads(members["MAR-INF/MANIFEST.json"])
     mar_manifest["model"]["modelName"] = UNBATCHED
     members["MAR-INF/MANIFEST.json"] = json.dumps(mar_manifest).encode()
-    with zipfile.ZipFile(out / f"{UNBATCHED}.mar", "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
+    write_archive(members, out / f"{UNBATCHED}.mar")
     return out
 
 

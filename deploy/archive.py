@@ -73,15 +73,21 @@ def _archiver() -> str:
 
 
 def _normalise(src: Path, dest: Path) -> None:
-    """Rewrite a .mar deterministically: sorted entries, fixed dates and modes, fixed createdOn, and a listing of
-    every entry's sha256 that the handler checks before it loads anything."""
+    """Rewrite a .mar deterministically: sorted entries, fixed dates and modes, fixed createdOn."""
     with zipfile.ZipFile(src) as zin:
         entries = {info.filename: zin.read(info) for info in zin.infolist() if not info.is_dir()}
     manifest_key = "MAR-INF/MANIFEST.json"
     mar_manifest = json.loads(entries[manifest_key])
     mar_manifest["createdOn"] = FIXED_CREATED_ON
     entries[manifest_key] = (json.dumps(mar_manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(entries.items()) if name != CHECKSUMS_FILE}
+    write_archive(entries, dest)
+
+
+def write_archive(entries: dict[str, bytes], dest: Path) -> None:
+    """Write a .mar from its entries, byte-reproducibly, with the listing of every entry's sha256 that the handler
+    checks before it loads anything (any listing among `entries` is replaced)."""
+    entries = {name: data for name, data in entries.items() if name != CHECKSUMS_FILE}
+    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(entries.items())}
     entries[CHECKSUMS_FILE] = (json.dumps(checksums, indent=2) + "\n").encode("utf-8")
     tmp = dest.with_name(f".{dest.name}.tmp")
     with zipfile.ZipFile(tmp, "w") as zout:

@@ -218,7 +218,10 @@ def wait_ready(server: TorchServe, endpoints: list[str], *, timeout_s: float = 3
             raise ServeError(f"TorchServe: an endpoint refused to load: {refusal}")
         if time.monotonic() > deadline:
             raise ServeError(f"TorchServe: {sorted(pending)} not READY after {timeout_s:.0f} s:\n{server.log_tail()}")
-        key = server.management_key() if server.key_file.exists() else None
+        try:
+            key = server.management_key() if server.key_file.exists() else None
+        except ServeError:  # TorchServe is still writing the key file
+            key = None
         if key is not None or not server.token_auth:
             for name in sorted(pending):
                 try:

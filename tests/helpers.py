@@ -98,6 +98,8 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
 
     import torch
 
+    from deploy.archive import write_archive
+
     with zipfile.ZipFile(mar) as z:
         members = {i.filename: z.read(i) for i in z.infolist()}
     manifest = json.loads(members["manifest.json"])
@@ -114,7 +116,5 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
     entry["sha256"] = hashlib.sha256(members[entry["file"]]).hexdigest()
     entry["size_bytes"] = len(members[entry["file"]])
     members["manifest.json"] = json.dumps(manifest, indent=2).encode()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
+    write_archive(members, out)  # the archive-wide checksums follow the edit: only the weights drifted
     return out

@@ -332,6 +332,35 @@ def cmd_bench(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from deploy import reliability as rel
+    from export.exporter import export_isolated
+
+    counts = rel.QUICK if args.quick else rel.FULL
+    if args.requests:
+        counts = rel.Counts(args.requests, counts.concurrency, counts.fuzz_requests, counts.fault_requests)
+    artifacts = Path(args.artifacts)
+    for name in rel.RELIABILITY_MODELS:
+        if not (artifacts / name / "manifest.json").is_file():
+            err.print(f"exporting {name} into {escape(str(artifacts))} (not exported yet)")
+            export_isolated(name, out_dir=artifacts, progress=print_progress)
+    workdir = rel.default_workdir()
+    store = rel.build_store(artifacts, workdir / "store")
+
+    def say(line: str) -> None:
+        err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(line)}")
+
+    report = rel.run_reliability(store, workdir, counts, say)
+    json_path, md_path = rel.write_report(report, Path(args.out))
+    out.print(rel.markdown(report))
+    problems = rel.passed(report)
+    for problem in problems:
+        err.print(f"[red]failed:[/] {escape(problem)}")
+    verdict = f"{len(problems)} problems" if problems else "all checks held"
+    out.print(f"reliability report: {escape(str(json_path))}, {escape(str(md_path))}; {verdict}")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
 def cmd_pipeline(args: argparse.Namespace, out: Console, err: Console) -> int:
     from deploy.pipeline import run_pipeline
 
@@ -446,6 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="where bench.json, bench.md and bench/*.png go")
     p.add_argument("--quick", action="store_true", help="tiny counts: checks the machinery, not the speed")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "reliability", help="hostile corpus, fuzz, load, faults, restarts, tampered archives and access on both engines"
+    )
+    p.add_argument("--artifacts", default="artifacts", help="export folder (missing models are exported first)")
+    p.add_argument("--out", default="reports", help="where reliability.json and reliability.md go")
+    p.add_argument("--quick", action="store_true", help="small counts (what make test runs), not the full 5,000-request load")
+    p.add_argument(
+        "--requests", type=int, default=None, help="requests per engine in the load run (default 5000; 300 with --quick)"
+    )
+    p.set_defaults(func=cmd_reliability)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.set_defaults(func=cmd_models)

@@ -135,7 +135,9 @@ def test_oip_routes_health_metadata_and_methods(ray_server: RayServer) -> None:
     meta = requests.get(f"{ray_server.url}/v2/models/simple_cnn_pt2", timeout=10).json()
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3, -1, -1]}]
     assert requests.get(f"{ray_server.url}/v2/models/nope/ready", timeout=10).status_code == 404
-    assert requests.get(f"{ray_server.url}/predictions/simple_cnn", timeout=10).status_code == 405
+    # TorchServe hands a GET on /predictions to the handler (no body: 400); the Ray app answers the same.
+    assert requests.get(f"{ray_server.url}/predictions/simple_cnn", timeout=10).status_code == 400
+    assert requests.get(f"{ray_server.url}/v2/models/simple_cnn/infer", timeout=10).status_code == 405
     assert requests.get(f"{ray_server.url}/../etc/passwd", timeout=10).status_code == 404
 
 

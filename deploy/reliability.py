@@ -1,0 +1,621 @@
+"""reports/reliability.{json,md}: hostile corpus, HTTP fuzz, load, faults, restarts, archive integrity and access,
+run against a real TorchServe and a real Ray Serve on the same model store.
+
+`torchship reliability` runs it all; tests/e2e/test_reliability.py runs the same functions with smaller counts.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+from deploy.hostile import Oracle, Target, load_corpus, run_corpus, run_fuzz, send
+from deploy.load import FaultResult, make_pool, run_fault, run_load, summarize
+from deploy.probe import worker_pids
+from deploy.ray_serve import replica_pids
+from deploy.torchserve import TorchServe, endpoints_in, free_port, start_torchserve, wait_ready
+from deploy.verify import read_archive
+from handlers.codec import TOKEN_ENV, Signature, decode_response, encode_request
+from handlers.service import CHECKSUMS_FILE
+from torchship.errors import TorchshipError
+
+REPO = Path(__file__).resolve().parent.parent
+#: The models a reliability store archives (every usable format of each): fast enough for 2 cores, and covering
+#: a classifier, a data-dependent router, a transformer decoder with integer outputs and a two-output function.
+RELIABILITY_MODELS = ("dynamic_router", "simple_cnn", "seq_decoder", "process_outputs")
+#: The body limit both engines enforce in these runs (small, so that a 413 is cheap to provoke).
+LIMIT_BYTES = 4 * 1024 * 1024
+FAULT_ENDPOINT = "dynamic_router"
+RAY_READY_MARKER = "Ctrl-C or SIGTERM stops it"
+Say = Callable[[str], None]
+
+
+class ReliabilityError(TorchshipError):
+    """A reliability run could not be carried out (an engine did not start, say)."""
+
+
+# -- engines -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Engine:
+    """A running engine with what the checks need: its target, a way to find the process serving an endpoint."""
+
+    target: Target
+    find_pid: Callable[[str], int | None]
+    stop: Callable[[], None]
+    detail: dict[str, Any]
+
+
+@contextlib.contextmanager
+def torchserve_engine(model_store: Path, workdir: Path, *, overrides: dict[str, str] | None = None) -> Iterator[Engine]:
+    server = start_torchserve(model_store, workdir, overrides={"max_request_size": str(LIMIT_BYTES), **(overrides or {})})
+    try:
+        wait_ready(server, endpoints_in(model_store), timeout_s=300)
+        key = server.management_key()
+
+        def find_pid(endpoint: str) -> int | None:
+            pids = worker_pids(server.management_url, endpoint, key)
+            return pids[0] if pids else None
+
+        yield Engine(
+            Target("torchserve", server.inference_url, server.inference_key()), find_pid, server.stop, {"server": server}
+        )
+    finally:
+        server.stop()
+
+
+def short_workdir() -> Path:
+    """Ray puts unix sockets under its workdir, and their paths must stay under 108 bytes: a short /tmp folder."""
+    return Path(tempfile.mkdtemp(prefix="tsray-", dir="/tmp" if Path("/tmp").is_dir() else None))
+
+
+def spawn_ray(model_store: Path, workdir: Path, *, token: str, port: int | None = None) -> subprocess.Popen[str]:
+    """`torchship serve ray` in its own process group (so a restart is a real restart of Ray)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "torchship.cli", "serve", "ray", "--model-store", str(model_store), "--port", str(port)]
+    cmd += ["--workdir", str(workdir), "--max-request-bytes", str(LIMIT_BYTES)]
+    env = {**os.environ, TOKEN_ENV: token}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def _wait_ray(proc: subprocess.Popen[str], timeout_s: float) -> tuple[bool, str]:
+    """(ready, output so far): reads until the ready line, the process's exit, or the deadline."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            lines.append(line)
+            if RAY_READY_MARKER in line:
+                return True, "".join(lines)
+            continue
+        if proc.poll() is not None:
+            rest = proc.stdout.read() or ""
+            return False, "".join(lines) + rest
+        time.sleep(0.2)
+    return False, "".join(lines)
+
+
+def stop_process_group(proc: subprocess.Popen[str], timeout_s: float = 60) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def ray_engine(model_store: Path, workdir: Path, *, ready_timeout_s: float = 400) -> Iterator[Engine]:
+    token = secrets.token_hex(16)
+    port = free_port()
+    ray_dir = short_workdir()
+    proc = spawn_ray(model_store, ray_dir, token=token, port=port)
+    try:
+        ready, text = _wait_ray(proc, ready_timeout_s)
+        if not ready:
+            raise ReliabilityError(f"Ray Serve did not become ready:\n{text[-3000:]}")
+
+        def find_pid(endpoint: str) -> int | None:
+            pids = replica_pids(endpoint)
+            return pids[0] if pids else None
+
+        yield Engine(Target("ray", f"http://127.0.0.1:{port}", token), find_pid, lambda: stop_process_group(proc), {"port": port})
+    finally:
+        stop_process_group(proc)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def oracle_for(model_store: Path) -> tuple[Oracle, dict[str, Signature]]:
+    """Eager references for every archive of the store, and each endpoint's signature."""
+    archived = [read_archive(m) for m in sorted(model_store.glob("*.mar"))]
+    oracle = Oracle({a.name: a.model for a in archived}, {a.name: a.tolerance for a in archived})
+    sigs: dict[str, Signature] = {}
+    for mar in sorted(model_store.glob("*.mar")):
+        with zipfile.ZipFile(mar) as z:
+            sigs[mar.stem] = Signature.from_manifest(json.loads(z.read("manifest.json")))
+    return oracle, sigs
+
+
+# -- restarts ------------------------------------------------------------------------------------------------------
+
+
+def fixed_outputs(target: Target, oracle: Oracle, endpoints: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    """One request at a time (no batching partner to change rounding): endpoint x batch (1, 3) x JSON/binary."""
+    auth = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    out: dict[str, list[torch.Tensor]] = {}
+    for endpoint in endpoints:
+        for batch in (1, 3):
+            inputs = oracle.inputs(endpoint, batch, seed=77)
+            for binary in (False, True):
+                body, headers = encode_request(inputs, binary=binary, parameters={"binary_data_output": binary})
+                reply = send(target, "POST", f"/predictions/{endpoint}", body, {**headers, **auth})
+                if reply.status != 200:
+                    raise ReliabilityError(f"{target.engine} {endpoint}: HTTP {reply.status} {reply.body[:200]!r}")
+                doc = decode_response(reply.body, reply.headers.get("inference-header-content-length"))
+                out[f"{endpoint}/b{batch}/{'binary' if binary else 'json'}"] = list(doc["outputs"].values())
+    return out
+
+
+def identical(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]) -> list[str]:
+    """Keys whose tensors are not bit-identical (empty: identical)."""
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not all(map(torch.equal, a[k], b[k])))
+
+
+# -- archive integrity ---------------------------------------------------------------------------------------------
+
+
+def _rewrite(mar: Path, out: Path, members: dict[str, bytes]) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in sorted(members):
+            z.writestr(name, members[name])
+    return out
+
+
+def _members(mar: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(mar) as z:
+        return {i.filename: z.read(i) for i in z.infolist() if not i.is_dir()}
+
+
+def tamper_byte(mar: Path, out: Path) -> Path:
+    """The same archive with one byte of the serialized model changed (a valid zip: only the checksums can tell)."""
+    members = _members(mar)
+    manifest = json.loads(members["manifest.json"])
+    fmt = json.loads(members["endpoint.json"])["format"]
+    name = manifest["formats"][fmt]["file"]
+    data = bytearray(members[name])
+    data[len(data) // 2] ^= 0x01
+    members[name] = bytes(data)
+    return _rewrite(mar, out, members)
+
+
+def tamper_manifest(mar: Path, out: Path) -> Path:
+    """An archive whose manifest's sha256 for the model no longer matches the file, with the checksum listing
+    rewritten to match the new manifest: the handler's own sha256 check must still refuse it."""
+    members = _members(mar)
+    manifest = json.loads(members["manifest.json"])
+    fmt = json.loads(members["endpoint.json"])["format"]
+    manifest["formats"][fmt]["sha256"] = "0" * 64
+    members["manifest.json"] = json.dumps(manifest, indent=2).encode("utf-8")
+    listing = json.loads(members[CHECKSUMS_FILE])
+    listing["manifest.json"] = hashlib.sha256(members["manifest.json"]).hexdigest()
+    members[CHECKSUMS_FILE] = json.dumps(listing, indent=2).encode("utf-8")
+    return _rewrite(mar, out, members)
+
+
+TAMPERS: dict[str, Callable[[Path, Path], Path]] = {"changed byte": tamper_byte, "manifest sha256": tamper_manifest}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    engine: str
+    tamper: str
+    refused: bool
+    message: str
+    seconds: float
+
+
+def torchserve_refuses(mar: Path, workdir: Path) -> Refusal:
+    """Start TorchServe on a store holding only `mar`; it must not become ready, and the handler's error must show."""
+    start = time.monotonic()
+    server = start_torchserve(mar.parent, workdir)
+    try:
+        try:
+            wait_ready(server, endpoints_in(mar.parent), timeout_s=180)
+        except TorchshipError as exc:
+            return Refusal("torchserve", "", True, str(exc)[:400], round(time.monotonic() - start, 2))
+        return Refusal("torchserve", "", False, "became ready", round(time.monotonic() - start, 2))
+    finally:
+        server.stop()
+
+
+def ray_refuses(mar: Path, workdir: Path) -> Refusal:
+    start = time.monotonic()
+    ray_dir = short_workdir()
+    proc = spawn_ray(mar.parent, ray_dir, token=secrets.token_hex(8))
+    try:
+        ready, text = _wait_ray(proc, 300)
+        code = proc.wait(timeout=60) if not ready else None
+    finally:
+        stop_process_group(proc)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    line = next((ln for ln in text.splitlines() if "sha256" in ln or "error" in ln.lower()), text[-400:])
+    return Refusal("ray", "", not ready and code not in (None, 0), line.strip()[:400], round(time.monotonic() - start, 2))
+
+
+def integrity_checks(good_mar: Path, workdir: Path, say: Say) -> list[Refusal]:
+    refusals: list[Refusal] = []
+    for tamper, make in TAMPERS.items():
+        for engine, check in (("torchserve", torchserve_refuses), ("ray", ray_refuses)):
+            folder = workdir / f"{engine}-{tamper.replace(' ', '-')}"
+            bad = make(good_mar, folder / "store" / good_mar.name)
+            say(f"integrity: {engine} on a .mar with a {tamper}")
+            r = check(bad, folder / "run")
+            refusals.append(Refusal(engine, tamper, r.refused, r.message, r.seconds))
+    return refusals
+
+
+def unpack_refuses_traversal(workdir: Path) -> dict[str, Any]:
+    """The Ray app's unpacker on a .mar carrying `../` and absolute entries: refused, nothing written outside."""
+    from deploy.ray_app import UnsafeArchive, unpack_mar
+
+    results: dict[str, Any] = {}
+    for label, entry in (
+        ("dotdot", "../escaped.txt"),
+        ("deep dotdot", "handlers/../../escaped.txt"),
+        ("absolute", "/tmp/escaped.txt"),
+    ):
+        mar = workdir / f"evil-{label.replace(' ', '-')}.mar"
+        with zipfile.ZipFile(mar, "w") as z:
+            z.writestr("manifest.json", "{}")
+            z.writestr(entry, "written outside")
+        cache = workdir / f"cache-{label.replace(' ', '-')}"
+        try:
+            unpack_mar(mar, cache)
+            refused = False
+        except UnsafeArchive:
+            refused = True
+        escaped = [
+            p for p in (workdir / "escaped.txt", Path("/tmp/escaped.txt")) if p.exists() and p.read_text() == "written outside"
+        ]
+        results[label] = {"refused": refused, "written_outside": [str(p) for p in escaped]}
+    return results
+
+
+def unpickling_calls(roots: Sequence[Path]) -> list[str]:
+    """Every `torch.load` without `weights_only=True`, and every pickle import, in the project's Python files."""
+    found: list[str] = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            for node in ast.walk(tree):
+                where = f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:{getattr(node, 'lineno', 0)}"
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+                    base = node.func.value
+                    if isinstance(base, ast.Name) and base.id == "torch":
+                        safe = any(
+                            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                            for k in node.keywords
+                        )
+                        if not safe:
+                            found.append(f"{where}: torch.load without weights_only=True")
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = [a.name for a in node.names] + (
+                        [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                    )
+                    if any(n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle") for n in names):
+                        found.append(f"{where}: imports a pickle module")
+    return found
+
+
+PROJECT_CODE = tuple(REPO / d for d in ("torchship", "handlers", "deploy", "export", "models", "bench"))
+
+
+# -- access --------------------------------------------------------------------------------------------------------
+
+
+def listening_addresses(pids: Sequence[int]) -> list[str]:
+    """'ip:port' of every TCP socket in LISTEN state owned by these processes."""
+    import psutil
+
+    found: set[str] = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            for c in psutil.Process(pid).net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN and c.laddr:
+                    found.add(f"{c.laddr.ip}:{c.laddr.port}")
+    return sorted(found)
+
+
+def process_tree(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root.pid, *(p.pid for p in root.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def torchserve_access(server: TorchServe, model_store: Path, outside_dir: Path) -> dict[str, Any]:
+    """Token on inference and management, listeners on loopback, and allowed_urls (management API enabled for it)."""
+    inf, mgmt = server.inference_key(), server.management_key()
+    ep = endpoints_in(model_store)[0]
+    body, headers = encode_request({"x": torch.zeros(1, 256)})
+
+    def status(method: str, url: str, key: str | None, **kw: Any) -> int:
+        h = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.request(method, url, headers={**h, **kw.pop("headers", {})}, timeout=30, **kw).status_code
+
+    outside_dir.mkdir(parents=True, exist_ok=True)
+    outside = outside_dir / "outside.mar"
+    outside.write_bytes((model_store / f"{ep}.mar").read_bytes())
+    register = f"{server.management_url}/models"
+    result: dict[str, Any] = {
+        "inference_without_token": status("POST", f"{server.inference_url}/predictions/{ep}", None, data=body, headers=headers),
+        "inference_with_management_key": status(
+            "POST", f"{server.inference_url}/predictions/{ep}", mgmt, data=body, headers=headers
+        ),
+        "inference_with_token": status("POST", f"{server.inference_url}/predictions/{ep}", inf, data=body, headers=headers),
+        "management_without_token": status("GET", f"{server.management_url}/models", None),
+        "management_with_inference_key": status("GET", f"{server.management_url}/models", inf),
+        "management_with_token": status("GET", f"{server.management_url}/models", mgmt),
+        "metrics_without_token": status("GET", f"{server.metrics_url}/metrics", None),
+        # Loopback only: a remote URL must be refused by allowed_urls before anything is fetched.
+        "register_remote_url": status("POST", register, mgmt, params={"url": "http://127.0.0.1:9/model.mar"}),
+        "register_outside_store": status("POST", register, mgmt, params={"url": f"file://{outside}"}),
+        "register_path_traversal": status(
+            "POST", register, mgmt, params={"url": f"file://{model_store}/../{outside_dir.name}/outside.mar"}
+        ),
+    }
+    java = [p for p in process_tree(server.process.pid)]
+    result["listening"] = listening_addresses(java)
+    result["all_loopback"] = bool(result["listening"]) and all(a.startswith("127.0.0.1:") for a in result["listening"])
+    return result
+
+
+def ray_access(engine: Engine) -> dict[str, Any]:
+    import psutil
+
+    port = int(engine.detail["port"])
+    listeners = sorted(
+        f"{c.laddr.ip}:{c.laddr.port}"
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+    )
+    body, headers = encode_request({"x": torch.zeros(1, 256)})
+    url = f"{engine.target.url}/predictions/{FAULT_ENDPOINT}"
+    return {
+        "http_listeners": listeners,
+        "http_loopback_only": bool(listeners) and all(a.startswith("127.0.0.1:") for a in listeners),
+        "inference_without_token": requests.post(url, data=body, headers=headers, timeout=30).status_code,
+        "inference_with_token": requests.post(
+            url, data=body, headers={**headers, "Authorization": f"Bearer {engine.target.token}"}, timeout=30
+        ).status_code,
+    }
+
+
+# -- the whole run -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counts:
+    load_requests: int
+    concurrency: int
+    fuzz_requests: int
+    fault_requests: int
+
+
+FULL = Counts(load_requests=5000, concurrency=16, fuzz_requests=500, fault_requests=1200)
+QUICK = Counts(load_requests=300, concurrency=16, fuzz_requests=100, fault_requests=300)
+
+
+def engine_checks(engine: Engine, model_store: Path, counts: Counts, say: Say) -> dict[str, Any]:
+    """Corpus, fuzz, load and a fault on one running engine."""
+    oracle, sigs = oracle_for(model_store)
+    endpoints = sorted(sigs)
+    name = engine.target.engine
+    say(f"{name}: hostile corpus")
+    corpus = run_corpus(engine.target, load_corpus(), oracle, limit_bytes=LIMIT_BYTES)
+    say(f"{name}: HTTP fuzz, {counts.fuzz_requests} requests")
+    fuzz = run_fuzz(engine.target, oracle, sigs[FAULT_ENDPOINT], requests=counts.fuzz_requests, seed=11)
+    pool = make_pool(oracle, endpoints)
+    say(f"{name}: load, {counts.load_requests} requests at {counts.concurrency} concurrent clients")
+    shots = run_load(engine.target, pool, oracle, requests_total=counts.load_requests, concurrency=counts.concurrency)
+    load = summarize(name, shots, counts.concurrency)
+    say(
+        f"{name}: load {load.ok}/{load.requests} ok, p99 {load.latency_p99_ms} ms; now killing {FAULT_ENDPOINT}'s process mid-run"
+    )
+    fault = run_fault(
+        engine.target, pool, oracle, endpoint=FAULT_ENDPOINT,
+        what="TorchServe worker process" if name == "torchserve" else "Ray Serve replica actor",
+        find_pid=lambda: engine.find_pid(FAULT_ENDPOINT), requests_total=counts.fault_requests,
+        concurrency=counts.concurrency, kill_after=counts.fault_requests // 4,
+    )  # fmt: skip
+    return {
+        "corpus": [asdict(r) | {"passed": r.passed} for r in corpus],
+        "fuzz": asdict(fuzz),
+        "load": load.as_dict(),
+        "fault": fault.as_dict(),
+        "before_restart": fixed_outputs(engine.target, oracle, endpoints),
+    }
+
+
+def summary_row(engine: str, doc: dict[str, Any]) -> dict[str, Any]:
+    corpus, fuzz, load, fault = doc["corpus"], doc["fuzz"], doc["load"], doc["fault"]
+    statuses = [r["status"] for r in corpus] + [int(s) for s in fuzz["by_status"] for _ in range(fuzz["by_status"][s])]
+    return {
+        "engine": engine,
+        "corpus_cases": len(corpus),
+        "corpus_passed": sum(r["passed"] for r in corpus),
+        "fuzz_requests": fuzz["requests"],
+        "cases_tried": len(corpus) + fuzz["requests"],
+        "4xx": sum(400 <= s < 500 for s in statuses),
+        "5xx": sum(s >= 500 for s in statuses),
+        "no_answer": sum(r["status"] == 0 for r in corpus) + len(fuzz["no_answer"]),
+        "load_requests": load["requests"],
+        "load_errors": load["errors"] + load["lost"],
+        "load_wrong_answers": load["wrong_answers"],
+        "latency_p99_ms": load["latency_p99_ms"],
+        "requests_per_s": load["requests_per_s"],
+        "faults_injected": 1,
+        "recovered": int(FaultResult(**{k: v for k, v in fault.items() if k != "recovered"}).recovered),
+        "recovery_s": fault["recovery_s"],
+        "fault_requests": fault["requests"],
+        "fault_failed": fault["failed"],
+        "fault_failed_not_in_flight": fault["failed_not_in_flight"],
+        "fault_wrong_answers": fault["wrong_answers"],
+        "requests_lost": load["lost"] + fault["lost"],
+        "restart_identical": doc["restart_identical"],
+    }
+
+
+def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) -> dict[str, Any]:
+    """Everything, on both engines, one after the other (2 cores: never both at once)."""
+    engines: dict[str, dict[str, Any]] = {}
+    starters: dict[str, Callable[[Path], contextlib.AbstractContextManager[Engine]]] = {
+        "torchserve": lambda w: torchserve_engine(model_store, w),
+        "ray": lambda w: ray_engine(model_store, w),
+    }
+    access: dict[str, Any] = {}
+    for name, start in starters.items():
+        say(f"starting {name} on {model_store}")
+        with start(workdir / name) as engine:
+            doc = engine_checks(engine, model_store, counts, say)
+            access[name] = ray_access(engine) if name == "ray" else None
+        say(f"{name}: restarting on the same model store")
+        with start(workdir / f"{name}-restart") as engine:
+            oracle, sigs = oracle_for(model_store)
+            after = fixed_outputs(engine.target, oracle, sorted(sigs))
+        before = doc.pop("before_restart")
+        doc["restart_differs"] = identical(before, after)
+        doc["restart_identical"] = not doc["restart_differs"]
+        doc["restart_outputs_compared"] = len(before)
+        engines[name] = doc
+    say("torchserve: access (tokens, loopback, allowed_urls with the management API on)")
+    with torchserve_engine(model_store, workdir / "access", overrides={"enable_model_api": "true"}) as engine:
+        access["torchserve"] = torchserve_access(engine.detail["server"], model_store, workdir / "outside")
+    integrity = [asdict(r) for r in integrity_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "integrity", say)]
+    traversal = unpack_refuses_traversal(workdir / "traversal")
+    pickles = unpickling_calls(PROJECT_CODE)
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch_version": torch.__version__,
+        "counts": asdict(counts),
+        "limit_bytes": LIMIT_BYTES,
+        "summary": [summary_row(n, d) for n, d in engines.items()],
+        "engines": engines,
+        "integrity": integrity,
+        "traversal": traversal,
+        "unpickling_calls": pickles,
+        "access": access,
+    }
+
+
+def passed(report: dict[str, Any]) -> list[str]:
+    """What failed, as sentences; empty when every check held."""
+    problems: list[str] = []
+    statuses: dict[str, dict[str, int]] = {}
+    for row in report["summary"]:
+        e = row["engine"]
+        if row["corpus_passed"] != row["corpus_cases"]:
+            problems.append(f"{e}: {row['corpus_cases'] - row['corpus_passed']} corpus cases failed")
+        for key in ("5xx", "no_answer", "load_errors", "load_wrong_answers", "fault_wrong_answers", "fault_failed_not_in_flight"):
+            if row[key]:
+                problems.append(f"{e}: {key} = {row[key]}")
+        if not row["recovered"]:
+            problems.append(f"{e}: the killed process was not replaced")
+        if not row["restart_identical"]:
+            problems.append(f"{e}: outputs changed across a restart")
+    for name, doc in report["engines"].items():
+        statuses[name] = {r["case"]: r["status"] for r in doc["corpus"]}
+        if doc["fuzz"]["wrong_answers"] or not doc["fuzz"]["healthy_after"]:
+            problems.append(f"{name}: fuzz wrong answers or unhealthy after")
+    if len(statuses) == 2:
+        a, b = statuses.values()
+        differ = sorted(k for k in a if a.get(k) != b.get(k))
+        if differ:
+            problems.append(f"the engines answered {differ} with different statuses")
+    problems += [f"{r['engine']}: {r['tamper']} archive was not refused" for r in report["integrity"] if not r["refused"]]
+    problems += [f"unpack: {k} not refused" for k, v in report["traversal"].items() if not v["refused"] or v["written_outside"]]
+    problems += report["unpickling_calls"]
+    ts = report["access"].get("torchserve") or {}
+    if ts:
+        refused = (
+            "inference_without_token", "inference_with_management_key", "management_without_token",
+            "management_with_inference_key", "register_remote_url", "register_outside_store", "register_path_traversal",
+        )  # fmt: skip
+        problems += [f"torchserve: {k} answered {ts[k]}" for k in refused if not 400 <= ts[k] < 500]
+        problems += [
+            f"torchserve: {k} answered {ts[k]}" for k in ("inference_with_token", "management_with_token") if ts[k] != 200
+        ]
+        if not ts["all_loopback"]:
+            problems.append(f"torchserve listens beyond loopback: {ts['listening']}")
+    ray = report["access"].get("ray") or {}
+    if ray and (not ray["http_loopback_only"] or ray["inference_with_token"] != 200 or ray["inference_without_token"] < 400):
+        problems.append(f"ray access: {ray}")
+    return problems
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cols = [
+        ("engine", "engine"), ("cases tried", "cases_tried"), ("4xx", "4xx"), ("5xx", "5xx"),
+        ("requests under load", "load_requests"), ("errors", "load_errors"), ("wrong answers", "load_wrong_answers"),
+        ("p99 ms", "latency_p99_ms"), ("faults injected", "faults_injected"), ("recovered", "recovered"),
+        ("recovery s", "recovery_s"), ("failed in fault run", "fault_failed"), ("requests lost", "requests_lost"),
+        ("restart identical", "restart_identical"),
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(row[k]) for _, k in cols) + " |" for row in report["summary"]]
+    refusals = ", ".join(f"{r['engine']} / {r['tamper']}: {'refused' if r['refused'] else 'LOADED'}" for r in report["integrity"])
+    lines += ["", f"Tampered archives: {refusals}.", f"Unpickling calls in the project: {len(report['unpickling_calls'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / "reliability.json", out_dir / "reliability.md"
+    js.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    md.write_text(markdown(report), encoding="utf-8")
+    return js, md
+
+
+def build_store(artifacts: Path, out: Path) -> Path:
+    """Archive RELIABILITY_MODELS from an export folder into a store of their own."""
+    from deploy.archive import archive_models, load_model_config
+
+    archive_models(list(RELIABILITY_MODELS), artifacts=artifacts, out_dir=out, model_config=load_model_config())
+    return out
+
+
+def default_workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="torchship-reliability-"))

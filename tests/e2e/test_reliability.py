@@ -1,0 +1,155 @@
+"""Reliability on a real TorchServe and a real Ray Serve: the hostile corpus, HTTP fuzz, load with every answer
+checked against eager, a killed worker and replica, restarts, tampered archives and access. The same functions
+as `torchship reliability` (`make reliability`), with smaller counts."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy import reliability as rel
+from deploy.hostile import healthy, load_corpus, run_corpus, run_fuzz
+from deploy.load import make_pool, run_fault, run_load, summarize
+from deploy.ray_app import UnsafeArchive
+from deploy.ray_serve import replica_pids
+
+LOAD_REQUESTS = 400
+FUZZ_REQUESTS = 120
+FAULT_REQUESTS = 300
+CONCURRENCY = 16
+
+
+@pytest.fixture(scope="module")
+def store(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return rel.build_store(artifacts_dir, tmp_path_factory.mktemp("reliability_store"))
+
+
+@pytest.fixture(scope="module")
+def oracle(store: Path) -> tuple[rel.Oracle, dict[str, rel.Signature]]:
+    return rel.oracle_for(store)
+
+
+@pytest.fixture(scope="module")
+def engines(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, rel.Engine]]:
+    """Both engines on the same store, for the whole module (the restart tests at the end stop them)."""
+    with contextlib.ExitStack() as stack:
+        ts = stack.enter_context(rel.torchserve_engine(store, tmp_path_factory.mktemp("ts")))
+        ray = stack.enter_context(rel.ray_engine(store, tmp_path_factory.mktemp("ray")))
+        yield {"torchserve": ts, "ray": ray}
+
+
+def test_the_corpus_gets_the_same_4xx_json_error_on_both_engines_and_leaves_them_healthy(
+    engines: dict[str, rel.Engine], oracle: tuple[rel.Oracle, dict[str, rel.Signature]]
+) -> None:
+    cases = load_corpus()
+    assert len(cases) >= 60
+    results = {n: run_corpus(e.target, cases, oracle[0], limit_bytes=rel.LIMIT_BYTES) for n, e in engines.items()}
+    for name, rows in results.items():
+        failed = [(r.case, r.expected, r.status, r.detail) for r in rows if not r.passed]
+        assert not failed, f"{name}: {failed}"
+        assert all(400 <= r.status < 500 for r in rows)
+    ts = {r.case: r.status for r in results["torchserve"]}
+    ray = {r.case: r.status for r in results["ray"]}
+    assert ts == ray
+    assert {413, 415, 404, 400} <= set(ts.values())
+
+
+@pytest.mark.parametrize("engine", ["torchserve", "ray"])
+def test_http_fuzz_never_gets_a_5xx_a_hang_or_a_wrong_answer(
+    engines: dict[str, rel.Engine], oracle: tuple[rel.Oracle, dict[str, rel.Signature]], engine: str
+) -> None:
+    result = run_fuzz(engines[engine].target, oracle[0], oracle[1]["dynamic_router"], requests=FUZZ_REQUESTS, seed=5)
+    assert result.requests == FUZZ_REQUESTS and not result.no_answer
+    assert not result.server_errors and not result.wrong_answers
+    assert result.healthy_after
+    assert sum(n for s, n in result.by_status.items() if 400 <= s < 500) > FUZZ_REQUESTS // 2
+
+
+@pytest.mark.parametrize("engine", ["torchserve", "ray"])
+def test_load_with_every_answer_checked_against_eager(
+    engines: dict[str, rel.Engine], oracle: tuple[rel.Oracle, dict[str, rel.Signature]], engine: str
+) -> None:
+    pool = make_pool(oracle[0], sorted(oracle[1]))
+    shots = run_load(engines[engine].target, pool, oracle[0], requests_total=LOAD_REQUESTS, concurrency=CONCURRENCY)
+    s = summarize(engine, shots, CONCURRENCY)
+    assert s.requests == LOAD_REQUESTS
+    assert (s.errors, s.wrong_answers, s.lost) == (0, 0, 0), s.failures
+    assert set(s.by_endpoint) == set(oracle[1]) and set(s.by_batch) == {"1", "2", "4", "8"}
+    assert 0 < s.latency_p50_ms <= s.latency_p99_ms <= s.latency_max_ms
+
+
+@pytest.mark.parametrize("engine", ["torchserve", "ray"])
+def test_a_killed_worker_is_replaced_and_only_in_flight_requests_may_fail(
+    engines: dict[str, rel.Engine], oracle: tuple[rel.Oracle, dict[str, rel.Signature]], engine: str
+) -> None:
+    e = engines[engine]
+    pool = make_pool(oracle[0], sorted(oracle[1]))
+    result = run_fault(
+        e.target, pool, oracle[0], endpoint=rel.FAULT_ENDPOINT, what="kill", find_pid=lambda: e.find_pid(rel.FAULT_ENDPOINT),
+        requests_total=FAULT_REQUESTS, concurrency=CONCURRENCY, kill_after=FAULT_REQUESTS // 4,
+    )  # fmt: skip
+    assert result.recovered, result
+    assert result.wrong_answers == 0, result.failures
+    assert result.failed_not_in_flight == 0, result.failures
+    assert result.failed <= result.in_flight_at_kill <= CONCURRENCY
+    assert result.requests == FAULT_REQUESTS
+    assert healthy(e.target, oracle[0], seed=9) == ""
+
+
+def test_ray_serve_is_on_loopback_and_enforces_the_token(engines: dict[str, rel.Engine]) -> None:
+    access = rel.ray_access(engines["ray"])
+    assert access["http_loopback_only"], access
+    assert access["inference_with_token"] == 200
+    assert access["inference_without_token"] == 400
+
+
+@pytest.mark.parametrize("engine", ["torchserve", "ray"])
+def test_a_restart_on_the_same_store_gives_identical_outputs(
+    engines: dict[str, rel.Engine],
+    oracle: tuple[rel.Oracle, dict[str, rel.Signature]],
+    store: Path,
+    tmp_path: Path,
+    engine: str,
+) -> None:
+    endpoints = sorted(oracle[1])
+    before = rel.fixed_outputs(engines[engine].target, oracle[0], endpoints)
+    engines[engine].stop()
+    start = rel.torchserve_engine if engine == "torchserve" else rel.ray_engine
+    with start(store, tmp_path / "again") as again:
+        after = rel.fixed_outputs(again.target, oracle[0], endpoints)
+    assert len(before) == len(endpoints) * 4
+    assert rel.identical(before, after) == []
+    if engine == "ray":
+        assert replica_pids(rel.FAULT_ENDPOINT) == []  # the restarted Ray is gone too
+
+
+def test_torchserve_tokens_loopback_and_allowed_urls(store: Path, tmp_path: Path) -> None:
+    with rel.torchserve_engine(store, tmp_path / "ts", overrides={"enable_model_api": "true"}) as engine:
+        access = rel.torchserve_access(engine.detail["server"], store, tmp_path / "outside")
+    assert access["inference_with_token"] == 200 and access["management_with_token"] == 200
+    for key in (
+        "inference_without_token", "inference_with_management_key", "management_without_token",
+        "management_with_inference_key", "register_remote_url", "register_outside_store", "register_path_traversal",
+    ):  # fmt: skip
+        assert 400 <= access[key] < 500, (key, access[key])
+    assert access["all_loopback"], access["listening"]
+
+
+@pytest.mark.parametrize("tamper", sorted(rel.TAMPERS))
+@pytest.mark.parametrize("engine", ["torchserve", "ray"])
+def test_a_tampered_archive_is_refused_at_load_with_a_clear_error(store: Path, tmp_path: Path, tamper: str, engine: str) -> None:
+    bad = rel.TAMPERS[tamper](store / f"{rel.FAULT_ENDPOINT}.mar", tmp_path / "store" / f"{rel.FAULT_ENDPOINT}.mar")
+    check = rel.torchserve_refuses if engine == "torchserve" else rel.ray_refuses
+    refusal = check(bad, tmp_path / "run")
+    assert refusal.refused, refusal
+    assert "sha256" in refusal.message and "rebuild the archive" in refusal.message, refusal.message
+
+
+def test_the_ray_unpacker_refuses_path_traversal(tmp_path: Path) -> None:
+    results = rel.unpack_refuses_traversal(tmp_path)
+    assert len(results) == 3
+    assert all(r["refused"] and not r["written_outside"] for r in results.values()), results
+    assert UnsafeArchive.__name__ == "UnsafeArchive"
