@@ -63,7 +63,10 @@ def start_ray_serve(
     args: dict[str, object] = {"model_store": str(model_store.resolve()), "cache_dir": str(workdir / "cache"), "token": token}
     if max_request_bytes is not None:
         args["max_request_bytes"] = max_request_bytes
-    serve.run(app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.run(app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
+        raise RayServeError(f"Ray Serve: the torchship app failed to deploy: {_deploy_failure(serve.status()) or exc}") from None
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout_s
     pending = set(endpoints)
@@ -103,10 +106,19 @@ def _deploy_failure(status: Any) -> str | None:
     app = status.applications.get(APP_NAME)
     if app is None or app.status != "DEPLOY_FAILED":
         return None
-    for name, deployment in sorted(app.deployments.items()):
-        if deployment.status in ("DEPLOY_FAILED", "UNHEALTHY") and deployment.message:
-            return f"{name}: {deployment.message}"
-    return str(app.message)
+    failed = [
+        f"{name}: {_last_error_line(d.message)}"
+        for name, d in sorted(app.deployments.items())
+        if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message
+    ]
+    return "; ".join(failed) or str(app.message)
+
+
+def _last_error_line(message: str) -> str:
+    """A replica's failure message ends a Python traceback; its last `SomeError: ...` line is the reason."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error:" in ln or "Exception:" in ln or "Mismatch:" in ln]
+    return errors[-1] if errors else (lines[-1] if lines else message)
 
 
 def stop_ray_serve() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -268,7 +269,8 @@ def ray_refuses(mar: Path, workdir: Path) -> Refusal:
     finally:
         stop_process_group(proc)
         shutil.rmtree(ray_dir, ignore_errors=True)
-    line = next((ln for ln in text.splitlines() if "sha256" in ln or "error" in ln.lower()), text[-400:])
+    flat = " ".join(text.split())  # the console wraps long lines
+    line = flat[flat.index("error:") :] if "error:" in flat else flat[-400:]
     return Refusal("ray", "", not ready and code not in (None, 0), line.strip()[:400], round(time.monotonic() - start, 2))
 
 
@@ -356,6 +358,13 @@ def listening_addresses(pids: Sequence[int]) -> list[str]:
     return sorted(found)
 
 
+def is_loopback(address: str) -> bool:
+    """'ip:port' on loopback, the IPv4-mapped form Java's listeners show (::ffff:127.0.0.1) included."""
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0].strip("[]"))
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
 def process_tree(pid: int) -> list[int]:
     import psutil
 
@@ -397,9 +406,8 @@ def torchserve_access(server: TorchServe, model_store: Path, outside_dir: Path) 
             "POST", register, mgmt, params={"url": f"file://{model_store}/../{outside_dir.name}/outside.mar"}
         ),
     }
-    java = [p for p in process_tree(server.process.pid)]
-    result["listening"] = listening_addresses(java)
-    result["all_loopback"] = bool(result["listening"]) and all(a.startswith("127.0.0.1:") for a in result["listening"])
+    result["listening"] = listening_addresses(process_tree(server.process.pid))
+    result["all_loopback"] = bool(result["listening"]) and all(map(is_loopback, result["listening"]))
     return result
 
 
@@ -416,7 +424,7 @@ def ray_access(engine: Engine) -> dict[str, Any]:
     url = f"{engine.target.url}/predictions/{FAULT_ENDPOINT}"
     return {
         "http_listeners": listeners,
-        "http_loopback_only": bool(listeners) and all(a.startswith("127.0.0.1:") for a in listeners),
+        "http_loopback_only": bool(listeners) and all(map(is_loopback, listeners)),
         "inference_without_token": requests.post(url, data=body, headers=headers, timeout=30).status_code,
         "inference_with_token": requests.post(
             url, data=body, headers={**headers, "Authorization": f"Bearer {engine.target.token}"}, timeout=30

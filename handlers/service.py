@@ -101,20 +101,29 @@ def sha256_file(path: Path) -> str:
 def verify_checksums(model_dir: Path) -> None:
     """Refuse an unpacked archive any of whose files differs from what `torchship archive` wrote."""
     listing = model_dir / CHECKSUMS_FILE
+    label = _endpoint_label(model_dir)
     try:
         expected = json.loads(listing.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{model_dir.name}: {CHECKSUMS_FILE} is missing or unreadable ({exc}); rebuild the archive") from None
+        raise ArtifactError(f"{label}: {CHECKSUMS_FILE} is missing or unreadable ({exc}); rebuild the archive") from None
     if not isinstance(expected, dict) or not expected:
-        raise ArtifactError(f"{model_dir.name}: {CHECKSUMS_FILE} lists no files; rebuild the archive")
+        raise ArtifactError(f"{label}: {CHECKSUMS_FILE} lists no files; rebuild the archive")
     changed = sorted(
         name for name, digest in expected.items() if not (model_dir / name).is_file() or sha256_file(model_dir / name) != digest
     )
     if changed:
         raise ArtifactError(
-            f"{model_dir.name}: {', '.join(changed)} missing or changed since the archive was built "
+            f"{label}: {', '.join(changed)} missing or changed since the archive was built "
             "(sha256 mismatch); rebuild the archive with `torchship archive`"
         )
+
+
+def _endpoint_label(model_dir: Path) -> str:
+    """The endpoint's name for messages (the folder an engine unpacked into is a temp or digest name)."""
+    try:
+        return str(json.loads((model_dir / ENDPOINT_FILE).read_text(encoding="utf-8"))["endpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return model_dir.name
 
 
 def max_request_bytes(environ: Mapping[str, str]) -> int | None:

@@ -136,6 +136,12 @@ def test_torchserve_tokens_loopback_and_allowed_urls(store: Path, tmp_path: Path
     ):  # fmt: skip
         assert 400 <= access[key] < 500, (key, access[key])
     assert access["all_loopback"], access["listening"]
+    assert len(access["listening"]) >= 3  # inference, management, metrics (and gRPC): each one checked
+
+
+def test_loopback_addresses_are_told_apart() -> None:
+    assert rel.is_loopback("127.0.0.1:8080") and rel.is_loopback("::ffff:127.0.0.1:8080") and rel.is_loopback("::1:80")
+    assert not rel.is_loopback("0.0.0.0:8080") and not rel.is_loopback(":::8080") and not rel.is_loopback("10.0.0.1:80")
 
 
 @pytest.mark.parametrize("tamper", sorted(rel.TAMPERS))
