@@ -618,10 +618,14 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 
 
 def build_store(artifacts: Path, out: Path) -> Path:
-    """Archive RELIABILITY_MODELS from an export folder into a store of their own."""
+    """Archive RELIABILITY_MODELS (TorchScript and .pt2) from an export folder into a store of their own."""
     from deploy.archive import archive_models, load_model_config
 
     archive_models(list(RELIABILITY_MODELS), artifacts=artifacts, out_dir=out, model_config=load_model_config())
+    # TorchScript and .pt2 only: AOTInductor packages are tied to the CPU they were built on and, being unchecked by
+    # the engine, are not what this run is about (the handler validates shapes before any format runs).
+    for aoti in out.glob("*_aoti.mar"):
+        aoti.unlink()
     return out
 
 
