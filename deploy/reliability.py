@@ -290,6 +290,7 @@ def unpack_refuses_traversal(workdir: Path) -> dict[str, Any]:
     """The Ray app's unpacker on a .mar carrying `../` and absolute entries: refused, nothing written outside."""
     from deploy.ray_app import UnsafeArchive, unpack_mar
 
+    workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     for label, entry in (
         ("dotdot", "../escaped.txt"),
