@@ -501,6 +501,7 @@ def summary_row(engine: str, doc: dict[str, Any]) -> dict[str, Any]:
         "recovery_s": fault["recovery_s"],
         "fault_requests": fault["requests"],
         "fault_failed": fault["failed"],
+        "fault_failed_sent_after_kill": fault["failed_sent_after_kill"],
         "fault_failed_not_in_flight": fault["failed_not_in_flight"],
         "fault_wrong_answers": fault["wrong_answers"],
         "requests_lost": load["lost"] + fault["lost"],
