@@ -18,7 +18,8 @@ def _engine_doc(status: int = 400) -> dict[str, Any]:
         "load": {"requests": 100, "errors": 0, "lost": 0, "wrong_answers": 0, "latency_p99_ms": 12.5, "requests_per_s": 50.0},
         "fault": {
             "engine": "x", "endpoint": "dynamic_router", "what": "kill", "killed_pid": 10, "replacement_pid": 11,
-            "requests": 50, "failed": 1, "in_flight_at_kill": 4, "failed_sent_after_kill": 0, "failed_not_in_flight": 0, "wrong_answers": 0, "lost": 0,
+            "requests": 50, "failed": 1, "in_flight_at_kill": 4, "failed_sent_after_kill": 0, "failed_not_in_flight": 0,
+            "wrong_answers": 0, "lost": 0,
             "recovery_s": 2.5, "failures": [], "recovered": True,
         },
         "restart_identical": True,
