@@ -19,7 +19,7 @@ import psutil
 import torch
 import yaml
 
-from deploy.archive import archive_models, write_archive
+from deploy.archive import archive_models, read_entries, write_archive
 from handlers.codec import decode_response, encode_request
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
@@ -40,8 +40,7 @@ def bench_store(artifacts: Path, out: Path, model_config: dict[str, Any]) -> Pat
     archive_models([MODEL], artifacts=artifacts, out_dir=out, model_config=model_config)
     for extra in out.glob(f"{MODEL}_*.mar"):
         extra.unlink()
-    with zipfile.ZipFile(out / f"{BATCHED}.mar") as z:
-        members = {i.filename: z.read(i) for i in z.infolist()}
+    members = read_entries(out / f"{BATCHED}.mar")
     members["model-config.yaml"] = yaml.safe_dump({**model_config, "batchSize": 1, "maxBatchDelay": 0}).encode()
     endpoint = json.loads(members["endpoint.json"])
     members["endpoint.json"] = json.dumps({**endpoint, "endpoint": UNBATCHED}).encode()

@@ -72,10 +72,15 @@ def _archiver() -> str:
     return found
 
 
+def read_entries(mar: Path) -> dict[str, bytes]:
+    """Every file entry of a .mar, by name."""
+    with zipfile.ZipFile(mar) as z:
+        return {info.filename: z.read(info) for info in z.infolist() if not info.is_dir()}
+
+
 def _normalise(src: Path, dest: Path) -> None:
     """Rewrite a .mar deterministically: sorted entries, fixed dates and modes, fixed createdOn."""
-    with zipfile.ZipFile(src) as zin:
-        entries = {info.filename: zin.read(info) for info in zin.infolist() if not info.is_dir()}
+    entries = read_entries(src)
     manifest_key = "MAR-INF/MANIFEST.json"
     mar_manifest = json.loads(entries[manifest_key])
     mar_manifest["createdOn"] = FIXED_CREATED_ON

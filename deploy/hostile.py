@@ -154,6 +154,11 @@ def _auth_header(kind: AuthKind, token: str | None) -> dict[str, str]:
     return table[kind]
 
 
+def auth_headers(target: Target) -> dict[str, str]:
+    """The Authorization header a valid request to this target carries (none when it has no token)."""
+    return _auth_header("valid", target.token)
+
+
 def _edit(doc: Any, path: str, value: Any = None, *, delete: bool = False) -> None:
     keys: list[str | int] = [int(k) if k.isdigit() else k for k in path.split("/")]
     node = doc
@@ -285,7 +290,7 @@ def healthy(target: Target, oracle: Oracle, seed: int) -> str:
     inputs = oracle.inputs(HEALTH_ENDPOINT, 2, seed)
     body, headers = encode_request(inputs)
     try:
-        reply = send(target, "POST", f"/predictions/{HEALTH_ENDPOINT}", body, {**headers, **_auth_header("valid", target.token)})
+        reply = send(target, "POST", f"/predictions/{HEALTH_ENDPOINT}", body, {**headers, **auth_headers(target)})
     except OSError as exc:
         return f"no answer: {exc}"
     return oracle.check(HEALTH_ENDPOINT, inputs, reply)
@@ -414,7 +419,7 @@ def run_fuzz(
     rng = random.Random(seed)
     result = FuzzResult(target.engine)
     start = time.monotonic()
-    auth = _auth_header("valid", target.token)
+    auth = auth_headers(target)
     for i in range(requests):
         inputs = oracle.inputs(HEALTH_ENDPOINT, rng.randint(1, 3), seed=i)
         body, headers = fuzz_body(rng, encode_request(inputs)[0])

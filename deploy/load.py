@@ -19,7 +19,7 @@ from typing import Any
 import requests
 import torch
 
-from deploy.hostile import Oracle, Reply, Target
+from deploy.hostile import Oracle, Reply, Target, auth_headers
 from handlers.codec import encode_request
 
 #: Batch sizes a load run mixes (each within every zoo endpoint's max_batch_size).
@@ -102,7 +102,7 @@ def run_load(
     lock = threading.Lock()
     shots: list[Shot] = []
     checker = _CheckedOracle(oracle)
-    auth = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    auth = auth_headers(target)
     url = target.url.rstrip("/")
 
     def worker() -> None:

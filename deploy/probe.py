@@ -40,16 +40,20 @@ def registered_models(management_url: str, key: str | None = None, timeout_s: fl
     return sorted(m["modelName"] for m in doc.get("models", []))
 
 
+def _describe(management_url: str, name: str, key: str | None, timeout_s: float) -> Any:
+    return _get(f"{management_url.rstrip('/')}/models/{urllib.parse.quote(name, safe='')}", key, timeout_s)[0]
+
+
 def model_ready(management_url: str, name: str, key: str | None = None, timeout_s: float = 5.0) -> bool:
     """True when `name` has at least max(1, minWorkers) workers READY."""
-    info = _get(f"{management_url.rstrip('/')}/models/{urllib.parse.quote(name, safe='')}", key, timeout_s)[0]
+    info = _describe(management_url, name, key, timeout_s)
     ready = sum(1 for w in info.get("workers", []) if w.get("status") == "READY")
     return ready >= max(1, int(info.get("minWorkers", 1)))
 
 
 def worker_pids(management_url: str, name: str, key: str | None = None, timeout_s: float = 5.0) -> list[int]:
     """The process ids of `name`'s READY workers (what a fault test kills)."""
-    info = _get(f"{management_url.rstrip('/')}/models/{urllib.parse.quote(name, safe='')}", key, timeout_s)[0]
+    info = _describe(management_url, name, key, timeout_s)
     return sorted(int(w["pid"]) for w in info.get("workers", []) if w.get("status") == "READY" and w.get("pid"))
 
 

@@ -102,7 +102,7 @@ def replica_pids(endpoint: str, app_name: str = APP_NAME) -> list[int]:
 
 
 def _deploy_failure(status: Any) -> str | None:
-    """The first deployment's error when the app is DEPLOY_FAILED (an archive refused at load, say), else None."""
+    """Each failed deployment's reason when the app is DEPLOY_FAILED (an archive refused at load, say), else None."""
     app = status.applications.get(APP_NAME)
     if app is None or app.status != "DEPLOY_FAILED":
         return None

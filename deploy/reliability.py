@@ -28,7 +28,8 @@ from typing import Any
 import requests
 import torch
 
-from deploy.hostile import Oracle, Target, load_corpus, run_corpus, run_fuzz, send
+from deploy.archive import read_entries
+from deploy.hostile import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
 from deploy.load import FaultResult, make_pool, run_fault, run_load, summarize
 from deploy.probe import worker_pids
 from deploy.ray_serve import replica_pids
@@ -171,7 +172,7 @@ def oracle_for(model_store: Path) -> tuple[Oracle, dict[str, Signature]]:
 
 def fixed_outputs(target: Target, oracle: Oracle, endpoints: Sequence[str]) -> dict[str, list[torch.Tensor]]:
     """One request at a time (no batching partner to change rounding): endpoint x batch (1, 3) x JSON/binary."""
-    auth = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    auth = auth_headers(target)
     out: dict[str, list[torch.Tensor]] = {}
     for endpoint in endpoints:
         for batch in (1, 3):
@@ -194,7 +195,8 @@ def identical(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]
 # -- archive integrity ---------------------------------------------------------------------------------------------
 
 
-def _rewrite(mar: Path, out: Path, members: dict[str, bytes]) -> Path:
+def write_entries(members: dict[str, bytes], out: Path) -> Path:
+    """A .mar with exactly these entries: unlike deploy.archive.write_archive, its checksum listing is not rewritten."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for name in sorted(members):
@@ -202,27 +204,22 @@ def _rewrite(mar: Path, out: Path, members: dict[str, bytes]) -> Path:
     return out
 
 
-def _members(mar: Path) -> dict[str, bytes]:
-    with zipfile.ZipFile(mar) as z:
-        return {i.filename: z.read(i) for i in z.infolist() if not i.is_dir()}
-
-
 def tamper_byte(mar: Path, out: Path) -> Path:
     """The same archive with one byte of the serialized model changed (a valid zip: only the checksums can tell)."""
-    members = _members(mar)
+    members = read_entries(mar)
     manifest = json.loads(members["manifest.json"])
     fmt = json.loads(members["endpoint.json"])["format"]
     name = manifest["formats"][fmt]["file"]
     data = bytearray(members[name])
     data[len(data) // 2] ^= 0x01
     members[name] = bytes(data)
-    return _rewrite(mar, out, members)
+    return write_entries(members, out)
 
 
 def tamper_manifest(mar: Path, out: Path) -> Path:
     """An archive whose manifest's sha256 for the model no longer matches the file, with the checksum listing
     rewritten to match the new manifest: the handler's own sha256 check must still refuse it."""
-    members = _members(mar)
+    members = read_entries(mar)
     manifest = json.loads(members["manifest.json"])
     fmt = json.loads(members["endpoint.json"])["format"]
     manifest["formats"][fmt]["sha256"] = "0" * 64
@@ -230,7 +227,7 @@ def tamper_manifest(mar: Path, out: Path) -> Path:
     listing = json.loads(members[CHECKSUMS_FILE])
     listing["manifest.json"] = hashlib.sha256(members["manifest.json"]).hexdigest()
     members[CHECKSUMS_FILE] = json.dumps(listing, indent=2).encode("utf-8")
-    return _rewrite(mar, out, members)
+    return write_entries(members, out)
 
 
 TAMPERS: dict[str, Callable[[Path, Path], Path]] = {"changed byte": tamper_byte, "manifest sha256": tamper_manifest}
@@ -551,7 +548,7 @@ def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) 
     }
 
 
-def passed(report: dict[str, Any]) -> list[str]:
+def problems(report: dict[str, Any]) -> list[str]:
     """What failed, as sentences; empty when every check held."""
     problems: list[str] = []
     statuses: dict[str, dict[str, int]] = {}

@@ -94,14 +94,12 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
     matches the new file (so it loads), but its outputs no longer equal the eager references it carries."""
     import hashlib
     import json
-    import zipfile
 
     import torch
 
-    from deploy.archive import write_archive
+    from deploy.archive import read_entries, write_archive
 
-    with zipfile.ZipFile(mar) as z:
-        members = {i.filename: z.read(i) for i in z.infolist()}
+    members = read_entries(mar)
     manifest = json.loads(members["manifest.json"])
     entry = manifest["formats"]["pt2"]
     work = out.with_suffix(".work.pt2")

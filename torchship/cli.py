@@ -353,7 +353,7 @@ def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int
     report = rel.run_reliability(store, workdir, counts, say)
     json_path, md_path = rel.write_report(report, Path(args.out))
     out.print(rel.markdown(report))
-    problems = rel.passed(report)
+    problems = rel.problems(report)
     for problem in problems:
         err.print(f"[red]failed:[/] {escape(problem)}")
     verdict = f"{len(problems)} problems" if problems else "all checks held"

@@ -13,7 +13,6 @@ import pytest
 from deploy import reliability as rel
 from deploy.hostile import healthy, load_corpus, run_corpus, run_fuzz
 from deploy.load import make_pool, run_fault, run_load, summarize
-from deploy.ray_app import UnsafeArchive
 from deploy.ray_serve import replica_pids
 
 LOAD_REQUESTS = 400
@@ -158,4 +157,3 @@ def test_the_ray_unpacker_refuses_path_traversal(tmp_path: Path) -> None:
     results = rel.unpack_refuses_traversal(tmp_path)
     assert len(results) == 3
     assert all(r["refused"] and not r["written_outside"] for r in results.values()), results
-    assert UnsafeArchive.__name__ == "UnsafeArchive"

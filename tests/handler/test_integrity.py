@@ -4,14 +4,13 @@ anything loads; nothing torchship reads from disk or the wire is unpickled."""
 from __future__ import annotations
 
 import io
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from deploy.archive import Endpoint, write_archive
-from deploy.reliability import PROJECT_CODE, REPO, tamper_byte, tamper_manifest, unpickling_calls
+from deploy.archive import Endpoint, read_entries, write_archive
+from deploy.reliability import PROJECT_CODE, tamper_byte, tamper_manifest, unpickling_calls, write_entries
 from deploy.verify import read_archive
 from handlers.service import CHECKSUMS_FILE, ArtifactError, TorchshipHandler
 from tests.conftest import unpack
@@ -36,14 +35,9 @@ def test_a_changed_model_byte_is_refused_by_the_checksums(archives: dict[str, En
 
 @pytest.mark.parametrize("member", ["handlers/codec.py", "endpoint.json", "model-config.yaml", "torchship_handler.py"])
 def test_a_changed_byte_in_any_other_entry_is_refused(archives: dict[str, Endpoint], tmp_path: Path, member: str) -> None:
-    with zipfile.ZipFile(archives["simple_cnn_pt2"].mar) as z:
-        members = {i.filename: z.read(i) for i in z.infolist()}
-    listing = members[CHECKSUMS_FILE]
+    members = read_entries(archives["simple_cnn_pt2"].mar)
     members[member] = members[member] + b" "
-    bad = tmp_path / "bad.mar"
-    with zipfile.ZipFile(bad, "w") as z:  # the old listing kept: as a corrupted copy or a hand edit would leave it
-        for name, data in {**members, CHECKSUMS_FILE: listing}.items():
-            z.writestr(name, data)
+    bad = write_entries(members, tmp_path / "bad.mar")  # the old listing kept, as a corrupted copy or hand edit leaves it
     with pytest.raises(ArtifactError, match=member.replace(".", r"\.")):
         _initialize(bad, tmp_path / "bad")
 
@@ -55,12 +49,9 @@ def test_a_manifest_sha256_that_does_not_match_is_refused(archives: dict[str, En
 
 
 def test_an_archive_without_its_checksums_is_refused(archives: dict[str, Endpoint], tmp_path: Path) -> None:
-    with zipfile.ZipFile(archives["dynamic_router"].mar) as z:
-        members = {i.filename: z.read(i) for i in z.infolist() if i.filename != CHECKSUMS_FILE}
-    bad = tmp_path / "bad.mar"
-    with zipfile.ZipFile(bad, "w") as z:
-        for name, data in members.items():
-            z.writestr(name, data)
+    members = read_entries(archives["dynamic_router"].mar)
+    del members[CHECKSUMS_FILE]
+    bad = write_entries(members, tmp_path / "bad.mar")
     with pytest.raises(ArtifactError, match="missing or unreadable"):
         _initialize(bad, tmp_path / "bad")
 
@@ -79,8 +70,7 @@ def test_a_reference_file_carrying_a_pickled_object_is_refused_unexecuted(archiv
     marker = tmp_path / "ran.txt"
     buf = io.BytesIO()
     torch.save({"cases": [_Payload(marker)]}, buf)
-    with zipfile.ZipFile(archives["dynamic_router"].mar) as z:
-        members = {i.filename: z.read(i) for i in z.infolist()}
+    members = read_entries(archives["dynamic_router"].mar)
     members["reference.pt"] = buf.getvalue()
     bad = tmp_path / "pickled.mar"
     write_archive(members, bad)
@@ -99,4 +89,3 @@ def test_the_pickle_scan_finds_what_it_looks_for(tmp_path: Path) -> None:
     )
     found = unpickling_calls([tmp_path])
     assert len(found) == 3, found
-    assert REPO.is_dir()

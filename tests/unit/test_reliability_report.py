@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from deploy.hostile import load_corpus
-from deploy.reliability import markdown, passed, summary_row
+from deploy.reliability import markdown, problems, summary_row
 
 
 def _engine_doc(status: int = 400) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def _report() -> dict[str, Any]:
 
 def test_a_clean_report_passes_and_its_table_has_a_row_per_engine() -> None:
     report = _report()
-    assert passed(report) == []
+    assert problems(report) == []
     table = markdown(report)
     assert table.count("\n| torchserve |") == 1 and table.count("\n| ray |") == 1
     row = report["summary"][0]
@@ -87,5 +87,5 @@ def _break(path: str, value: Any) -> dict[str, Any]:
     ],
 )
 def test_each_failure_is_named(path: str, value: Any, expect: str) -> None:
-    problems = passed(_break(path, value))
-    assert any(expect in p for p in problems), problems
+    found = problems(_break(path, value))
+    assert any(expect in p for p in found), found
