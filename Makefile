@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0 2> >(grep -v 'is ignored: it is neither' >&2)
 	$(PIP) -e '.[dev,deploy,bench]' 2> >(grep -v 'is ignored: it is neither' >&2)
-	$(BIN)/python -m deploy.java --ensure
+	$(BIN)/python -m engines.java --ensure
 	@test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/python -m pip install -q --disable-pip-version-check checkov==3.3.30 2> >(grep -v 'is ignored: it is neither' >&2)
 	@touch $@
@@ -54,9 +54,9 @@ bench: setup
 reliability: setup
 	$(BIN)/torchship reliability --artifacts $(ARTIFACTS)
 
-# The C++ loader (deploy/cpp) against the pip-installed torch; needs cmake and a C++17 compiler.
+# The C++ loader (cpp) against the pip-installed torch; needs cmake and a C++17 compiler.
 cpp: setup
-	$(BIN)/python -c 'from deploy.cpp_io import build_cpp; print(build_cpp())'
+	$(BIN)/python -c 'from cpp.tensor_io import build_cpp; print(build_cpp())'
 
 clean:
 	rm -rf $(ARTIFACTS) reports model_store/*.mar build .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from archive.build import load_model_config
 from bench.inprocess import LABELS, VARIANTS, Workload, bench_workload, time_call
 from bench.served import (
     BATCHED,
@@ -26,7 +27,6 @@ from bench.served import (
     run_load,
     tolerance_of,
 )
-from deploy.archive import load_model_config
 from export.exporter import export_isolated
 from handlers.service import LOADERS
 

@@ -19,7 +19,7 @@ import psutil
 import torch
 import yaml
 
-from deploy.archive import archive_models, read_entries, write_archive
+from archive.build import archive_models, read_entries, write_archive
 from handlers.codec import decode_response, encode_request
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
@@ -155,7 +155,7 @@ def rss_bytes(root: psutil.Process, *, include_root: bool) -> int:
 @contextmanager
 def engine(name: str, store: Path, workdir: Path) -> Iterator[tuple[str, str | None, Callable[[], int], float]]:
     """Start one engine; yield (base URL, token, footprint(), the monotonic time it was launched at)."""
-    from deploy.torchserve import endpoints_in, free_port, start_torchserve, wait_ready
+    from engines.torchserve import endpoints_in, free_port, start_torchserve, wait_ready
 
     started = time.monotonic()
     if name == "torchserve":
@@ -167,7 +167,7 @@ def engine(name: str, store: Path, workdir: Path) -> Iterator[tuple[str, str | N
         finally:
             ts.stop()
     else:
-        from deploy.ray_serve import start_ray_serve, stop_ray_serve
+        from engines.ray import start_ray_serve, stop_ray_serve
 
         try:
             ray = start_ray_serve(store, workdir, port=free_port(), token=None)

@@ -2,7 +2,7 @@
 
 stdlib only and quick to start: Kubernetes runs `python -m deploy.probe` as the pod's startup and readiness probe
 (TorchServe's `/ping` says Healthy while models are still loading and while workers crash in a loop), and
-`deploy.torchserve.wait_ready` asks the same question locally.
+`engines.torchserve.wait_ready` asks the same question locally.
 
 Exit status: 0 ready, 1 not ready (the reason on stderr).
 """
@@ -17,15 +17,14 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from handlers.names import bearer
+from torchship.errors import NotReady
+
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 
 
-class NotReady(Exception):
-    """The server is up but not serving yet, or not answering; the message says which."""
-
-
 def _get(url: str, key: str | None, timeout_s: float) -> Any:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, headers=bearer(key))
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())

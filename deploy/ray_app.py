@@ -1,175 +1,85 @@
-"""The Ray Serve application: the very .mar files of the model store, served through the same handler code.
+"""The Ray Serve application: the very .mar files of the model store, served through the same handler core.
 
-Each archive is unpacked into a cache (sha256-named, no entry outside it), loaded by `handlers.service`
-with a small context adapter, and batched with `@serve.batch` sized from the archive's model-config.yaml. An ingress
-deployment answers TorchServe's `POST /predictions/<endpoint>` and the rest of OIP v2 REST.
+Each archive is unpacked into a cache (sha256-named, no entry outside it), loaded by `handlers.core.EndpointCore`
+(the same core TorchServe's handler wraps), and batched with `@serve.batch` sized from the archive's
+model-config.yaml. An ingress deployment answers TorchServe's `POST /predictions/<endpoint>` and the rest of OIP v2
+REST. A replica imports only the handler package, the archive reader, Ray and Starlette.
 
 `app(args)` is the application builder that `serve run` / `serve deploy` and KubeRay's `serveConfigV2` import.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import tempfile
-import zipfile
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import ray
-import yaml
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
 import handlers
-from deploy.archive import HANDLER_PACKAGE_FILES
-from handlers.codec import TOKEN_FAILED, TOKEN_STATUS, TensorSignature, encode_error, inference_token, token_matches
-from handlers.service import TorchshipHandler
+from archive.mar import MarArchive, store_archives
+from handlers.codec import encode_error, inference_token, token_matches
+from handlers.core import EndpointCore, Reply, pick_device
+from handlers.core import Request as CoreRequest
+from handlers.errors import HandlerMismatch, TokenRefused
+from handlers.names import AUTHORIZATION_HEADER, HANDLER_PACKAGE, HANDLER_PACKAGE_FILES, MAX_REQUEST_BYTES_ENV, NODE_HEADER
 
 #: Where unpacked archives are cached (one folder per archive sha256).
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "torchship-ray-cache"
-#: Same limit as TorchServe's max_request_size in configs/config.properties.
-DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
-NODE_HEADER = "X-Torchship-Node"
-
-
-class UnsafeArchive(Exception):
-    """An archive entry would be written outside the cache folder."""
-
-
-def unpack_mar(mar: Path, cache_dir: Path) -> Path:
-    """Unpack a .mar into cache_dir/<sha256>/ once; refuse entries that would land outside that folder."""
-    digest = hashlib.sha256(mar.read_bytes()).hexdigest()
-    dest = cache_dir / digest
-    if (dest / ".complete").is_file():
-        return dest
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{digest[:12]}-"))
-    try:
-        with zipfile.ZipFile(mar) as z:
-            for info in z.infolist():
-                name = PurePosixPath(info.filename)
-                if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
-                    raise UnsafeArchive(f"{mar.name}: entry {info.filename!r} would be written outside the cache")
-                target = staging.joinpath(*name.parts)
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(info) as src, target.open("wb") as out:
-                    shutil.copyfileobj(src, out)
-        (staging / ".complete").write_text(mar.name, encoding="utf-8")
-        try:
-            staging.rename(dest)
-        except OSError:  # another replica unpacked the same archive first
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dest
-
-
-class HandlerMismatch(Exception):
-    """The archive carries different handler code than this app runs: the engines would not serve alike."""
 
 
 def check_same_handler(model_dir: Path) -> None:
-    """Refuse an archive whose handlers/ differ from the code this app runs, byte for byte.
+    """Refuse an archive whose handler package differs from the code this app runs, byte for byte.
 
     TorchServe runs the handler the archive carries; this app runs the installed one. Both are the same files only
     if the archive was built by this torchship: otherwise pre/post-processing could drift between the engines.
     """
     installed = Path(handlers.__file__).resolve().parent
     for name in HANDLER_PACKAGE_FILES:
-        archived = model_dir / "handlers" / name
+        archived = model_dir / HANDLER_PACKAGE / name
         if not archived.is_file() or archived.read_bytes() != (installed / name).read_bytes():
             raise HandlerMismatch(
-                f"{model_dir.name}: handlers/{name} in the archive differs from the one this app runs; "
+                f"{model_dir.name}: {HANDLER_PACKAGE}/{name} in the archive differs from the one this app runs; "
                 "rebuild the archives with this torchship (`torchship archive`)"
             )
 
 
-class RayContext:
-    """TorchServe's context, as far as the handler uses it, for one Ray batch."""
-
-    def __init__(self, model_dir: Path, headers: list[Mapping[str, str]], gpu_id: int | None = None) -> None:
-        self._props: dict[str, Any] = {"model_dir": str(model_dir), "gpu_id": gpu_id}
-        self.headers = headers
-        self.statuses: dict[int, int] = {}
-        self.response_headers: dict[int, dict[str, str]] = {}
-        self.content_types: dict[int, str] = {}
-
-    @property
-    def system_properties(self) -> Mapping[str, Any]:
-        return self._props
-
-    def get_all_request_header(self, idx: int) -> Mapping[str, str]:
-        return self.headers[idx]
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = code
-
-    def set_response_header(self, idx: int, key: str, value: str) -> None:
-        self.response_headers.setdefault(idx, {})[key] = value
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_types[idx] = value
-
-
-Reply = tuple[int, bytes, dict[str, str]]
-
-
-class Endpoint:
-    """One endpoint (one .mar) as a Ray Serve deployment."""
+class EndpointDeployment:
+    """One endpoint (one .mar) as a Ray Serve deployment: Ray's adapter over `EndpointCore`."""
 
     def __init__(self, mar: str, cache_dir: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self.model_dir = unpack_mar(Path(mar), Path(cache_dir))
+        self.model_dir = MarArchive(Path(mar)).unpack_cached(Path(cache_dir))
         check_same_handler(self.model_dir)
+        # Ray sets CUDA_VISIBLE_DEVICES for a replica that asked for a GPU; the core falls back to the CPU without one.
         gpu_id = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else None
-        self.handler = TorchshipHandler()
-        self.handler.initialize(RayContext(self.model_dir, [], gpu_id=gpu_id))
-        self.gpu_id = gpu_id
+        self.core = EndpointCore(self.model_dir, device=pick_device(gpu_id), environ=os.environ)
         # Which Ray node answered: lets a multi-node deployment show that replicas on every node serve.
         self.node_id = ray.get_runtime_context().get_node_id()
         self.infer_batch.set_max_batch_size(max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def infer_batch(self, requests: list[tuple[bytes, dict[str, str]]]) -> list[Reply]:
-        ctx = RayContext(self.model_dir, [h for _, h in requests], gpu_id=self.gpu_id)
-        bodies = self.handler.handle([{"body": bytearray(b)} for b, _ in requests], ctx)
-        if len(bodies) != len(requests):
-            raise RuntimeError(f"handler answered {len(bodies)} of {len(requests)} requests")
-        replies: list[Reply] = []
-        for idx, body in enumerate(bodies):
-            headers = dict(ctx.response_headers.get(idx, {}))
-            headers["content-type"] = ctx.content_types.get(idx, "application/json")
-            headers[NODE_HEADER] = self.node_id
-            replies.append((ctx.statuses.get(idx, 200), body, headers))
+    async def infer_batch(self, requests: list[CoreRequest]) -> list[Reply]:
+        replies = self.core.infer_batch(requests)
+        if len(replies) != len(requests):
+            raise RuntimeError(f"handler answered {len(replies)} of {len(requests)} requests")
+        for reply in replies:
+            reply.headers[NODE_HEADER] = self.node_id
         return replies
 
     async def infer(self, body: bytes, headers: dict[str, str]) -> Reply:
-        reply: Reply = await self.infer_batch((body, headers))
+        reply: Reply = await self.infer_batch(CoreRequest.of(body, headers))
         return reply
 
     def metadata(self) -> dict[str, Any]:
-        sig = self.handler.signature
-
-        def tensors(ts: tuple[TensorSignature, ...]) -> list[dict[str, Any]]:
-            return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
-
-        return {
-            "name": self.handler.endpoint,
-            "versions": [sig.version],
-            "platform": f"pytorch_{self.handler.format}",
-            "inputs": tensors(sig.inputs),
-            "outputs": tensors(sig.outputs),
-        }
+        return self.core.metadata()
 
 
 def _json(status: int, doc: Any, headers: Mapping[str, str] | None = None) -> Response:
@@ -194,7 +104,7 @@ class Ingress:
         self.max_request_bytes = max_request_bytes
 
     def _authorized(self, request: Request) -> bool:
-        return not self.token or token_matches(request.headers.get("authorization"), self.token)
+        return not self.token or token_matches(request.headers.get(AUTHORIZATION_HEADER), self.token)
 
     async def __call__(self, request: Request) -> Response:
         # Empty segments are kept ("//predictions//x" is no route, as on TorchServe); one trailing slash is allowed.
@@ -234,7 +144,7 @@ class Ingress:
     async def _infer(self, request: Request, name: str, version: str | None = None) -> Response:
         if not self._authorized(request):
             # The same status and wording TorchServe uses, so both engines have one access rule.
-            return _error(TOKEN_STATUS, TOKEN_FAILED)
+            return _error(TokenRefused.status, str(TokenRefused()))
         if name not in self.endpoints:
             return _error(404, f"Model not found: {name}")
         if version is not None and version != self.versions.get(name):
@@ -246,16 +156,8 @@ class Ingress:
         if len(body) > self.max_request_bytes:
             return _error(413, f"body is {len(body)} bytes; the limit is {self.max_request_bytes}")
         headers = {k.lower(): v for k, v in request.headers.items()}
-        status, payload, reply_headers = await self.endpoints[name].infer.remote(body, headers)
-        return Response(payload, status_code=status, headers=reply_headers)
-
-
-def _model_config(mar: Path) -> tuple[dict[str, Any], str]:
-    """The archive's model-config.yaml and its model version."""
-    with zipfile.ZipFile(mar) as z:
-        config: dict[str, Any] = yaml.safe_load(z.read("model-config.yaml"))
-        version = str(json.loads(z.read("manifest.json"))["version"])
-    return config, version
+        reply: Reply = await self.endpoints[name].infer.remote(body, headers)
+        return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
 
 def _token(args: Mapping[str, Any]) -> str | None:
@@ -272,9 +174,7 @@ def app(args: dict[str, Any]) -> serve.Application:
     max_request_bytes. Batch size and wait come from each archive's model-config.yaml."""
     model_store = Path(args.get("model_store", "model_store")).resolve()
     cache_dir = str(Path(args.get("cache_dir", DEFAULT_CACHE)).resolve())
-    mars = sorted(model_store.glob("*.mar"))
-    if not mars:
-        raise FileNotFoundError(f"no .mar files in {model_store}: run `torchship archive` first")
+    archives = store_archives(model_store)
     num_cpus = float(args.get("num_cpus", 0.1))
     # Fractional GPUs let several endpoints share one device; Ray sets CUDA_VISIBLE_DEVICES for the replica.
     num_gpus = float(args.get("num_gpus", 0))
@@ -282,20 +182,31 @@ def app(args: dict[str, Any]) -> serve.Application:
     num_replicas = int(args.get("num_replicas", 1))
     handles: dict[str, serve.Application] = {}
     versions: dict[str, str] = {}
-    for mar in mars:
-        config, versions[mar.stem] = _model_config(mar)
+    for mar in archives:
+        config, versions[mar.path.stem] = mar.model_config, mar.version
         batch = int(config.get("batchSize", 8))
         wait_s = float(config.get("maxBatchDelay", 5)) / 1000.0
-        deployment = serve.deployment(Endpoint).options(
-            name=mar.stem,
+        deployment = serve.deployment(EndpointDeployment).options(
+            name=mar.path.stem,
             num_replicas=num_replicas,
             # Batches never exceed max_ongoing_requests: leave room for a full batch plus the next one forming.
             max_ongoing_requests=2 * batch,
             ray_actor_options=actor_options,
         )
-        handles[mar.stem] = deployment.bind(str(mar), cache_dir, batch, wait_s)
+        handles[mar.path.stem] = deployment.bind(str(mar.path), cache_dir, batch, wait_s)
     ingress_cpus = float(args.get("ingress_num_cpus", num_cpus))
     ingress = serve.deployment(Ingress).options(
         name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": ingress_cpus}
     )
-    return ingress.bind(handles, versions, _token(args), int(args.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)))
+    return ingress.bind(handles, versions, _token(args), _body_limit(args))
+
+
+def _body_limit(args: Mapping[str, Any]) -> int:
+    """max_request_bytes from the app's args, else TORCHSHIP_MAX_REQUEST_BYTES (the handler's own setting)."""
+    raw = args.get("max_request_bytes") or os.environ.get(MAX_REQUEST_BYTES_ENV)
+    if not raw or not str(raw).isdigit() or int(raw) <= 0:
+        raise ValueError(
+            f"the torchship app needs a body limit: set args.max_request_bytes or {MAX_REQUEST_BYTES_ENV} "
+            "(configs/ray-serve.yaml sets it to configs/config.properties' max_request_size)"
+        )
+    return int(raw)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from deploy.kube import DeployError, find_tool, image_repository, render
-from deploy.verify import VerifyRow, verify
+from verify.compare import VerifyRow, verify
 
 #: Deployments `rollout` waits for after applying an overlay.
 ROLLED_DEPLOYMENTS = ("torchserve",)

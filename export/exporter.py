@@ -17,11 +17,12 @@ from torch import nn
 from export.pt2 import AotiIsa, build_aoti, build_pt2, save_pt2
 from export.reference import Case, make_cases, save_reference
 from export.torchscript import build_torchscript
+from handlers.names import REFERENCE_FILE
 from handlers.service import LOADERS, sha256_file
 from torchship.errors import ExportFormatError, OutputDirError, SpecError, TorchshipError
 from torchship.manifest import (
     FORMAT_FILES,
-    REFERENCE_NAME,
+    POSTPROCESS_DIR,
     FormatEntry,
     GraphStats,
     Manifest,
@@ -199,6 +200,16 @@ def _replace_dir(staging: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def _export_postprocess(spec: ModelSpec, staging: Path, progress: Progress) -> list[ExportFormatError]:
+    """A classifier's top-k post-processing (parameters.top_k), exported and gated inside the classifier's own folder,
+    so that archiving the classifier needs no other model's export."""
+    from models.process_outputs import SPEC as TOPK_SPEC
+
+    progress(spec.name, "postprocess", f"exporting {TOPK_SPEC.name} with it, for parameters.top_k")
+    result = export_model(TOPK_SPEC, out_dir=staging / POSTPROCESS_DIR, progress=progress)
+    return [ExportFormatError(spec.name, f"postprocess {f.fmt}", f.detail) for f in result.failures]
+
+
 def export_model(
     spec: ModelSpec,
     *,
@@ -235,7 +246,9 @@ def export_model(
             if err is not None:
                 failures.append(err)
                 progress(spec.name, fmt, "FAILED")
-        reference = staging / REFERENCE_NAME
+        if spec.task == "classifier":
+            failures += _export_postprocess(spec, staging, progress)
+        reference = staging / REFERENCE_FILE
         save_reference(spec, cases, reference)
         inputs, outputs = Manifest.signature_from(spec)
         manifest = Manifest(
@@ -252,7 +265,7 @@ def export_model(
             formats=entries,
             tolerance={f: ToleranceMeta(atol=spec.tolerance[f].atol, rtol=spec.tolerance[f].rtol) for f in formats},
             reference=ReferenceMeta(
-                file=REFERENCE_NAME,
+                file=REFERENCE_FILE,
                 sha256=sha256_file(reference),
                 batch_sizes=list(spec.reference_batch_sizes),
                 holdout_batch_sizes=list(spec.holdout_batch_sizes),

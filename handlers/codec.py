@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from handlers.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from handlers.names import BEARER_PREFIX, TOKEN_ENV, TOKEN_FILE_ENV
+
 #: OIP v2 datatype names and the torch dtypes they map to.
 DATATYPES: Mapping[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -30,7 +33,6 @@ DATATYPES: Mapping[str, torch.dtype] = {
     "FP64": torch.float64,
 }
 DATATYPE_OF: Mapping[torch.dtype, str] = {v: k for k, v in DATATYPES.items()}
-BINARY_HEADER = "inference-header-content-length"
 EMPTY_BODY = "body is empty; POST an OIP v2 inference request"
 REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
 INPUT_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
@@ -41,46 +43,9 @@ OUTPUT_PARAMETERS = frozenset({"binary_data"})
 REQUEST_PARAMETERS = frozenset({"top_k", "binary_data_output"})
 
 
-class ClientError(Exception):
-    """The client sent something we cannot serve; `status` is the HTTP status it gets."""
-
-    status = 400
-
-
-class BadRequest(ClientError):
-    status = 400
-
-
-class PayloadTooLarge(ClientError):
-    status = 413
-
-
-class NotFound(ClientError):
-    status = 404
-
-
-class UnsupportedMediaType(ClientError):
-    status = 415
-
-
-#: The one table from exception to HTTP status; anything not listed is a server fault (500).
-ERROR_STATUS: Mapping[type[Exception], int] = {
-    BadRequest: 400,
-    PayloadTooLarge: 413,
-    NotFound: 404,
-    UnsupportedMediaType: 415,
-    ClientError: 400,
-}
 #: Content types a request may carry (parameters such as `; charset=utf-8` aside). None given means JSON, as curl
 #: and most clients send it; anything else (form posts, multipart, text) is refused rather than guessed at.
 ACCEPTED_CONTENT_TYPES = frozenset({"application/json", "application/octet-stream"})
-
-
-def status_for(exc: BaseException) -> int:
-    for cls in type(exc).__mro__:
-        if cls in ERROR_STATUS:
-            return ERROR_STATUS[cls]
-    return 500
 
 
 @dataclass(frozen=True)
@@ -431,13 +396,6 @@ def encode_request(
 
 #: Where the shared inference token comes from when the engine itself cannot take one (TorchServe in Kubernetes
 #: generates its own random keys per pod, so a Secret's token is checked here; the Ray ingress uses the same).
-TOKEN_ENV = "TORCHSHIP_INFERENCE_TOKEN"
-TOKEN_FILE_ENV = "TORCHSHIP_INFERENCE_TOKEN_FILE"
-#: TorchServe's own status and wording for a missing or wrong token, so every engine has one access rule.
-TOKEN_STATUS = 400
-TOKEN_FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
-
-
 def inference_token(environ: Mapping[str, str]) -> str | None:
     """The token from TORCHSHIP_INFERENCE_TOKEN, or from the file TORCHSHIP_INFERENCE_TOKEN_FILE names; None if unset."""
     if token := environ.get(TOKEN_ENV, "").strip():
@@ -453,7 +411,7 @@ def inference_token(environ: Mapping[str, str]) -> str | None:
 def token_matches(authorization: str | None, token: str) -> bool:
     """Constant-time check of an `Authorization: Bearer <token>` header."""
     given = authorization or ""
-    return given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer ") :].encode(), token.encode())
+    return given.startswith(BEARER_PREFIX) and hmac.compare_digest(given[len(BEARER_PREFIX) :].encode(), token.encode())
 
 
 def encode_error(message: str) -> bytes:

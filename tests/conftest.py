@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.archive import Endpoint, archive_models, load_model_config
+from archive.build import Endpoint, archive_models, load_model_config
 from export.exporter import ModelExport, export_model
 from models import ZOO
 

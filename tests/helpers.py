@@ -79,8 +79,8 @@ def assert_router_answers(url: str, token: str | None) -> None:
     """The server still answers a valid dynamic_router request with the eager outputs (after a bad one, say)."""
     import torch
 
-    from deploy.client import Client
     from models import ZOO
+    from verify.client import Client
 
     spec = ZOO["dynamic_router"]
     x = spec.make_inputs(3, seed_offset=5)["x"]
@@ -97,7 +97,7 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
 
     import torch
 
-    from deploy.archive import read_entries, write_archive
+    from archive.build import read_entries, write_archive
 
     members = read_entries(mar)
     manifest = json.loads(members["manifest.json"])

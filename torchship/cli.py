@@ -15,9 +15,9 @@ from rich.table import Table
 from torchship.errors import TorchshipError
 
 if TYPE_CHECKING:
-    from deploy.verify import CrossRow, VerifyRow
     from export.exporter import ModelExport
     from torchship.spec import TensorSpec
+    from verify.compare import CrossRow, VerifyRow
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -112,7 +112,7 @@ def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def cmd_archive(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from deploy.archive import archive_models, load_model_config
+    from archive.build import archive_models, load_model_config
 
     config = load_model_config(Path(args.model_config)) if args.model_config else load_model_config()
     err.print(
@@ -157,7 +157,7 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     import signal
     import tempfile
 
-    from deploy.torchserve import endpoints_in, start_torchserve, wait_ready
+    from engines.torchserve import endpoints_in, start_torchserve, wait_ready
 
     signal.signal(signal.SIGTERM, _interrupt)
     model_store = Path(args.model_store)
@@ -192,8 +192,8 @@ def _serve_ray(args: argparse.Namespace, model_store: Path, workdir: Path, out: 
     import os
     import signal
 
-    from deploy.ray_serve import start_ray_serve, stop_ray_serve
-    from deploy.torchserve import free_port
+    from engines.ray import start_ray_serve, stop_ray_serve
+    from engines.torchserve import free_port
     from handlers.codec import TOKEN_ENV
 
     token = os.environ.get(TOKEN_ENV)
@@ -222,8 +222,8 @@ def _serve_ray(args: argparse.Namespace, model_store: Path, workdir: Path, out: 
 
 
 def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from deploy.client import token_from_key_file
-    from deploy.verify import verify, write_report
+    from verify.client import token_from_key_file
+    from verify.compare import verify, write_report
 
     if args.engine == "all":
         return _verify_all(args, out, err)
@@ -241,8 +241,8 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _verify_all(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from deploy.pipeline import serve_and_verify, write_reports
-    from deploy.verify import cross_engine
+    from verify.compare import cross_engine
+    from verify.pipeline import serve_and_verify, write_reports
 
     ts_rows, ray_rows = serve_and_verify(Path(args.model_store), lambda line: err.print(escape(line)))
     cross = cross_engine(ts_rows, ray_rows)
@@ -277,9 +277,9 @@ def cmd_deploy_check(args: argparse.Namespace, out: Console, err: Console) -> in
 
 
 def _gate(args: argparse.Namespace, out: Console) -> bool:
-    from deploy.client import token_from_key_file
     from deploy.rollout import gate
-    from deploy.verify import write_report
+    from verify.client import token_from_key_file
+    from verify.compare import write_report
 
     token = args.token or (token_from_key_file(Path(args.token_file)) if args.token_file else None)
     result = gate(args.url, token=token, model_store=Path(args.model_store), endpoints=args.endpoint or None)
@@ -333,8 +333,8 @@ def cmd_bench(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from deploy import reliability as rel
     from export.exporter import export_isolated
+    from reliability import run as rel
 
     counts = rel.QUICK if args.quick else rel.FULL
     if args.requests:
@@ -362,7 +362,7 @@ def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int
 
 
 def cmd_pipeline(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from deploy.pipeline import run_pipeline
+    from verify.pipeline import run_pipeline
 
     result = run_pipeline(
         artifacts=Path(args.artifacts),

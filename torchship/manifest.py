@@ -11,12 +11,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from handlers.codec import DATATYPES
-from handlers.service import sha256_file
+from handlers.core import sha256_file
+from handlers.names import MANIFEST_FILE
 from torchship.errors import ManifestError
 from torchship.spec import FORMATS, ModelSpec, TensorSpec
 
-MANIFEST_NAME = "manifest.json"
-REFERENCE_NAME = "reference.pt"
+#: A classifier's own export of its top-k post-processing lives in this sub-folder of its artifacts folder.
+POSTPROCESS_DIR = "postprocess"
 #: The file each format is written to inside artifacts/<model>/.
 FORMAT_FILES = {"torchscript": "model.torchscript.pt", "pt2": "model.pt2", "aoti": "model.aoti.pt2"}
 assert set(FORMAT_FILES) == set(FORMATS)
@@ -152,7 +153,7 @@ class Manifest(_Strict):
 def write_manifest(manifest: Manifest, model_dir: Path) -> Path:
     """Validate and write manifest.json atomically (a reader never sees half a file)."""
     checked = Manifest.model_validate(manifest.model_dump())
-    path = model_dir / MANIFEST_NAME
+    path = model_dir / MANIFEST_FILE
     text = json.dumps(checked.model_dump(mode="json"), indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".manifest.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -163,7 +164,7 @@ def write_manifest(manifest: Manifest, model_dir: Path) -> Path:
 
 def read_manifest(model_dir: Path, *, verify_files: bool = True) -> Manifest:
     """Read and validate manifest.json; with verify_files, every usable file must exist with its recorded sha256."""
-    path = model_dir / MANIFEST_NAME
+    path = model_dir / MANIFEST_FILE
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -14,9 +14,9 @@ import pytest
 import requests
 import torch
 
-from deploy.archive import Endpoint
+from archive.build import Endpoint
 from deploy.kube import K8S_DIR, render
-from deploy.torchserve import TorchServe, read_properties, start_torchserve, wait_ready
+from engines.torchserve import TorchServe, read_properties, start_torchserve, wait_ready
 from handlers.codec import TOKEN_FAILED, TOKEN_FILE_ENV, encode_request
 from tests.helpers import REPO, drifted_copy, run_cli
 
@@ -82,7 +82,7 @@ def test_the_readiness_probe_command_passes_on_the_ready_server(pod_server: Torc
 
 
 def test_the_probe_fails_when_nothing_listens(tmp_path: Path) -> None:
-    from deploy.torchserve import free_port
+    from engines.torchserve import free_port
 
     proc = subprocess.run(
         [sys.executable, "-m", "deploy.probe", "--management-url", f"http://127.0.0.1:{free_port()}"],

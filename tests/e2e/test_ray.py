@@ -12,8 +12,8 @@ import pytest
 import requests
 import torch
 
-from deploy.archive import archive_models, load_model_config
-from deploy.torchserve import free_port
+from archive.build import archive_models, load_model_config
+from engines.torchserve import free_port
 from handlers.codec import TOKEN_ENV, decode_response, encode_request
 from models import ZOO
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.archive import archive_models, load_model_config
-from deploy.torchserve import free_port
+from archive.build import archive_models, load_model_config
+from engines.torchserve import free_port
 from tests.helpers import REPO
 
 RAY = Path(sys.executable).parent / "ray"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy import reliability as rel
-from deploy.hostile import healthy, load_corpus, run_corpus, run_fuzz
-from deploy.load import make_pool, run_fault, run_load, summarize
-from deploy.ray_serve import replica_pids
+from engines.ray import replica_pids
+from reliability import run as rel
+from reliability.corpus import healthy, load_corpus, run_corpus, run_fuzz
+from reliability.traffic import make_pool, run_fault, run_load, summarize
 
 LOAD_REQUESTS = 400
 FUZZ_REQUESTS = 120

@@ -12,12 +12,12 @@ import pytest
 import requests
 import torch
 
-from deploy.archive import archive_models, load_model_config
-from deploy.client import Client
-from deploy.torchserve import TorchServe, endpoints_in, start_torchserve, wait_ready
+from archive.build import archive_models, load_model_config
+from engines.torchserve import TorchServe, endpoints_in, start_torchserve, wait_ready
 from handlers.codec import decode_response, encode_request
 from models import ZOO
 from tests.helpers import assert_router_answers, run_cli, serve_command
+from verify.client import Client
 
 #: Batches fill for up to 200 ms, so concurrent requests in a test land in one batch.
 E2E_MODEL_CONFIG = {**load_model_config(), "batchSize": 16, "maxBatchDelay": 200}

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from deploy.archive import Endpoint
+from archive.build import Endpoint
 from handlers.codec import TOKEN_ENV, TOKEN_FAILED, TOKEN_FILE_ENV, decode_response, encode_request
 from handlers.service import ArtifactError, TorchshipHandler
 from tests.conftest import unpack

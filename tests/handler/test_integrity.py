@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy.archive import Endpoint, read_entries, write_archive
-from deploy.reliability import PROJECT_CODE, tamper_byte, tamper_manifest, unpickling_calls, write_entries
-from deploy.verify import read_archive
+from archive.build import Endpoint, read_entries, write_archive
 from handlers.service import CHECKSUMS_FILE, ArtifactError, TorchshipHandler
+from reliability.run import PROJECT_CODE, tamper_byte, tamper_manifest, unpickling_calls, write_entries
 from tests.conftest import unpack
 from tests.handler.fake_context import FakeContext
+from verify.compare import read_archive
 
 
 def _initialize(mar: Path, dest: Path) -> TorchshipHandler:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.archive import Endpoint, archive_models, load_model_config
+from archive.build import Endpoint, archive_models, load_model_config
 from tests.conftest import AOTI_MODEL, unpack
 from torchship.errors import ManifestError
 

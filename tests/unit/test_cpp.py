@@ -1,4 +1,4 @@
-"""The C++ loader (deploy/cpp), built against the installed torch: frozen TorchScript and AOTInductor from C++
+"""The C++ loader (cpp), built against the installed torch: frozen TorchScript and AOTInductor from C++
 reproduce the eager references within the manifest's tolerance, with no pickle on the way."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy.cpp_io import build_cpp, read_tsio, verify_cpp, write_tsio
+from cpp.tensor_io import build_cpp, read_tsio, verify_cpp, write_tsio
 from export.exporter import ModelExport
 from tests.conftest import AOTI_MODEL
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.archive import Endpoint
+from archive.build import Endpoint
 from deploy.ray_app import HandlerMismatch, UnsafeArchive, check_same_handler, unpack_mar
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from deploy.hostile import load_corpus
-from deploy.reliability import markdown, problems, summary_row
+from reliability.corpus import load_corpus
+from reliability.run import markdown, problems, summary_row
 
 
 def _engine_doc(status: int = 400) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Hostile input against a running engine: the corpus (deploy/hostile_corpus.yaml) and a bounded HTTP fuzz.
+"""Hostile input against a running engine: the corpus (reliability/corpus.yaml) and a bounded HTTP fuzz.
 
 Every case must get its declared 4xx with a JSON error body, and the next valid request must still return outputs
 equal to eager. Requests go out through http.client so that paths, methods and headers reach the server exactly
@@ -22,19 +22,16 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from handlers.codec import ClientError, Signature, decode_request, decode_response, encode_request
-from torchship.errors import TorchshipError
+from handlers.codec import Signature, decode_request, decode_response, encode_request
+from handlers.errors import ClientError
+from torchship.errors import CorpusError
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
 
-CORPUS = Path(__file__).resolve().with_name("hostile_corpus.yaml")
+CORPUS = Path(__file__).resolve().with_name("corpus.yaml")
 #: The request sent after every hostile case: the server must still answer it with the eager outputs.
 HEALTH_ENDPOINT = "dynamic_router"
 AuthKind = Literal["valid", "none", "wrong", "basic", "lowercase", "empty"]
-
-
-class CorpusError(TorchshipError):
-    """The corpus file is malformed."""
 
 
 class _Strict(BaseModel):

@@ -28,16 +28,16 @@ from typing import Any
 import requests
 import torch
 
-from deploy.archive import read_entries
-from deploy.hostile import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
-from deploy.load import FaultResult, make_pool, run_fault, run_load, summarize
+from archive.build import read_entries
 from deploy.probe import worker_pids
-from deploy.ray_serve import replica_pids
-from deploy.torchserve import TorchServe, endpoints_in, free_port, start_torchserve, wait_ready
-from deploy.verify import read_archive
+from engines.ray import replica_pids
+from engines.torchserve import TorchServe, endpoints_in, free_port, start_torchserve, wait_ready
 from handlers.codec import TOKEN_ENV, Signature, decode_response, encode_request
 from handlers.service import CHECKSUMS_FILE
+from reliability.corpus import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
+from reliability.traffic import FaultResult, make_pool, run_fault, run_load, summarize
 from torchship.errors import TorchshipError
+from verify.compare import read_archive
 
 REPO = Path(__file__).resolve().parent.parent
 #: The models a reliability store archives (every usable format of each): fast enough for 2 cores, and covering
@@ -196,7 +196,7 @@ def identical(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]
 
 
 def write_entries(members: dict[str, bytes], out: Path) -> Path:
-    """A .mar with exactly these entries: unlike deploy.archive.write_archive, its checksum listing is not rewritten."""
+    """A .mar with exactly these entries: unlike archive.build.write_archive, its checksum listing is not rewritten."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for name in sorted(members):
@@ -618,7 +618,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 
 def build_store(artifacts: Path, out: Path) -> Path:
     """Archive RELIABILITY_MODELS (TorchScript and .pt2) from an export folder into a store of their own."""
-    from deploy.archive import archive_models, load_model_config
+    from archive.build import archive_models, load_model_config
 
     archive_models(list(RELIABILITY_MODELS), artifacts=artifacts, out_dir=out, model_config=load_model_config())
     # TorchScript and .pt2 only: AOTInductor packages are tied to the CPU they were built on and, being unchecked by

@@ -1,7 +1,7 @@
 """The C++ loader's side of the house: TSIO tensor files (no pickle), building it, and its parity with eager.
 
 TSIO: b"TSIO", uint32 version 1, uint32 count, then per tensor: uint32 name length, name, uint32 dtype code,
-uint32 ndim, int64 dims, uint64 nbytes, raw little-endian data (see deploy/cpp/tensor_io.h).
+uint32 ndim, int64 dims, uint64 nbytes, raw little-endian data (see cpp/tensor_io.h).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from export.reference import load_reference
+from handlers.names import REFERENCE_FILE
 from torchship.errors import TorchshipError
-from torchship.manifest import FORMAT_FILES, REFERENCE_NAME, read_manifest
+from torchship.manifest import FORMAT_FILES, read_manifest
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
 
-CPP_SOURCE = Path(__file__).resolve().parent / "cpp"
+CPP_SOURCE = Path(__file__).resolve().parent
 DEFAULT_BUILD = Path(__file__).resolve().parent.parent / "build" / "cpp"
 BINARY_NAME = "torchship_cpp"
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -77,7 +78,7 @@ def read_tsio(path: Path) -> list[tuple[str, torch.Tensor]]:
 
 
 def build_cpp(build_dir: Path = DEFAULT_BUILD) -> Path:
-    """Configure and build deploy/cpp against the installed torch; returns the binary."""
+    """Configure and build cpp against the installed torch; returns the binary."""
     prefix = torch.utils.cmake_prefix_path
     steps = [
         ["cmake", "-S", str(CPP_SOURCE), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={prefix}", "-DCMAKE_BUILD_TYPE=Release"],
@@ -106,7 +107,7 @@ class CppRow:
 def verify_cpp(binary: Path, model_dir: Path) -> list[CppRow]:
     """Run every reference case of every C++-loadable format of one exported model through the C++ program."""
     manifest = read_manifest(model_dir)
-    cases = load_reference(model_dir / REFERENCE_NAME)
+    cases = load_reference(model_dir / REFERENCE_FILE)
     input_names = [t.name for t in manifest.inputs]
     output_names = [t.name for t in manifest.outputs]
     rows: list[CppRow] = []

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.archive import archive_models, load_model_config
-from deploy.torchserve import endpoints_in, start_torchserve, wait_ready
-from deploy.verify import CrossRow, VerifyRow, cross_engine, verify, write_report
+from archive.build import archive_models, load_model_config
+from engines.torchserve import endpoints_in, start_torchserve, wait_ready
 from export.exporter import ModelExport, Progress, ensure_writable, export_isolated
 from models import ZOO
+from verify.compare import CrossRow, VerifyRow, cross_engine, verify, write_report
 
 Say = Callable[[str], None]
 
@@ -52,8 +52,8 @@ def markdown_table(cross: list[CrossRow]) -> str:
 
 def serve_and_verify(model_store: Path, say: Say) -> tuple[list[VerifyRow], list[VerifyRow]]:
     """Serve the model store on TorchServe, verify, stop; then the same on Ray Serve."""
-    from deploy.ray_serve import start_ray_serve, stop_ray_serve
-    from deploy.torchserve import free_port
+    from engines.ray import start_ray_serve, stop_ray_serve
+    from engines.torchserve import free_port
 
     with tempfile.TemporaryDirectory(prefix="torchship-ts-") as workdir:
         say("serve: TorchServe on 127.0.0.1 (free ports, token auth on), waiting for every worker READY")

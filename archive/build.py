@@ -6,13 +6,11 @@ same inputs give a byte-identical .mar.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,24 +18,24 @@ from typing import Any
 import yaml
 
 import handlers
-from handlers.service import CHECKSUMS_FILE
-from torchship.errors import TorchshipError
-from torchship.manifest import FORMAT_FILES, MANIFEST_NAME, REFERENCE_NAME, Manifest, read_manifest
+from archive.mar import MarArchive, write_archive
+from handlers.names import (
+    ENDPOINT_FILE,
+    HANDLER_ENTRY_FILE,
+    HANDLER_PACKAGE,
+    HANDLER_PACKAGE_FILES,
+    MANIFEST_FILE,
+    MAR_MANIFEST_FILE,
+    MODEL_CONFIG_FILE,
+    REFERENCE_FILE,
+    TOPK_FILE,
+)
+from torchship.errors import ArchiveError
+from torchship.manifest import FORMAT_FILES, POSTPROCESS_DIR, Manifest, read_manifest
 
-#: The handler package files that travel inside every archive (torch + stdlib only).
-HANDLER_PACKAGE_FILES = ("__init__.py", "codec.py", "service.py")
-HANDLER_ENTRY = "torchship_handler.py"
-ENDPOINT_FILE = "endpoint.json"
 TOPK_MODEL = "process_outputs"
-TOPK_FILE = "process_outputs.torchscript.pt"
 DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "model-config.yaml"
-#: Every entry of a rewritten archive gets this timestamp (the zip format's earliest).
-FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FIXED_CREATED_ON = "01/01/1980 00:00:00"
-
-
-class ArchiveError(TorchshipError):
-    """An archive could not be built."""
 
 
 @dataclass(frozen=True)
@@ -72,37 +70,13 @@ def _archiver() -> str:
     return found
 
 
-def read_entries(mar: Path) -> dict[str, bytes]:
-    """Every file entry of a .mar, by name."""
-    with zipfile.ZipFile(mar) as z:
-        return {info.filename: z.read(info) for info in z.infolist() if not info.is_dir()}
-
-
 def _normalise(src: Path, dest: Path) -> None:
     """Rewrite a .mar deterministically: sorted entries, fixed dates and modes, fixed createdOn."""
-    entries = read_entries(src)
-    manifest_key = "MAR-INF/MANIFEST.json"
-    mar_manifest = json.loads(entries[manifest_key])
+    entries = dict(MarArchive(src).entries)
+    mar_manifest = json.loads(entries[MAR_MANIFEST_FILE])
     mar_manifest["createdOn"] = FIXED_CREATED_ON
-    entries[manifest_key] = (json.dumps(mar_manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    entries[MAR_MANIFEST_FILE] = (json.dumps(mar_manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
     write_archive(entries, dest)
-
-
-def write_archive(entries: dict[str, bytes], dest: Path) -> None:
-    """Write a .mar from its entries, byte-reproducibly, with the listing of every entry's sha256 that the handler
-    checks before it loads anything (any listing among `entries` is replaced)."""
-    entries = {name: data for name, data in entries.items() if name != CHECKSUMS_FILE}
-    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(entries.items())}
-    entries[CHECKSUMS_FILE] = (json.dumps(checksums, indent=2) + "\n").encode("utf-8")
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with zipfile.ZipFile(tmp, "w") as zout:
-        for name in sorted(entries):
-            info = zipfile.ZipInfo(name, date_time=FIXED_ZIP_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            info.create_system = 3
-            zout.writestr(info, entries[name], compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
-    tmp.replace(dest)
 
 
 def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: Path, model_config: dict[str, Any]) -> Endpoint:
@@ -112,20 +86,25 @@ def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: 
     with tempfile.TemporaryDirectory(prefix=f"torchship-archive-{name}-") as tmp_name:
         tmp = Path(tmp_name)
         extra = tmp / "extra"
-        (extra / "handlers").mkdir(parents=True)
+        (extra / HANDLER_PACKAGE).mkdir(parents=True)
         for f in HANDLER_PACKAGE_FILES:
-            shutil.copyfile(handler_src / f, extra / "handlers" / f)
-        shutil.copyfile(model_dir / MANIFEST_NAME, extra / MANIFEST_NAME)
-        shutil.copyfile(model_dir / REFERENCE_NAME, extra / REFERENCE_NAME)
+            shutil.copyfile(handler_src / f, extra / HANDLER_PACKAGE / f)
+        shutil.copyfile(model_dir / MANIFEST_FILE, extra / MANIFEST_FILE)
+        shutil.copyfile(model_dir / REFERENCE_FILE, extra / REFERENCE_FILE)
         (extra / ENDPOINT_FILE).write_text(json.dumps({"endpoint": name, "format": fmt}, indent=2) + "\n", encoding="utf-8")
         if manifest.task == "classifier":
-            topk = model_dir.parent / TOPK_MODEL
+            topk = model_dir / POSTPROCESS_DIR / TOPK_MODEL
+            if not (topk / MANIFEST_FILE).is_file():
+                raise ArchiveError(
+                    f"{name}: {topk} is missing (a classifier exports its top-k post-processing with it); "
+                    f"re-export it with `torchship export {manifest.name}`"
+                )
             topk_manifest = read_manifest(topk)
             if not topk_manifest.formats.get("torchscript") or not topk_manifest.formats["torchscript"].usable:
-                raise ArchiveError(f"{name}: the classifier needs a usable {TOPK_MODEL} export for parameters.top_k")
+                raise ArchiveError(f"{name}: its {TOPK_MODEL} export did not pass its parity gate; re-export {manifest.name}")
             shutil.copyfile(topk / FORMAT_FILES["torchscript"], extra / TOPK_FILE)
-        shutil.copyfile(handler_src / "entry.py", tmp / HANDLER_ENTRY)
-        config_path = tmp / "model-config.yaml"
+        shutil.copyfile(handler_src / "entry.py", tmp / HANDLER_ENTRY_FILE)
+        config_path = tmp / MODEL_CONFIG_FILE
         config_path.write_text(yaml.safe_dump(model_config, sort_keys=True), encoding="utf-8")
         built = tmp / "out"
         built.mkdir()
@@ -134,7 +113,7 @@ def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: 
             "--model-name", name,
             "--version", manifest.version,
             "--serialized-file", str(model_dir / FORMAT_FILES[fmt]),
-            "--handler", str(tmp / HANDLER_ENTRY),
+            "--handler", str(tmp / HANDLER_ENTRY_FILE),
             "--extra-files", str(extra),
             "--config-file", str(config_path),
             "--export-path", str(built),
@@ -156,7 +135,7 @@ def archive_models(names: list[str], *, artifacts: Path, out_dir: Path, model_co
     """Archive every usable format of the named models (all exported models if none are named)."""
     if not artifacts.is_dir():
         raise ArchiveError(f"{artifacts} does not exist: run `torchship export` first")
-    available = sorted(p.name for p in artifacts.iterdir() if (p / MANIFEST_NAME).is_file())
+    available = sorted(p.name for p in artifacts.iterdir() if (p / MANIFEST_FILE).is_file())
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ArchiveError(f"no exported model(s) {unknown} in {artifacts}; exported: {available}")

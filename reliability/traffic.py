@@ -19,8 +19,8 @@ from typing import Any
 import requests
 import torch
 
-from deploy.hostile import Oracle, Reply, Target, auth_headers
 from handlers.codec import encode_request
+from reliability.corpus import Oracle, Reply, Target, auth_headers
 
 #: Batch sizes a load run mixes (each within every zoo endpoint's max_batch_size).
 LOAD_BATCHES = (1, 2, 4, 8)

@@ -12,16 +12,8 @@ import requests
 import torch
 
 from handlers.codec import decode_response, encode_request
-from torchship.errors import TorchshipError
-
-
-class EndpointError(TorchshipError):
-    """The server answered with an error status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
+from handlers.names import bearer
+from torchship.errors import EndpointError, TorchshipError
 
 
 @dataclass
@@ -58,7 +50,7 @@ class Client:
     session: requests.Session = field(default_factory=requests.Session)
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return bearer(self.token)
 
     def post_raw(self, endpoint: str, body: bytes, headers: Mapping[str, str]) -> requests.Response:
         return self.session.post(

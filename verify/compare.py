@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from deploy.client import Client, EndpointError
 from torchship.errors import TorchshipError
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
+from verify.client import Client, EndpointError
 
 ENCODINGS = ("json", "binary")
 

@@ -1,0 +1,212 @@
+"""The one way torchship starts an engine: `Engine`, a context manager that owns a server's process group.
+
+An engine is launched in its own process group with its own work folder and log, waited for until every endpoint
+of the model store is ready (asked of the engine itself, never read from printed text), and stopped with its whole
+process tree. Everything else (CLI, pipeline, verify, bench, reliability, tests) asks it for its URL, token,
+auth headers and pids. A handler's refusal to load an archive is reported from LOAD_REFUSED_MARKER.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Self
+
+from handlers.names import LOAD_REFUSED_MARKER, bearer
+from torchship.errors import EngineError
+
+LOG_TAIL_LINES = 40
+REPO = Path(__file__).resolve().parent.parent
+#: The one source of the request body limit both engines enforce (TorchServe's max_request_size).
+CONFIG_PROPERTIES = REPO / "configs" / "config.properties"
+
+
+def free_port() -> int:
+    """A port the OS just handed out on 127.0.0.1 (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and "=" in stripped:
+            key, _, value = stripped.partition("=")
+            props[key.strip()] = value.strip()
+    return props
+
+
+def default_body_limit_bytes(config: Path = CONFIG_PROPERTIES) -> int:
+    """The request body limit from configs/config.properties (`max_request_size`)."""
+    return int(read_properties(config)["max_request_size"])
+
+
+def endpoints_in(model_store: Path) -> list[str]:
+    return sorted(p.stem for p in model_store.glob("*.mar"))
+
+
+def refusal_in(text: str) -> str | None:
+    """The first load refusal in an engine's log or status text: the marker's line, from the marker on."""
+    for line in text.splitlines():
+        at = line.find(LOAD_REFUSED_MARKER)
+        if at >= 0:
+            return line[at:].strip()
+    return None
+
+
+class Engine(ABC):
+    """A server for one model store, started by `start()` (or `with`), stopped by `stop()`."""
+
+    name: ClassVar[str]
+    #: SIGTERM the whole process group (TorchServe: wrapper, java, workers all shut down on it) rather than only the
+    #: main process (Ray's driver, which shuts Serve and Ray down itself).
+    term_group: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model_store: Path,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        max_request_bytes: int | None = None,
+        ready_timeout_s: float = 300.0,
+    ) -> None:
+        self.model_store = Path(model_store).resolve()
+        self.workdir = Path(workdir).resolve()
+        self.port = port or free_port()
+        self.max_request_bytes = max_request_bytes or default_body_limit_bytes()
+        self.ready_timeout_s = ready_timeout_s
+        self.endpoints = endpoints_in(self.model_store)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.started_at: float | None = None
+
+    # -- what an engine must say about itself --------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The inference base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    @abstractmethod
+    def token(self) -> str | None:
+        """The bearer token inference requests carry (None when the engine requires none)."""
+
+    @abstractmethod
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        """The command line and extra environment that run the engine in the foreground."""
+
+    @abstractmethod
+    def _ready(self, endpoint: str) -> bool:
+        """True when `endpoint` answers; raise NotReady while the engine is still coming up."""
+
+    @abstractmethod
+    def pids(self, endpoint: str) -> list[int]:
+        """The processes running `endpoint`'s model (TorchServe workers, Ray replicas)."""
+
+    def _refusal(self) -> str | None:
+        """A handler's load refusal, when the engine reports one."""
+        return refusal_in(self.log_text())
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def auth_headers(self) -> dict[str, str]:
+        return bearer(self.token)
+
+    def start(self) -> Self:
+        """Launch in a new process group and wait until every endpoint is ready; stop and raise EngineError if not."""
+        if not self.endpoints:
+            raise EngineError(f"no .mar files in {self.model_store}: run `torchship archive` first")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd, env = self._command()
+        self.started_at = time.monotonic()
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                cmd, cwd=self.workdir, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, poll_s: float = 0.5) -> None:
+        from torchship.errors import NotReady
+
+        deadline = time.monotonic() + self.ready_timeout_s
+        pending = set(self.endpoints)
+        while pending:
+            if refusal := self._refusal():
+                raise EngineError(f"{self.name}: an endpoint refused to load: {refusal}")
+            if not self.running():
+                code = self.process.returncode if self.process else None
+                raise EngineError(f"{self.name} exited with code {code} while starting:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                waited = f"{self.ready_timeout_s:.0f} s"
+                raise EngineError(f"{self.name}: {sorted(pending)} not ready after {waited}:\n{self.log_tail()}")
+            for endpoint in sorted(pending):
+                try:
+                    if self._ready(endpoint):
+                        pending.discard(endpoint)
+                except NotReady:
+                    break
+            if pending:
+                time.sleep(poll_s)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        """The root of the engine's process tree."""
+        if self.process is None:
+            raise EngineError(f"{self.name} was not started")
+        return self.process.pid
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM for a clean stop, then whatever is left of the process group is killed."""
+        if self.process is None:
+            return
+        pgid = self.process.pid
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if self.term_group:
+                    os.killpg(pgid, signal.SIGTERM)
+                else:
+                    os.kill(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout_s)
+        # Children the main process did not take down (TorchServe's java and workers, Ray's raylet and actors).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=timeout_s)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- logs -----------------------------------------------------------------------------------
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"

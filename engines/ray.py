@@ -1,0 +1,191 @@
+"""Ray Serve as an `Engine`: a local Ray (no dashboard, bounded CPUs, HTTP on 127.0.0.1) running the torchship app
+in a child process of its own, ready when every endpoint answers `GET /v2/models/<m>/ready`.
+
+`python -m engines.ray` is that child: it starts Ray and the app, exits with LOAD_REFUSED_MARKER's line when a
+deployment fails, and on SIGTERM shuts Serve and Ray down and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import requests
+
+from engines.base import Engine, refusal_in
+from handlers.names import TOKEN_ENV
+from torchship.errors import NotReady
+
+APP_NAME = "torchship"
+#: The child's exit code when the app failed to deploy (an archive refused at load, say).
+EXIT_DEPLOY_FAILED = 3
+
+
+def short_tempdir() -> Path:
+    """Ray puts unix sockets under its temp dir, and their paths must stay under 108 bytes: a short /tmp folder."""
+    return Path(tempfile.mkdtemp(prefix="tsray-", dir="/tmp" if Path("/tmp").is_dir() else None))
+
+
+class RayServe(Engine):
+    """A local Ray Serve serving the model store through the torchship app (deploy/ray_app.py)."""
+
+    name: ClassVar[str] = "ray"
+
+    def __init__(
+        self,
+        model_store: Path,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        max_request_bytes: int | None = None,
+        ready_timeout_s: float = 300.0,
+        token: str | None = None,
+        num_cpus: int = 2,
+    ) -> None:
+        super().__init__(model_store, workdir, port=port, max_request_bytes=max_request_bytes, ready_timeout_s=ready_timeout_s)
+        self._token = token
+        self.num_cpus = num_cpus
+        self.ray_dir: Path | None = None
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        self.ray_dir = short_tempdir()
+        cmd = [
+            sys.executable, "-m", "engines.ray", "--model-store", str(self.model_store), "--port", str(self.port),
+            "--ray-dir", str(self.ray_dir), "--cache-dir", str(self.workdir / "cache"), "--num-cpus", str(self.num_cpus),
+            "--max-request-bytes", str(self.max_request_bytes),
+        ]  # fmt: skip
+        # The token travels in the environment, never on a command line that `ps` shows.
+        env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        return cmd, env
+
+    def _ready(self, endpoint: str) -> bool:
+        try:
+            return requests.get(f"{self.url}/v2/models/{endpoint}/ready", timeout=5).status_code == 200
+        except requests.RequestException as exc:
+            raise NotReady(str(exc)) from None
+
+    def pids(self, endpoint: str) -> list[int]:
+        """This Ray's replica processes of `endpoint` (Ray titles them ray::ServeReplica:<app>:<name>)."""
+        import psutil
+
+        title = f"ray::ServeReplica:{APP_NAME}:{endpoint}"
+        try:
+            tree = psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        pids: list[int] = []
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                if proc.cmdline() and proc.cmdline()[0].strip() == title:
+                    pids.append(proc.pid)
+        return sorted(pids)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        try:
+            super().stop(timeout_s)
+        finally:
+            if self.ray_dir is not None:
+                shutil.rmtree(self.ray_dir, ignore_errors=True)
+
+
+# -- the child process ------------------------------------------------------------------------------------------------
+
+
+def deploy_failure(status: Any) -> str | None:
+    """Each failed deployment's reason when the app is DEPLOY_FAILED, else None."""
+    app = status.applications.get(APP_NAME)
+    if app is None or app.status != "DEPLOY_FAILED":
+        return None
+    failed = [
+        f"{name}: {refusal_in(d.message) or _last_line(d.message)}"
+        for name, d in sorted(app.deployments.items())
+        if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message
+    ]
+    return "; ".join(failed) or str(app.message)
+
+
+def _last_line(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return lines[-1] if lines else message
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    raise _Stop
+
+
+def serve_forever(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+    from ray import serve
+
+    from deploy.ray_app import app
+
+    ray.init(
+        address="local",
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        _temp_dir=args.ray_dir,
+        # Ray's internal services (GCS, raylet, object manager) bind this address: loopback, for a local run.
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    # ray.init installs a C++ SIGTERM handler that aborts the process; take SIGTERM back for a clean stop.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        app_args: dict[str, object] = {
+            "model_store": args.model_store,
+            "cache_dir": args.cache_dir,
+            "token": os.environ.get(TOKEN_ENV) or None,
+            "max_request_bytes": args.max_request_bytes,
+        }
+        try:
+            serve.run(app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
+            print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(serve.status()) or exc}", flush=True)
+            return EXIT_DEPLOY_FAILED
+        while True:
+            if failure := deploy_failure(serve.status()):
+                print(f"Ray Serve: the torchship app failed to deploy: {failure}", flush=True)
+                return EXIT_DEPLOY_FAILED
+            time.sleep(1.0)
+    except (_Stop, KeyboardInterrupt):
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engines.ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-store", required=True, help="folder of .mar files")
+    parser.add_argument("--port", type=int, required=True, help="HTTP port on 127.0.0.1")
+    parser.add_argument("--ray-dir", required=True, help="Ray's temp dir (short: it holds unix sockets)")
+    parser.add_argument("--cache-dir", required=True, help="where archives are unpacked")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs this local Ray may use")
+    parser.add_argument("--max-request-bytes", type=int, required=True, help="request body limit (JSON 413 above it)")
+    return serve_forever(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The engine-neutral endpoint: plain requests in, plain replies out (decode -> validate -> group -> predict -> encode).
+
+torch + stdlib only: it travels inside every .mar. TorchServe's handler (handlers/service.py) and the Ray app
+(deploy/ray_app.py) are thin adapters over `EndpointCore`; neither engine's types appear here. Loading reads the
+unpacked archive's manifest.json and endpoint.json and checks every file's sha256 before anything is deserialized.
+A batch gets one reply per request, and a bad request fails only itself, never its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handlers.codec import (
+    EMPTY_BODY,
+    InferRequest,
+    Signature,
+    TensorSignature,
+    check_body_size,
+    check_content_type,
+    decode_request,
+    encode_error,
+    encode_response,
+    inference_token,
+    token_matches,
+)
+from handlers.errors import ArtifactError, BadRequest, ClientError, TokenRefused
+from handlers.names import (
+    AUTHORIZATION_HEADER,
+    BATCH_REQUESTS_HEADER,
+    BATCH_ROWS_HEADER,
+    BINARY_HEADER,
+    CHECKSUMS_FILE,
+    ENDPOINT_FILE,
+    MANIFEST_FILE,
+    MAX_REQUEST_BYTES_ENV,
+    TOPK_FILE,
+)
+
+log = logging.getLogger(__name__)
+
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+
+
+def load_torchscript(path: str, device: torch.device) -> Callable[..., Any]:
+    module: Callable[..., Any] = torch.jit.load(path, map_location=device).eval()
+    return module
+
+
+def load_pt2(path: str, device: torch.device) -> Callable[..., Any]:
+    module = torch.export.load(path).module()
+    return module.to(device) if device.type != "cpu" else module
+
+
+def load_aoti(path: str, device: torch.device) -> Callable[..., Any]:
+    import torch._inductor  # heavy; only AOTInductor endpoints need it
+
+    runner: Callable[..., Any] = torch._inductor.aoti_load_package(path)
+    return runner
+
+
+#: How each artifact format is loaded, by the `format` in endpoint.json. The export parity gate loads through
+#: this same table, so what was checked at export is loaded exactly as the engines load it.
+LOADERS: Mapping[str, Callable[[str, torch.device], Callable[..., Any]]] = {
+    "torchscript": load_torchscript,
+    "pt2": load_pt2,
+    "aoti": load_aoti,
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checksums(model_dir: Path) -> None:
+    """Refuse an unpacked archive any of whose files differs from what `torchship archive` wrote."""
+    listing = model_dir / CHECKSUMS_FILE
+    label = _endpoint_label(model_dir)
+    try:
+        expected = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{label}: {CHECKSUMS_FILE} is missing or unreadable ({exc}); rebuild the archive") from None
+    if not isinstance(expected, dict) or not expected:
+        raise ArtifactError(f"{label}: {CHECKSUMS_FILE} lists no files; rebuild the archive")
+    changed = sorted(
+        name for name, digest in expected.items() if not (model_dir / name).is_file() or sha256_file(model_dir / name) != digest
+    )
+    if changed:
+        raise ArtifactError(
+            f"{label}: {', '.join(changed)} missing or changed since the archive was built "
+            "(sha256 mismatch); rebuild the archive with `torchship archive`"
+        )
+
+
+def _endpoint_label(model_dir: Path) -> str:
+    """The endpoint's name for messages (the folder an engine unpacked into is a temp or digest name)."""
+    try:
+        return str(json.loads((model_dir / ENDPOINT_FILE).read_text(encoding="utf-8"))["endpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return model_dir.name
+
+
+def max_request_bytes(environ: Mapping[str, str]) -> int | None:
+    raw = environ.get(MAX_REQUEST_BYTES_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ValueError(f"{MAX_REQUEST_BYTES_ENV} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def pick_device(gpu_id: Any) -> torch.device:
+    """The GPU the engine assigned this worker, or the CPU when it assigned none (or none is usable)."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as the engine received it: the body (bytes, or a JSON document the engine already parsed; None
+    when there was none) and the headers, names lower-cased."""
+
+    body: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: Any, headers: Mapping[str, Any] | None) -> Request:
+        return cls(body, {str(k).lower(): str(v) for k, v in (headers or {}).items()})
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer: HTTP status, body, and headers (content-type included)."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", JSON_TYPE)
+
+    @classmethod
+    def error(cls, exc: ClientError | str, status: int | None = None) -> Reply:
+        code = status if status is not None else getattr(exc, "status", 500)
+        return cls(code, encode_error(str(exc)), {"content-type": JSON_TYPE})
+
+
+class EndpointCore:
+    """One endpoint: one model in one format, plus the top-k post-processing for classifiers."""
+
+    def __init__(self, model_dir: Path, *, device: torch.device, environ: Mapping[str, str]) -> None:
+        """Load the unpacked archive at model_dir; raises ArtifactError (message marked LOAD_REFUSED_MARKER) when
+        anything in it was changed after it was built or its format failed its parity gate."""
+        try:
+            verify_checksums(model_dir)
+            manifest = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+            endpoint = json.loads((model_dir / ENDPOINT_FILE).read_text(encoding="utf-8"))
+            self.endpoint: str = endpoint["endpoint"]
+            self.format: str = endpoint["format"]
+            entry = manifest["formats"].get(self.format)
+            if entry is None or entry.get("status") != "ok":
+                raise ArtifactError(f"{self.endpoint}: format {self.format!r} did not pass its parity gate at export")
+            artifact = model_dir / entry["file"]
+            if not artifact.is_file() or sha256_file(artifact) != entry["sha256"]:
+                raise ArtifactError(
+                    f"{self.endpoint}: {artifact.name} is missing or does not match its sha256; rebuild the archive"
+                )
+        except ArtifactError as exc:
+            log.error("%s", exc)
+            raise
+        self.device = device
+        self.signature = Signature.from_manifest(manifest)
+        self.model: Callable[..., Any] = LOADERS[self.format](str(artifact), device)
+        self.topk: Callable[..., Any] | None = None
+        topk_file = model_dir / TOPK_FILE
+        if self.signature.task == "classifier" and topk_file.is_file():
+            self.topk = load_torchscript(str(topk_file), torch.device("cpu"))
+        # Set only where the engine cannot enforce a shared token itself (TorchServe in Kubernetes; see the README).
+        self.token = inference_token(environ)
+        self.max_request_bytes = max_request_bytes(environ)
+        log.info("torchship endpoint %s: %s on %s (token check %s)", self.endpoint, self.format, device, bool(self.token))
+
+    # -- one batch from the engine -------------------------------------------------------------
+
+    def infer_batch(self, requests: Sequence[Request]) -> list[Reply]:
+        """One reply per request, in order; a client's mistake fails only its own request."""
+        replies: list[Reply | None] = [None] * len(requests)
+        decoded: dict[int, InferRequest] = {}
+        for idx, request in enumerate(requests):
+            try:
+                decoded[idx] = self._decode(request)
+            except ClientError as exc:
+                replies[idx] = Reply.error(exc)
+        rows_run: dict[int, int] = {}
+        for group in self._groups(decoded):
+            self._predict_group(group, decoded, replies)
+            rows_run.update(dict.fromkeys(group, sum(decoded[i].batch_size for i in group)))
+        out: list[Reply] = []
+        for idx, maybe in enumerate(replies):
+            # Every request must have been answered; a gap is our bug, reported as a server fault.
+            reply = maybe or Reply.error("internal error: request was not answered", 500)
+            # Observability: how many requests the engine batched together, and how many rows the model ran.
+            reply.headers[BATCH_REQUESTS_HEADER] = str(len(requests))
+            if idx in rows_run:
+                reply.headers[BATCH_ROWS_HEADER] = str(rows_run[idx])
+            out.append(reply)
+        if len(out) != len(requests):
+            raise RuntimeError(f"handler produced {len(out)} replies for {len(requests)} requests")
+        return out
+
+    def _decode(self, request: Request) -> InferRequest:
+        if self.token and not token_matches(request.headers.get(AUTHORIZATION_HEADER), self.token):
+            raise TokenRefused()
+        check_content_type(request.headers.get("content-type"))
+        if request.body is None:
+            raise BadRequest(EMPTY_BODY)
+        check_body_size(request.body, self.max_request_bytes)
+        return decode_request(request.body, self.signature, header_length=request.headers.get(BINARY_HEADER))
+
+    def _groups(self, decoded: Mapping[int, InferRequest]) -> list[list[int]]:
+        """Requests that can run as one batch: same non-batch shapes, total batch within the model's limit."""
+        by_shape: dict[tuple[object, ...], list[int]] = {}
+        for idx, req in decoded.items():
+            by_shape.setdefault((req.shape_key(), self._model_kwargs(req)), []).append(idx)
+        groups: list[list[int]] = []
+        for members in by_shape.values():
+            current: list[int] = []
+            rows = 0
+            for idx in members:
+                b = decoded[idx].batch_size
+                if current and rows + b > self.signature.max_batch_size:
+                    groups.append(current)
+                    current, rows = [], 0
+                current.append(idx)
+                rows += b
+            groups.append(current)
+        return groups
+
+    def _predict_group(self, group: list[int], decoded: Mapping[int, InferRequest], replies: list[Reply | None]) -> None:
+        names = [s.name for s in self.signature.inputs]
+        try:
+            args: list[Any] = [torch.cat([decoded[i].inputs[n] for i in group]).to(self.device) for n in names]
+            outputs = self.predict([*args, *self._model_kwargs(decoded[group[0]])])
+        except Exception as exc:  # a model fault fails this group with 500, never its neighbours in other groups
+            log.exception("prediction failed for %d request(s)", len(group))
+            for i in group:
+                replies[i] = Reply.error(f"prediction failed: {type(exc).__name__}", 500)
+            return
+        sizes = [decoded[i].batch_size for i in group]
+        pieces = [torch.split(t, sizes) for t in outputs.values()]
+        per_request = [dict(zip(outputs, parts, strict=True)) for parts in zip(*pieces, strict=True)]
+        if len(per_request) != len(group):
+            raise RuntimeError(f"split {len(per_request)} results for {len(group)} requests")
+        for i, result in zip(group, per_request, strict=True):
+            replies[i] = self._encode(decoded[i], result)
+
+    def _model_kwargs(self, request: InferRequest) -> tuple[int, ...]:
+        """Extra positional arguments the model itself takes: top_k for the post-processing endpoint."""
+        if self.signature.task == "postprocess":
+            return (int(request.parameters.get("top_k", self.signature.outputs[0].shape[-1])),)
+        return ()
+
+    def predict(self, args: list[Any]) -> dict[str, torch.Tensor]:
+        """Run the model once on a stacked batch; outputs named as the manifest declares."""
+        with torch.inference_mode():
+            raw = self.model(*args)
+        values = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw)
+        names = [s.name for s in self.signature.outputs]
+        if len(values) != len(names):
+            raise RuntimeError(f"model returned {len(values)} outputs, manifest declares {len(names)}")
+        return {n: v.to("cpu") for n, v in zip(names, values, strict=True)}
+
+    def _encode(self, request: InferRequest, result: dict[str, torch.Tensor]) -> Reply:
+        try:
+            result = self._postprocess(request, result)
+            if request.requested_outputs:
+                unknown = sorted(set(request.requested_outputs) - set(result))
+                if unknown:
+                    raise BadRequest(f"unknown outputs {unknown}; this endpoint returns {sorted(result)}")
+                result = {n: result[n] for n in request.requested_outputs}
+            body, headers = encode_response(
+                result,
+                model_name=self.endpoint,
+                model_version=self.signature.version,
+                request_id=request.id,
+                binary_outputs=request.binary_outputs,
+            )
+        except ClientError as exc:
+            return Reply.error(exc)
+        return Reply(200, body, {"content-type": BINARY_TYPE if headers else JSON_TYPE, **headers})
+
+    def _postprocess(self, request: InferRequest, result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        k = request.parameters.get("top_k")
+        if k is None or self.topk is None:
+            return result
+        logits = result[self.signature.outputs[0].name]
+        with torch.inference_mode():
+            probabilities, classes = self.topk(logits, int(k))
+        return {**result, "probabilities": probabilities, "classes": classes}
+
+    def metadata(self) -> dict[str, Any]:
+        """OIP v2 model metadata (`GET /v2/models/<endpoint>`), from the archive's manifest."""
+
+        def tensors(ts: tuple[TensorSignature, ...]) -> list[dict[str, Any]]:
+            return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
+
+        return {
+            "name": self.endpoint,
+            "versions": [self.signature.version],
+            "platform": f"pytorch_{self.format}",
+            "inputs": tensors(self.signature.inputs),
+            "outputs": tensors(self.signature.outputs),
+        }

@@ -1,0 +1,47 @@
+"""The names every side of torchship shares, defined once: archive entries, HTTP headers, the bearer scheme and the
+environment variables the handler reads. stdlib only: this module travels inside every .mar."""
+
+from __future__ import annotations
+
+# -- archive entries (what `torchship archive` writes and the handler, engines and verify read) ----------------------
+MANIFEST_FILE = "manifest.json"
+REFERENCE_FILE = "reference.pt"
+ENDPOINT_FILE = "endpoint.json"
+MODEL_CONFIG_FILE = "model-config.yaml"
+MAR_MANIFEST_FILE = "MAR-INF/MANIFEST.json"
+#: sha256 of every other entry, written by `torchship archive`: a changed byte anywhere refuses the load.
+CHECKSUMS_FILE = "torchship-checksums.json"
+#: A classifier's top-k post-processing (the seed's scripted function), exported with the classifier.
+TOPK_FILE = "process_outputs.torchscript.pt"
+#: The file torch-model-archiver puts at the archive root as TorchServe's handler.
+HANDLER_ENTRY_FILE = "torchship_handler.py"
+HANDLER_PACKAGE = "handlers"
+#: The handler package files that travel inside every archive (torch + stdlib only).
+HANDLER_PACKAGE_FILES = ("__init__.py", "codec.py", "core.py", "errors.py", "names.py", "service.py")
+
+# -- HTTP ------------------------------------------------------------------------------------------------------------
+#: OIP v2 binary-data extension: length of the JSON header that precedes the raw tensor bytes (lower-case).
+BINARY_HEADER = "inference-header-content-length"
+#: How many requests the engine handed the handler together, and how many rows the model ran for this one.
+BATCH_REQUESTS_HEADER = "X-Torchship-Batch-Requests"
+BATCH_ROWS_HEADER = "X-Torchship-Batch-Rows"
+#: Which Ray node answered (the Ray app only).
+NODE_HEADER = "X-Torchship-Node"
+AUTHORIZATION_HEADER = "authorization"
+BEARER_PREFIX = "Bearer "
+
+# -- environment -------------------------------------------------------------------------------------------------------
+#: A shared inference token (a Kubernetes Secret), checked by the handler where the engine cannot check one itself.
+TOKEN_ENV = "TORCHSHIP_INFERENCE_TOKEN"
+TOKEN_FILE_ENV = "TORCHSHIP_INFERENCE_TOKEN_FILE"
+#: The body limit the handler enforces with a JSON 413 (the launchers set it from configs/config.properties).
+MAX_REQUEST_BYTES_ENV = "TORCHSHIP_MAX_REQUEST_BYTES"
+
+#: Every refusal to load an archive (tampered, wrong handler code, unsafe entry) starts with this marker, in the
+#: exception message and so in the engine's log or deployment status: engines report load refusals by it.
+LOAD_REFUSED_MARKER = "TORCHSHIP-LOAD-REFUSED"
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The Authorization header that carries `token` (none when there is no token)."""
+    return {"Authorization": f"{BEARER_PREFIX}{token}"} if token else {}
