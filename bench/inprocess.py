@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from export.torchscript import to_script
-from handlers.service import LOADERS
+from handlers.core import LOADERS
 from torchship.parity import compare_all
 from torchship.registry import resolve
 from torchship.spec import ModelSpec, Tolerance, as_output_tuple

@@ -28,7 +28,7 @@ from bench.served import (
     tolerance_of,
 )
 from export.exporter import export_isolated
-from handlers.service import LOADERS
+from handlers.core import LOADERS
 
 SCHEMA_VERSION = 1
 ENGINES = ("torchserve", "ray")

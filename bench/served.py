@@ -7,7 +7,6 @@ import asyncio
 import json
 import statistics
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,8 +18,11 @@ import psutil
 import torch
 import yaml
 
-from archive.build import archive_models, read_entries, write_archive
+from archive.build import archive_models
+from archive.mar import MarArchive, write_archive
+from engines import engine_class
 from handlers.codec import decode_response, encode_request
+from handlers.names import bearer
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
 
@@ -40,7 +42,7 @@ def bench_store(artifacts: Path, out: Path, model_config: dict[str, Any]) -> Pat
     archive_models([MODEL], artifacts=artifacts, out_dir=out, model_config=model_config)
     for extra in out.glob(f"{MODEL}_*.mar"):
         extra.unlink()
-    members = read_entries(out / f"{BATCHED}.mar")
+    members = dict(MarArchive(out / f"{BATCHED}.mar").entries)
     members["model-config.yaml"] = yaml.safe_dump({**model_config, "batchSize": 1, "maxBatchDelay": 0}).encode()
     endpoint = json.loads(members["endpoint.json"])
     members["endpoint.json"] = json.dumps({**endpoint, "endpoint": UNBATCHED}).encode()
@@ -52,9 +54,7 @@ def bench_store(artifacts: Path, out: Path, model_config: dict[str, Any]) -> Pat
 
 
 def tolerance_of(store: Path) -> Tolerance:
-    with zipfile.ZipFile(store / f"{BATCHED}.mar") as z:
-        tol = json.loads(z.read("manifest.json"))["tolerance"]["torchscript"]
-    return Tolerance(tol["atol"], tol["rtol"])
+    return Tolerance(*MarArchive(store / f"{BATCHED}.mar").tolerance)
 
 
 def make_payloads(model: Callable[..., torch.Tensor], shapes: list[tuple[int, ...]], *, binary: bool) -> list[Payload]:
@@ -92,7 +92,7 @@ async def _load(
     max_requests: int | None,
 ) -> LoadResult:  # fmt: skip
     result = LoadResult(latencies_ms=[])
-    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    auth = bearer(token)
     deadline = time.perf_counter() + duration_s
     counter = iter(range(10**9))
 
@@ -154,28 +154,11 @@ def rss_bytes(root: psutil.Process, *, include_root: bool) -> int:
 
 @contextmanager
 def engine(name: str, store: Path, workdir: Path) -> Iterator[tuple[str, str | None, Callable[[], int], float]]:
-    """Start one engine; yield (base URL, token, footprint(), the monotonic time it was launched at)."""
-    from engines.torchserve import endpoints_in, free_port, start_torchserve, wait_ready
-
-    started = time.monotonic()
-    if name == "torchserve":
-        ts = start_torchserve(store, workdir)
-        try:
-            wait_ready(ts, endpoints_in(store))
-            proc = psutil.Process(ts.process.pid)
-            yield ts.inference_url, ts.inference_key(), lambda: rss_bytes(proc, include_root=True), started
-        finally:
-            ts.stop()
-    else:
-        from engines.ray import start_ray_serve, stop_ray_serve
-
-        try:
-            ray = start_ray_serve(store, workdir, port=free_port(), token=None)
-            me = psutil.Process()
-            # Ray runs its driver in this process: count its child processes (GCS, raylet, workers, replicas).
-            yield ray.url, None, lambda: rss_bytes(me, include_root=False), started
-        finally:
-            stop_ray_serve()
+    """Start one engine; yield (base URL, token, footprint() of its whole process tree, when it was launched)."""
+    with engine_class(name)(store, workdir) as running:
+        assert running.started_at is not None
+        root = psutil.Process(running.pid)
+        yield running.url, running.token, lambda: rss_bytes(root, include_root=True), running.started_at
 
 
 def first_correct_answer_s(url: str, token: str | None, payload: Payload, tol: Tolerance, started: float) -> float:

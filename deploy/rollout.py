@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from deploy.kube import DeployError, find_tool, image_repository, render
+from deploy.kube import find_tool, image_repository, render
+from torchship.errors import DeployError
 from verify.compare import VerifyRow, verify
 
 #: Deployments `rollout` waits for after applying an overlay.

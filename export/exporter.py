@@ -17,8 +17,8 @@ from torch import nn
 from export.pt2 import AotiIsa, build_aoti, build_pt2, save_pt2
 from export.reference import Case, make_cases, save_reference
 from export.torchscript import build_torchscript
+from handlers.core import LOADERS, sha256_file
 from handlers.names import REFERENCE_FILE
-from handlers.service import LOADERS, sha256_file
 from torchship.errors import ExportFormatError, OutputDirError, SpecError, TorchshipError
 from torchship.manifest import (
     FORMAT_FILES,

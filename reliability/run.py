@@ -11,16 +11,11 @@ import contextlib
 import hashlib
 import ipaddress
 import json
-import os
 import secrets
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,16 +23,17 @@ from typing import Any
 import requests
 import torch
 
-from archive.build import read_entries
-from deploy.probe import worker_pids
-from engines.ray import replica_pids
-from engines.torchserve import TorchServe, endpoints_in, free_port, start_torchserve, wait_ready
-from handlers.codec import TOKEN_ENV, Signature, decode_response, encode_request
-from handlers.service import CHECKSUMS_FILE
+from archive.mar import MarArchive, store_archives
+from engines import engine_class
+from engines.base import Engine
+from engines.torchserve import TorchServe
+from handlers.codec import Signature, decode_response, encode_request
+from handlers.errors import UnsafeArchive
+from handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, bearer
 from reliability.corpus import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
 from reliability.traffic import FaultResult, make_pool, run_fault, run_load, summarize
-from torchship.errors import TorchshipError
-from verify.compare import read_archive
+from torchship.errors import EngineError, ReliabilityError
+from torchship.spec import Tolerance
 
 REPO = Path(__file__).resolve().parent.parent
 #: The models a reliability store archives (every usable format of each): fast enough for 2 cores, and covering
@@ -46,125 +42,34 @@ RELIABILITY_MODELS = ("dynamic_router", "simple_cnn", "seq_decoder", "process_ou
 #: The body limit both engines enforce in these runs (small, so that a 413 is cheap to provoke).
 LIMIT_BYTES = 4 * 1024 * 1024
 FAULT_ENDPOINT = "dynamic_router"
-RAY_READY_MARKER = "Ctrl-C or SIGTERM stops it"
+ENGINE_NAMES = ("torchserve", "ray")
 Say = Callable[[str], None]
-
-
-class ReliabilityError(TorchshipError):
-    """A reliability run could not be carried out (an engine did not start, say)."""
 
 
 # -- engines -------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Engine:
-    """A running engine with what the checks need: its target, a way to find the process serving an endpoint."""
-
-    target: Target
-    find_pid: Callable[[str], int | None]
-    stop: Callable[[], None]
-    detail: dict[str, Any]
+def start_engine(name: str, model_store: Path, workdir: Path, **options: Any) -> Engine:
+    """An engine on the store with the run's small body limit (a Ray one with a fresh token), not yet started."""
+    if name == "ray":
+        options.setdefault("token", secrets.token_hex(16))
+    return engine_class(name)(model_store, workdir, max_request_bytes=LIMIT_BYTES, ready_timeout_s=400, **options)
 
 
-@contextlib.contextmanager
-def torchserve_engine(model_store: Path, workdir: Path, *, overrides: dict[str, str] | None = None) -> Iterator[Engine]:
-    server = start_torchserve(model_store, workdir, overrides={"max_request_size": str(LIMIT_BYTES), **(overrides or {})})
-    try:
-        wait_ready(server, endpoints_in(model_store), timeout_s=300)
-        key = server.management_key()
-
-        def find_pid(endpoint: str) -> int | None:
-            pids = worker_pids(server.management_url, endpoint, key)
-            return pids[0] if pids else None
-
-        yield Engine(
-            Target("torchserve", server.inference_url, server.inference_key()), find_pid, server.stop, {"server": server}
-        )
-    finally:
-        server.stop()
+def target_of(engine: Engine) -> Target:
+    return Target(engine.name, engine.url, engine.token)
 
 
-def short_workdir() -> Path:
-    """Ray puts unix sockets under its workdir, and their paths must stay under 108 bytes: a short /tmp folder."""
-    return Path(tempfile.mkdtemp(prefix="tsray-", dir="/tmp" if Path("/tmp").is_dir() else None))
-
-
-def spawn_ray(model_store: Path, workdir: Path, *, token: str, port: int | None = None) -> subprocess.Popen[str]:
-    """`torchship serve ray` in its own process group (so a restart is a real restart of Ray)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    cmd = [sys.executable, "-m", "torchship.cli", "serve", "ray", "--model-store", str(model_store), "--port", str(port)]
-    cmd += ["--workdir", str(workdir), "--max-request-bytes", str(LIMIT_BYTES)]
-    env = {**os.environ, TOKEN_ENV: token}
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-
-
-def _wait_ray(proc: subprocess.Popen[str], timeout_s: float) -> tuple[bool, str]:
-    """(ready, output so far): reads until the ready line, the process's exit, or the deadline."""
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    os.set_blocking(proc.stdout.fileno(), False)
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line:
-            lines.append(line)
-            if RAY_READY_MARKER in line:
-                return True, "".join(lines)
-            continue
-        if proc.poll() is not None:
-            rest = proc.stdout.read() or ""
-            return False, "".join(lines) + rest
-        time.sleep(0.2)
-    return False, "".join(lines)
-
-
-def stop_process_group(proc: subprocess.Popen[str], timeout_s: float = 60) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout_s)
-
-
-@contextlib.contextmanager
-def ray_engine(model_store: Path, workdir: Path, *, ready_timeout_s: float = 400) -> Iterator[Engine]:
-    token = secrets.token_hex(16)
-    port = free_port()
-    ray_dir = short_workdir()
-    proc = spawn_ray(model_store, ray_dir, token=token, port=port)
-    try:
-        ready, text = _wait_ray(proc, ready_timeout_s)
-        if not ready:
-            raise ReliabilityError(f"Ray Serve did not become ready:\n{text[-3000:]}")
-
-        def find_pid(endpoint: str) -> int | None:
-            pids = replica_pids(endpoint)
-            return pids[0] if pids else None
-
-        yield Engine(Target("ray", f"http://127.0.0.1:{port}", token), find_pid, lambda: stop_process_group(proc), {"port": port})
-    finally:
-        stop_process_group(proc)
-        shutil.rmtree(ray_dir, ignore_errors=True)
+def first_pid(engine: Engine, endpoint: str) -> int | None:
+    pids = engine.pids(endpoint)
+    return pids[0] if pids else None
 
 
 def oracle_for(model_store: Path) -> tuple[Oracle, dict[str, Signature]]:
     """Eager references for every archive of the store, and each endpoint's signature."""
-    archived = [read_archive(m) for m in sorted(model_store.glob("*.mar"))]
-    oracle = Oracle({a.name: a.model for a in archived}, {a.name: a.tolerance for a in archived})
-    sigs: dict[str, Signature] = {}
-    for mar in sorted(model_store.glob("*.mar")):
-        with zipfile.ZipFile(mar) as z:
-            sigs[mar.stem] = Signature.from_manifest(json.loads(z.read("manifest.json")))
-    return oracle, sigs
+    archived = store_archives(model_store)
+    oracle = Oracle({a.endpoint: a.model for a in archived}, {a.endpoint: Tolerance(*a.tolerance) for a in archived})
+    return oracle, {a.path.stem: Signature.from_manifest(a.manifest) for a in archived}
 
 
 # -- restarts ------------------------------------------------------------------------------------------------------
@@ -187,7 +92,7 @@ def fixed_outputs(target: Target, oracle: Oracle, endpoints: Sequence[str]) -> d
     return out
 
 
-def identical(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]) -> list[str]:
+def differing(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]) -> list[str]:
     """Keys whose tensors are not bit-identical (empty: identical)."""
     return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not all(map(torch.equal, a[k], b[k])))
 
@@ -206,10 +111,9 @@ def write_entries(members: dict[str, bytes], out: Path) -> Path:
 
 def tamper_byte(mar: Path, out: Path) -> Path:
     """The same archive with one byte of the serialized model changed (a valid zip: only the checksums can tell)."""
-    members = read_entries(mar)
-    manifest = json.loads(members["manifest.json"])
-    fmt = json.loads(members["endpoint.json"])["format"]
-    name = manifest["formats"][fmt]["file"]
+    archive = MarArchive(mar)
+    members = dict(archive.entries)
+    name = archive.manifest["formats"][archive.format]["file"]
     data = bytearray(members[name])
     data[len(data) // 2] ^= 0x01
     members[name] = bytes(data)
@@ -219,10 +123,10 @@ def tamper_byte(mar: Path, out: Path) -> Path:
 def tamper_manifest(mar: Path, out: Path) -> Path:
     """An archive whose manifest's sha256 for the model no longer matches the file, with the checksum listing
     rewritten to match the new manifest: the handler's own sha256 check must still refuse it."""
-    members = read_entries(mar)
-    manifest = json.loads(members["manifest.json"])
-    fmt = json.loads(members["endpoint.json"])["format"]
-    manifest["formats"][fmt]["sha256"] = "0" * 64
+    archive = MarArchive(mar)
+    members = dict(archive.entries)
+    manifest = archive.manifest
+    manifest["formats"][archive.format]["sha256"] = "0" * 64
     members["manifest.json"] = json.dumps(manifest, indent=2).encode("utf-8")
     listing = json.loads(members[CHECKSUMS_FILE])
     listing["manifest.json"] = hashlib.sha256(members["manifest.json"]).hexdigest()
@@ -242,50 +146,32 @@ class Refusal:
     seconds: float
 
 
-def torchserve_refuses(mar: Path, workdir: Path) -> Refusal:
-    """Start TorchServe on a store holding only `mar`; it must not become ready, and the handler's error must show."""
+def refuses(engine: str, mar: Path, workdir: Path) -> Refusal:
+    """Start an engine on a store holding only `mar`: it must not become ready, and the handler's refusal must show."""
     start = time.monotonic()
-    server = start_torchserve(mar.parent, workdir)
     try:
-        try:
-            wait_ready(server, endpoints_in(mar.parent), timeout_s=180)
-        except TorchshipError as exc:
-            return Refusal("torchserve", "", True, str(exc)[:400], round(time.monotonic() - start, 2))
-        return Refusal("torchserve", "", False, "became ready", round(time.monotonic() - start, 2))
-    finally:
-        server.stop()
-
-
-def ray_refuses(mar: Path, workdir: Path) -> Refusal:
-    start = time.monotonic()
-    ray_dir = short_workdir()
-    proc = spawn_ray(mar.parent, ray_dir, token=secrets.token_hex(8))
-    try:
-        ready, text = _wait_ray(proc, 300)
-        code = proc.wait(timeout=60) if not ready else None
-    finally:
-        stop_process_group(proc)
-        shutil.rmtree(ray_dir, ignore_errors=True)
-    flat = " ".join(text.split())  # the console wraps long lines
-    line = flat[flat.index("error:") :] if "error:" in flat else flat[-400:]
-    return Refusal("ray", "", not ready and code not in (None, 0), line.strip()[:400], round(time.monotonic() - start, 2))
+        with start_engine(engine, mar.parent, workdir, ready_timeout_s=300):
+            return Refusal(engine, "", False, "became ready", round(time.monotonic() - start, 2))
+    except EngineError as exc:
+        message = str(exc)
+        refused = LOAD_REFUSED_MARKER in message
+        return Refusal(engine, "", refused, message[:400], round(time.monotonic() - start, 2))
 
 
 def integrity_checks(good_mar: Path, workdir: Path, say: Say) -> list[Refusal]:
     refusals: list[Refusal] = []
     for tamper, make in TAMPERS.items():
-        for engine, check in (("torchserve", torchserve_refuses), ("ray", ray_refuses)):
+        for engine in ENGINE_NAMES:
             folder = workdir / f"{engine}-{tamper.replace(' ', '-')}"
             bad = make(good_mar, folder / "store" / good_mar.name)
             say(f"integrity: {engine} on a .mar with a {tamper}")
-            r = check(bad, folder / "run")
+            r = refuses(engine, bad, folder / "run")
             refusals.append(Refusal(engine, tamper, r.refused, r.message, r.seconds))
     return refusals
 
 
 def unpack_refuses_traversal(workdir: Path) -> dict[str, Any]:
     """The Ray app's unpacker on a .mar carrying `../` and absolute entries: refused, nothing written outside."""
-    from deploy.ray_app import UnsafeArchive, unpack_mar
 
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -300,7 +186,7 @@ def unpack_refuses_traversal(workdir: Path) -> dict[str, Any]:
             z.writestr(entry, "written outside")
         cache = workdir / f"cache-{label.replace(' ', '-')}"
         try:
-            unpack_mar(mar, cache)
+            MarArchive(mar).unpack_cached(cache)
             refused = False
         except UnsafeArchive:
             refused = True
@@ -375,12 +261,12 @@ def process_tree(pid: int) -> list[int]:
 
 def torchserve_access(server: TorchServe, model_store: Path, outside_dir: Path) -> dict[str, Any]:
     """Token on inference and management, listeners on loopback, and allowed_urls (management API enabled for it)."""
-    inf, mgmt = server.inference_key(), server.management_key()
-    ep = endpoints_in(model_store)[0]
+    inf, mgmt = server.token, server.management_key()
+    ep = server.endpoints[0]
     body, headers = encode_request({"x": torch.zeros(1, 256)})
 
     def status(method: str, url: str, key: str | None, **kw: Any) -> int:
-        h = {"Authorization": f"Bearer {key}"} if key else {}
+        h = bearer(key)
         return requests.request(method, url, headers={**h, **kw.pop("headers", {})}, timeout=30, **kw).status_code
 
     outside_dir.mkdir(parents=True, exist_ok=True)
@@ -388,11 +274,9 @@ def torchserve_access(server: TorchServe, model_store: Path, outside_dir: Path) 
     outside.write_bytes((model_store / f"{ep}.mar").read_bytes())
     register = f"{server.management_url}/models"
     result: dict[str, Any] = {
-        "inference_without_token": status("POST", f"{server.inference_url}/predictions/{ep}", None, data=body, headers=headers),
-        "inference_with_management_key": status(
-            "POST", f"{server.inference_url}/predictions/{ep}", mgmt, data=body, headers=headers
-        ),
-        "inference_with_token": status("POST", f"{server.inference_url}/predictions/{ep}", inf, data=body, headers=headers),
+        "inference_without_token": status("POST", f"{server.url}/predictions/{ep}", None, data=body, headers=headers),
+        "inference_with_management_key": status("POST", f"{server.url}/predictions/{ep}", mgmt, data=body, headers=headers),
+        "inference_with_token": status("POST", f"{server.url}/predictions/{ep}", inf, data=body, headers=headers),
         "management_without_token": status("GET", f"{server.management_url}/models", None),
         "management_with_inference_key": status("GET", f"{server.management_url}/models", inf),
         "management_with_token": status("GET", f"{server.management_url}/models", mgmt),
@@ -404,7 +288,7 @@ def torchserve_access(server: TorchServe, model_store: Path, outside_dir: Path) 
             "POST", register, mgmt, params={"url": f"file://{model_store}/../{outside_dir.name}/outside.mar"}
         ),
     }
-    result["listening"] = listening_addresses(process_tree(server.process.pid))
+    result["listening"] = listening_addresses(process_tree(server.pid))
     result["all_loopback"] = bool(result["listening"]) and all(map(is_loopback, result["listening"]))
     return result
 
@@ -412,20 +296,20 @@ def torchserve_access(server: TorchServe, model_store: Path, outside_dir: Path) 
 def ray_access(engine: Engine) -> dict[str, Any]:
     import psutil
 
-    port = int(engine.detail["port"])
+    port = engine.port
     listeners = sorted(
         f"{c.laddr.ip}:{c.laddr.port}"
         for c in psutil.net_connections(kind="inet")
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
     )
     body, headers = encode_request({"x": torch.zeros(1, 256)})
-    url = f"{engine.target.url}/predictions/{FAULT_ENDPOINT}"
+    url = f"{engine.url}/predictions/{FAULT_ENDPOINT}"
     return {
         "http_listeners": listeners,
         "http_loopback_only": bool(listeners) and all(map(is_loopback, listeners)),
         "inference_without_token": requests.post(url, data=body, headers=headers, timeout=30).status_code,
         "inference_with_token": requests.post(
-            url, data=body, headers={**headers, "Authorization": f"Bearer {engine.target.token}"}, timeout=30
+            url, data=body, headers={**headers, **engine.auth_headers()}, timeout=30
         ).status_code,
     }
 
@@ -449,22 +333,23 @@ def engine_checks(engine: Engine, model_store: Path, counts: Counts, say: Say) -
     """Corpus, fuzz, load and a fault on one running engine."""
     oracle, sigs = oracle_for(model_store)
     endpoints = sorted(sigs)
-    name = engine.target.engine
+    name = engine.name
+    target = target_of(engine)
     say(f"{name}: hostile corpus")
-    corpus = run_corpus(engine.target, load_corpus(), oracle, limit_bytes=LIMIT_BYTES)
+    corpus = run_corpus(target, load_corpus(), oracle, limit_bytes=LIMIT_BYTES)
     say(f"{name}: HTTP fuzz, {counts.fuzz_requests} requests")
-    fuzz = run_fuzz(engine.target, oracle, sigs[FAULT_ENDPOINT], requests=counts.fuzz_requests, seed=11)
+    fuzz = run_fuzz(target, oracle, sigs[FAULT_ENDPOINT], requests=counts.fuzz_requests, seed=11)
     pool = make_pool(oracle, endpoints)
     say(f"{name}: load, {counts.load_requests} requests at {counts.concurrency} concurrent clients")
-    shots = run_load(engine.target, pool, oracle, requests_total=counts.load_requests, concurrency=counts.concurrency)
+    shots = run_load(target, pool, oracle, requests_total=counts.load_requests, concurrency=counts.concurrency)
     load = summarize(name, shots, counts.concurrency)
     say(
         f"{name}: load {load.ok}/{load.requests} ok, p99 {load.latency_p99_ms} ms; now killing {FAULT_ENDPOINT}'s process mid-run"
     )
     fault = run_fault(
-        engine.target, pool, oracle, endpoint=FAULT_ENDPOINT,
+        target, pool, oracle, endpoint=FAULT_ENDPOINT,
         what="TorchServe worker process" if name == "torchserve" else "Ray Serve replica actor",
-        find_pid=lambda: engine.find_pid(FAULT_ENDPOINT), requests_total=counts.fault_requests,
+        find_pid=lambda: first_pid(engine, FAULT_ENDPOINT), requests_total=counts.fault_requests,
         concurrency=counts.concurrency, kill_after=counts.fault_requests // 4,
     )  # fmt: skip
     return {
@@ -472,7 +357,7 @@ def engine_checks(engine: Engine, model_store: Path, counts: Counts, say: Say) -
         "fuzz": asdict(fuzz),
         "load": load.as_dict(),
         "fault": fault.as_dict(),
-        "before_restart": fixed_outputs(engine.target, oracle, endpoints),
+        "before_restart": fixed_outputs(target, oracle, endpoints),
     }
 
 
@@ -509,28 +394,25 @@ def summary_row(engine: str, doc: dict[str, Any]) -> dict[str, Any]:
 def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) -> dict[str, Any]:
     """Everything, on both engines, one after the other (2 cores: never both at once)."""
     engines: dict[str, dict[str, Any]] = {}
-    starters: dict[str, Callable[[Path], contextlib.AbstractContextManager[Engine]]] = {
-        "torchserve": lambda w: torchserve_engine(model_store, w),
-        "ray": lambda w: ray_engine(model_store, w),
-    }
     access: dict[str, Any] = {}
-    for name, start in starters.items():
+    for name in ENGINE_NAMES:
         say(f"starting {name} on {model_store}")
-        with start(workdir / name) as engine:
+        with start_engine(name, model_store, workdir / name) as engine:
             doc = engine_checks(engine, model_store, counts, say)
             access[name] = ray_access(engine) if name == "ray" else None
         say(f"{name}: restarting on the same model store")
-        with start(workdir / f"{name}-restart") as engine:
+        with start_engine(name, model_store, workdir / f"{name}-restart") as engine:
             oracle, sigs = oracle_for(model_store)
-            after = fixed_outputs(engine.target, oracle, sorted(sigs))
+            after = fixed_outputs(target_of(engine), oracle, sorted(sigs))
         before = doc.pop("before_restart")
-        doc["restart_differs"] = identical(before, after)
+        doc["restart_differs"] = differing(before, after)
         doc["restart_identical"] = not doc["restart_differs"]
         doc["restart_outputs_compared"] = len(before)
         engines[name] = doc
     say("torchserve: access (tokens, loopback, allowed_urls with the management API on)")
-    with torchserve_engine(model_store, workdir / "access", overrides={"enable_model_api": "true"}) as engine:
-        access["torchserve"] = torchserve_access(engine.detail["server"], model_store, workdir / "outside")
+    with start_engine("torchserve", model_store, workdir / "access", overrides={"enable_model_api": "true"}) as server:
+        assert isinstance(server, TorchServe)
+        access["torchserve"] = torchserve_access(server, model_store, workdir / "outside")
     integrity = [asdict(r) for r in integrity_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "integrity", say)]
     traversal = unpack_refuses_traversal(workdir / "traversal")
     pickles = unpickling_calls(PROJECT_CODE)

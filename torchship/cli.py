@@ -6,20 +6,18 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from torchship.errors import TorchshipError
+from torchship.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TorchshipError
 
 if TYPE_CHECKING:
     from export.exporter import ModelExport
     from torchship.spec import TensorSpec
     from verify.compare import CrossRow, VerifyRow
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _size(n: int | None) -> str:
@@ -154,71 +152,52 @@ def cross_table(cross: list[CrossRow]) -> Table:
 
 
 def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
+    import os
     import signal
     import tempfile
 
-    from engines.torchserve import endpoints_in, start_torchserve, wait_ready
+    from engines import engine_class
+    from engines.torchserve import TorchServe
+    from handlers.names import TOKEN_ENV
 
     signal.signal(signal.SIGTERM, _interrupt)
     model_store = Path(args.model_store)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"torchship-{args.engine}-"))
-    if args.engine == "ray":
-        return _serve_ray(args, model_store, workdir, out, err)
-    endpoints = endpoints_in(model_store)
-    server = start_torchserve(model_store, workdir, port=args.port)
+    token = os.environ.get(TOKEN_ENV) or None
+    extra: dict[str, Any] = {"token": token} if args.engine == "ray" else {}
+    engine = engine_class(args.engine)(
+        model_store,
+        workdir,
+        port=args.port,
+        max_request_bytes=args.max_request_bytes,
+        ready_timeout_s=args.ready_timeout_s,
+        **extra,
+    )
+    label = {"torchserve": "TorchServe", "ray": "Ray Serve"}[args.engine]
     try:
-        err.print(f"starting TorchServe with {len(endpoints)} endpoints; log: {escape(str(server.log_path))}")
-        wait_ready(server, endpoints, timeout_s=args.ready_timeout_s)
-        out.print(f"TorchServe ready at {server.inference_url}  (endpoints: {', '.join(endpoints)})")
-        out.print(f"inference token: {escape(str(server.key_file))} (key 'inference'; send 'Authorization: Bearer <key>')")
+        err.print(f"starting {label} with {len(engine.endpoints)} endpoints; log: {escape(str(engine.log_path))}")
+        engine.start()
+        out.print(f"{label} ready at {engine.url}  (endpoints: {', '.join(engine.endpoints)})")
+        if isinstance(engine, TorchServe) and engine.token_auth:
+            out.print(f"inference token: {escape(str(engine.key_file))} (key 'inference'; send 'Authorization: Bearer <key>')")
+        else:
+            out.print(f"inference token: {'$' + TOKEN_ENV if token else f'none (set {TOKEN_ENV} to require one)'}")
         out.print("Ctrl-C or SIGTERM stops it.")
-        while server.process.poll() is None:
+        while engine.running():
             time.sleep(0.5)
-        err.print(f"[red]TorchServe exited with code {server.process.returncode}[/]\n{escape(server.log_tail())}")
+        code = engine.process.returncode if engine.process else None
+        err.print(f"[red]{label} exited with code {code}[/]\n{escape(engine.log_tail())}")
         return EXIT_FAILED
     except KeyboardInterrupt:
-        err.print("stopping TorchServe")
+        err.print(f"stopping {label}")
         return EXIT_OK
     finally:
-        server.stop()
+        engine.stop()
 
 
 def _interrupt(signum: int, _frame: object) -> None:
     """SIGTERM handler: stop the server the way Ctrl-C does."""
     raise KeyboardInterrupt
-
-
-def _serve_ray(args: argparse.Namespace, model_store: Path, workdir: Path, out: Console, err: Console) -> int:
-    import os
-    import signal
-
-    from engines.ray import start_ray_serve, stop_ray_serve
-    from engines.torchserve import free_port
-    from handlers.codec import TOKEN_ENV
-
-    token = os.environ.get(TOKEN_ENV)
-    try:
-        err.print(f"starting a local Ray and the torchship app; Ray's files: {escape(str(workdir))}")
-        server = start_ray_serve(
-            model_store,
-            workdir,
-            port=args.port or free_port(),
-            token=token,
-            max_request_bytes=args.max_request_bytes,
-            ready_timeout_s=args.ready_timeout_s,
-        )
-        # ray.init installs a C++ SIGTERM handler that aborts the process; take SIGTERM back for a clean stop.
-        signal.signal(signal.SIGTERM, _interrupt)
-        out.print(f"Ray Serve ready at {server.url}  (endpoints: {', '.join(server.endpoints)})")
-        out.print(f"inference token: {'$' + TOKEN_ENV if token else f'none (set {TOKEN_ENV} to require one)'}")
-        out.print("Ctrl-C or SIGTERM stops it.")
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        err.print("stopping Ray Serve")
-        return EXIT_OK
-    finally:
-        stop_ray_serve()
 
 
 def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -418,12 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("serve", help="serve the model store on an engine until Ctrl-C / SIGTERM")
-    p.add_argument("engine", choices=("torchserve", "ray"))
-    p.add_argument("--model-store", default="model_store")
+    p.add_argument("engine", choices=("torchserve", "ray"), help="the engine to serve on")
+    p.add_argument("--model-store", default="model_store", help="folder of .mar files to serve (default: model_store)")
     p.add_argument("--port", type=int, default=None, help="inference port on 127.0.0.1 (default: a free one)")
     p.add_argument("--workdir", default=None, help="config, logs and key_file.json go here (default: a new temp dir)")
-    p.add_argument("--ready-timeout-s", type=float, default=300.0)
-    p.add_argument("--max-request-bytes", type=int, default=None, help="ray: body size limit (default 64 MiB, as TorchServe's)")
+    p.add_argument(
+        "--ready-timeout-s", type=float, default=300.0, help="give up when not every endpoint is ready after this (default 300)"
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="body size limit (default: max_request_size in configs/config.properties)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("verify", help="send every reference input over HTTP and compare with eager")
@@ -437,19 +423,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("pipeline", help="export -> archive -> serve on TorchServe and Ray Serve -> verify both -> stop")
-    p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--model-store", default="model_store")
-    p.add_argument("--reports", default="reports")
+    p.add_argument("--artifacts", default="artifacts", help="export folder (default: artifacts)")
+    p.add_argument("--model-store", default="model_store", help="where the .mar files go (default: model_store)")
+    p.add_argument("--reports", default="reports", help="where the parity reports go (default: reports)")
     p.set_defaults(func=cmd_pipeline)
 
     deploy = sub.add_parser("deploy", help="Kubernetes: generate, check and gate the rollout of deploy/k8s")
     dsub = deploy.add_subparsers(dest="deploy_command", required=True)
     p = dsub.add_parser("sync", help="write deploy/k8s's generated config files from configs/")
-    p.add_argument("--k8s-dir", default="deploy/k8s")
+    p.add_argument("--k8s-dir", default="deploy/k8s", help="the kustomize tree (default: deploy/k8s)")
     p.set_defaults(func=cmd_deploy_sync)
     p = dsub.add_parser("check", help="render every overlay and validate it offline (schemas, CRDs, ports, lint, checkov)")
-    p.add_argument("--k8s-dir", default="deploy/k8s")
-    p.add_argument("--docker-dir", default="docker")
+    p.add_argument("--k8s-dir", default="deploy/k8s", help="the kustomize tree (default: deploy/k8s)")
+    p.add_argument("--docker-dir", default="docker", help="the Dockerfiles to lint (default: docker)")
     p.add_argument("--no-lint", action="store_true", help="leave out yamllint, hadolint and checkov")
     p.set_defaults(func=cmd_deploy_check)
     for name, helptext in (
@@ -459,14 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = dsub.add_parser(name, help=helptext)
         p.add_argument("--url", required=True, help="the candidate's inference base URL")
         p.add_argument("--model-store", default="model_store", help="the archives the candidate serves (references)")
-        p.add_argument("--token", default=None)
+        p.add_argument("--token", default=None, help="the bearer token itself")
         p.add_argument("--token-file", default=None, help="a file holding the token, or TorchServe's key_file.json")
         p.add_argument("--endpoint", action="append", default=[], help="only these endpoints (repeatable)")
         p.add_argument("--report", default=None, help="write the gate's JSON report here")
         if name == "rollout":
-            p.add_argument("--overlay", default="cpu", choices=("cpu", "gpu", "staging"))
+            p.add_argument("--overlay", default="cpu", choices=("cpu", "gpu", "staging"), help="the overlay to apply")
             p.add_argument("--image", required=True, help="the candidate's image, repo:tag or repo@sha256:digest")
-            p.add_argument("--k8s-dir", default="deploy/k8s")
+            p.add_argument("--k8s-dir", default="deploy/k8s", help="the kustomize tree (default: deploy/k8s)")
             p.add_argument("--dry-run", action="store_true", help="print the manifests instead of applying them")
         p.set_defaults(func=cmd_deploy_gate if name == "gate" else cmd_deploy_rollout)
 
@@ -501,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args, out, err)
     except TorchshipError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
-        return EXIT_FAILED
+        return exc.exit_code
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         return 130

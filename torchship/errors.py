@@ -16,8 +16,6 @@ class TorchshipError(Exception):
 class SpecError(TorchshipError):
     """A model spec could not be found, imported or validated."""
 
-    exit_code = EXIT_USAGE
-
 
 class ManifestError(TorchshipError):
     """A manifest.json is missing, malformed or does not match its artifacts."""

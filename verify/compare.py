@@ -6,21 +6,20 @@ needs only the model store and a URL: it checks what is deployed, not what was e
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchship.errors import TorchshipError
+from archive.mar import MarArchive, store_archives
+from torchship.errors import EndpointError, TorchshipError
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
-from verify.client import Client, EndpointError
+from verify.client import Client
 
 ENCODINGS = ("json", "binary")
 
@@ -42,61 +41,37 @@ class VerifyRow:
     outputs: tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
-class ArchivedEndpoint:
-    """What verify needs from one .mar: its name, format, signature and reference cases."""
-
-    name: str
-    model: str
-    format: str
-    output_names: list[str]
-    tolerance: Tolerance
-    cases: list[dict[str, Any]]
-
-
-def read_archive(mar: Path) -> ArchivedEndpoint:
-    with zipfile.ZipFile(mar) as z:
-        endpoint = json.loads(z.read("endpoint.json"))
-        manifest = json.loads(z.read("manifest.json"))
-        reference = torch.load(io.BytesIO(z.read("reference.pt")), weights_only=True)
-    tol = manifest["tolerance"][endpoint["format"]]
-    return ArchivedEndpoint(
-        name=endpoint["endpoint"],
-        model=manifest["name"],
-        format=endpoint["format"],
-        output_names=[o["name"] for o in manifest["outputs"]],
-        tolerance=Tolerance(atol=tol["atol"], rtol=tol["rtol"]),
-        cases=list(reference["cases"]),
-    )
-
-
-def archived_endpoints(model_store: Path, names: list[str] | None = None) -> list[ArchivedEndpoint]:
-    mars = sorted(model_store.glob("*.mar"))
-    if not mars:
-        raise TorchshipError(f"no .mar files in {model_store}: run `torchship archive` first")
-    found = [read_archive(m) for m in mars]
+def archived_endpoints(model_store: Path, names: list[str] | None = None) -> list[MarArchive]:
+    """The store's archives (only `names`, when given; an unknown name is an error)."""
+    try:
+        found = store_archives(model_store)
+    except FileNotFoundError as exc:
+        raise TorchshipError(str(exc)) from None
     if names:
-        unknown = sorted(set(names) - {e.name for e in found})
+        unknown = sorted(set(names) - {e.endpoint for e in found})
         if unknown:
             raise TorchshipError(f"no archives for endpoints {unknown} in {model_store}")
-        found = [e for e in found if e.name in names]
+        found = [e for e in found if e.endpoint in names]
     return found
 
 
-def verify_endpoint(client: Client, engine: str, ep: ArchivedEndpoint) -> list[VerifyRow]:
+def verify_endpoint(client: Client, engine: str, ep: MarArchive) -> list[VerifyRow]:
     rows: list[VerifyRow] = []
-    for case in ep.cases:
+    tolerance = Tolerance(*ep.tolerance)
+    for case in ep.references():
         expected = tuple(case["outputs"][n] for n in ep.output_names)
         for encoding in ENCODINGS:
             start = time.perf_counter()
             try:
-                result = client.infer(ep.name, case["inputs"], binary=encoding == "binary", binary_output=encoding == "binary")
+                result = client.infer(
+                    ep.endpoint, case["inputs"], binary=encoding == "binary", binary_output=encoding == "binary"
+                )
                 latency_ms = (time.perf_counter() - start) * 1000
                 missing = [n for n in ep.output_names if n not in result.outputs]
                 if missing:
                     raise EndpointError(200, f"response lacks outputs {missing}")
                 outputs = tuple(result.outputs[n] for n in ep.output_names)
-                c = compare_all(outputs, expected, ep.tolerance)
+                c = compare_all(outputs, expected, tolerance)
                 max_abs, max_rel, passed, reason = c.max_abs, c.max_rel, c.passed, c.reason
             except (EndpointError, OSError, ValueError) as exc:
                 latency_ms = (time.perf_counter() - start) * 1000
@@ -104,7 +79,7 @@ def verify_endpoint(client: Client, engine: str, ep: ArchivedEndpoint) -> list[V
                 outputs = None
             batch = int(case["batch_size"])
             row = VerifyRow(
-                engine, ep.name, ep.model, ep.format, batch, encoding, max_abs, max_rel, passed, reason, latency_ms, outputs
+                engine, ep.endpoint, ep.model, ep.format, batch, encoding, max_abs, max_rel, passed, reason, latency_ms, outputs
             )
             rows.append(row)
     return rows

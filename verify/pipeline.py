@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from archive.build import archive_models, load_model_config
-from engines.torchserve import endpoints_in, start_torchserve, wait_ready
+from engines import engine_class
 from export.exporter import ModelExport, Progress, ensure_writable, export_isolated
 from models import ZOO
 from verify.compare import CrossRow, VerifyRow, cross_engine, verify, write_report
@@ -51,31 +52,21 @@ def markdown_table(cross: list[CrossRow]) -> str:
 
 
 def serve_and_verify(model_store: Path, say: Say) -> tuple[list[VerifyRow], list[VerifyRow]]:
-    """Serve the model store on TorchServe, verify, stop; then the same on Ray Serve."""
-    from engines.ray import start_ray_serve, stop_ray_serve
-    from engines.torchserve import free_port
-
-    with tempfile.TemporaryDirectory(prefix="torchship-ts-") as workdir:
-        say("serve: TorchServe on 127.0.0.1 (free ports, token auth on), waiting for every worker READY")
-        started = time.monotonic()
-        server = start_torchserve(model_store, Path(workdir))
-        try:
-            wait_ready(server, endpoints_in(model_store))
-            say(f"      ready in {time.monotonic() - started:.1f} s at {server.inference_url}; verifying")
-            ts_rows = verify("torchserve", server.inference_url, token=server.inference_key(), model_store=model_store)
-        finally:
-            server.stop()
-    with tempfile.TemporaryDirectory(prefix="torchship-ray-") as workdir:
-        say("serve: Ray Serve on 127.0.0.1 (local Ray, no dashboard), the same archives and handler")
-        started = time.monotonic()
-        token = secrets.token_hex(16)
-        try:
-            ray = start_ray_serve(model_store, Path(workdir), port=free_port(), token=token)
-            say(f"      ready in {time.monotonic() - started:.1f} s at {ray.url}; verifying")
-            ray_rows = verify("ray", ray.url, token=token, model_store=model_store)
-        finally:
-            stop_ray_serve()
-    return ts_rows, ray_rows
+    """Serve the model store on TorchServe, verify, stop; then the same on Ray Serve (never both at once)."""
+    rows: dict[str, list[VerifyRow]] = {}
+    notes = {
+        "torchserve": "TorchServe on 127.0.0.1 (free ports, token auth on), waiting for every worker READY",
+        "ray": "Ray Serve on 127.0.0.1 (local Ray, no dashboard), the same archives and handler",
+    }
+    for name in ("torchserve", "ray"):
+        with tempfile.TemporaryDirectory(prefix=f"torchship-{name}-") as workdir:
+            say(f"serve: {notes[name]}")
+            kwargs: dict[str, Any] = {"token": secrets.token_hex(16)} if name == "ray" else {}
+            with engine_class(name)(model_store, Path(workdir), **kwargs) as engine:
+                assert engine.started_at is not None
+                say(f"      ready in {time.monotonic() - engine.started_at:.1f} s at {engine.url}; verifying")
+                rows[name] = verify(name, engine.url, token=engine.token, model_store=model_store)
+    return rows["torchserve"], rows["ray"]
 
 
 def write_reports(reports: Path, ts_rows: list[VerifyRow], ray_rows: list[VerifyRow], cross: list[CrossRow]) -> None:

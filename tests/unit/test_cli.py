@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from handlers.service import load_aoti
+from handlers.core import load_aoti
 from tests.helpers import run_cli
 from torchship.cli import main
 from torchship.manifest import read_manifest

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export.exporter import ModelExport
-from handlers.service import sha256_file
+from handlers.core import sha256_file
 from models import ZOO
 from tests.conftest import AOTI_MODEL
 from tests.helpers import run_cli

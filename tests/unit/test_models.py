@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from export.exporter import ModelExport
-from handlers.service import load_torchscript
+from handlers.core import load_torchscript
 from models.dynamic_router import NUM_EXPERTS, DynamicRouter, to_masked
 from models.dynamic_router import build as build_router
 from models.process_outputs import process_outputs
