@@ -77,20 +77,14 @@ class RayServe(Engine):
             raise NotReady(str(exc)) from None
 
     def pids(self, endpoint: str) -> list[int]:
-        """This Ray's replica processes of `endpoint` (Ray titles them ray::ServeReplica:<app>:<name>)."""
+        """This Ray's replica processes of `endpoint`."""
         import psutil
 
-        title = f"ray::ServeReplica:{APP_NAME}:{endpoint}"
         try:
-            tree = psutil.Process(self.pid).children(recursive=True)
+            tree = {p.pid for p in psutil.Process(self.pid).children(recursive=True)}
         except psutil.Error:
             return []
-        pids: list[int] = []
-        for proc in tree:
-            with contextlib.suppress(psutil.Error):
-                if proc.cmdline() and proc.cmdline()[0].strip() == title:
-                    pids.append(proc.pid)
-        return sorted(pids)
+        return [pid for pid in replica_pids(endpoint) if pid in tree]
 
     def stop(self, timeout_s: float = 30.0) -> None:
         try:
@@ -98,6 +92,22 @@ class RayServe(Engine):
         finally:
             if self.ray_dir is not None:
                 shutil.rmtree(self.ray_dir, ignore_errors=True)
+
+
+def replica_pids(endpoint: str) -> list[int]:
+    """Every Ray Serve replica process of `endpoint` on this machine (Ray titles them ray::ServeReplica:<app>:<name>)."""
+    title = f"ray::ServeReplica:{APP_NAME}:{endpoint}"
+    pids: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.split(b"\0", 1)[0].decode(errors="replace").strip() == title:
+            pids.append(int(proc.name))
+    return sorted(pids)
 
 
 # -- the child process ------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from handlers.codec import Signature, decode_request, decode_response, encode_request
 from handlers.errors import ClientError
+from handlers.names import bearer
 from torchship.errors import CorpusError
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
@@ -141,7 +142,7 @@ def send(
 def _auth_header(kind: AuthKind, token: str | None) -> dict[str, str]:
     real = token or ""
     table = {
-        "valid": {"Authorization": f"Bearer {real}"} if token else {},
+        "valid": bearer(token),
         "none": {},
         "wrong": {"Authorization": "Bearer not-the-token"},
         "basic": {"Authorization": "Basic dXNlcjpwYXNz"},

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from archive.build import Endpoint, archive_models, load_model_config
+from archive.mar import MarArchive
 from export.exporter import ModelExport, export_model
 from models import ZOO
 
@@ -39,10 +39,8 @@ def archives(
 
 
 def unpack(mar: Path, dest: Path) -> Path:
-    """Unpack a .mar as TorchServe does; the folder is what the handler sees as model_dir."""
-    with zipfile.ZipFile(mar) as z:
-        z.extractall(dest)
-    return dest
+    """Unpack a .mar (into dest/<sha256>/, as the Ray app does); the folder is what the handler sees as model_dir."""
+    return MarArchive(mar).unpack_cached(dest)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHSHIP = Path(sys.executable).parent / "torchship"
@@ -36,6 +37,16 @@ def run_cli(
 
 
 READY_MARKER = "Ctrl-C or SIGTERM stops it"
+
+
+def torchserve_context(model_dir: Path, headers: list[dict[str, str]] | None = None, gpu_id: int | None = None) -> Any:
+    """TorchServe's own `ts.context.Context` for one batch, as a worker builds it: what the handler adapter reads
+    (model_dir, gpu_id, each request's headers) and where it records each reply's status and headers."""
+    from ts.context import Context, RequestProcessor
+
+    ctx = Context(model_dir.name, str(model_dir), {}, 8, gpu_id, "0.12.0")
+    ctx.request_processor = [RequestProcessor(dict(h)) for h in (headers or [{}])]
+    return ctx
 
 
 @contextmanager
@@ -97,9 +108,9 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
 
     import torch
 
-    from archive.build import read_entries, write_archive
+    from archive.mar import MarArchive, write_archive
 
-    members = read_entries(mar)
+    members = dict(MarArchive(mar).entries)
     manifest = json.loads(members["manifest.json"])
     entry = manifest["formats"]["pt2"]
     work = out.with_suffix(".work.pt2")

@@ -16,8 +16,11 @@ import torch
 
 from archive.build import Endpoint
 from deploy.kube import K8S_DIR, render
-from engines.torchserve import TorchServe, read_properties, start_torchserve, wait_ready
-from handlers.codec import TOKEN_FAILED, TOKEN_FILE_ENV, encode_request
+from engines.base import read_properties
+from engines.torchserve import TorchServe
+from handlers.codec import encode_request
+from handlers.errors import TOKEN_FAILED
+from handlers.names import TOKEN_FILE_ENV
 from tests.helpers import REPO, drifted_copy, run_cli
 
 POD_CONFIG = K8S_DIR / "base" / "torchserve" / "config.properties"
@@ -45,12 +48,8 @@ def pod_server(
 ) -> Iterator[TorchServe]:
     # The Deployment sets TORCHSHIP_INFERENCE_TOKEN_FILE from the Secret; TorchServe passes it on to its workers.
     monkeypatch_module.setenv(TOKEN_FILE_ENV, str(token_file))
-    ts = start_torchserve(pod_store, tmp_path_factory.mktemp("pod"), config_template=POD_CONFIG)
-    try:
-        wait_ready(ts, ["simple_cnn", "simple_cnn_pt2"], timeout_s=300)
+    with TorchServe(pod_store, tmp_path_factory.mktemp("pod"), config_template=POD_CONFIG) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +81,7 @@ def test_the_readiness_probe_command_passes_on_the_ready_server(pod_server: Torc
 
 
 def test_the_probe_fails_when_nothing_listens(tmp_path: Path) -> None:
-    from engines.torchserve import free_port
+    from engines.base import free_port
 
     proc = subprocess.run(
         [sys.executable, "-m", "deploy.probe", "--management-url", f"http://127.0.0.1:{free_port()}"],
@@ -93,14 +92,14 @@ def test_the_probe_fails_when_nothing_listens(tmp_path: Path) -> None:
 
 def test_liveness_path_and_metrics_port_answer(pod_server: TorchServe) -> None:
     live = _container()["livenessProbe"]["httpGet"]
-    assert requests.get(pod_server.inference_url + live["path"], timeout=10).status_code == 200
+    assert requests.get(pod_server.url + live["path"], timeout=10).status_code == 200
     metrics = requests.get(pod_server.metrics_url + "/metrics", timeout=10)
     assert metrics.status_code == 200 and "ts_" in metrics.text
 
 
 def test_the_shared_token_is_enforced_by_the_handler(pod_server: TorchServe) -> None:
     body, headers = encode_request({"x": torch.randn(1, 3, 32, 32)})
-    url = f"{pod_server.inference_url}/predictions/simple_cnn"
+    url = f"{pod_server.url}/predictions/simple_cnn"
     for auth in ({}, {"Authorization": "Bearer nope"}):
         r = requests.post(url, data=body, headers={**headers, **auth}, timeout=60)
         assert r.status_code == 400 and r.json()["error"] == TOKEN_FAILED
@@ -112,7 +111,7 @@ def _gate(
     *extra: str, server: TorchServe, store: Path, token_file: Path, command: str = "gate"
 ) -> subprocess.CompletedProcess[str]:
     return run_cli(
-        "deploy", command, "--url", server.inference_url, "--model-store", str(store), "--token-file", str(token_file),
+        "deploy", command, "--url", server.url, "--model-store", str(store), "--token-file", str(token_file),
         *extra, check=False,
     )  # fmt: skip
 

@@ -13,8 +13,9 @@ import requests
 import torch
 
 from archive.build import archive_models, load_model_config
-from engines.torchserve import free_port
-from handlers.codec import TOKEN_ENV, decode_response, encode_request
+from engines.base import free_port
+from handlers.codec import decode_response, encode_request
+from handlers.names import TOKEN_ENV
 from models import ZOO
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
 from tests.helpers import assert_router_answers, run_cli, serve_command

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from archive.build import archive_models, load_model_config
-from engines.torchserve import free_port
+from engines.base import free_port
 from tests.helpers import REPO
 
 RAY = Path(sys.executable).parent / "ray"

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from engines.base import Engine
 from engines.ray import replica_pids
+from engines.torchserve import TorchServe
+from handlers.codec import Signature
 from reliability import run as rel
-from reliability.corpus import healthy, load_corpus, run_corpus, run_fuzz
+from reliability.corpus import Oracle, healthy, load_corpus, run_corpus, run_fuzz
 from reliability.traffic import make_pool, run_fault, run_load, summarize
 
 LOAD_REQUESTS = 400
@@ -27,25 +30,25 @@ def store(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="module")
-def oracle(store: Path) -> tuple[rel.Oracle, dict[str, rel.Signature]]:
+def oracle(store: Path) -> tuple[Oracle, dict[str, Signature]]:
     return rel.oracle_for(store)
 
 
 @pytest.fixture(scope="module")
-def engines(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, rel.Engine]]:
+def engines(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Engine]]:
     """Both engines on the same store, for the whole module (the restart tests at the end stop them)."""
     with contextlib.ExitStack() as stack:
-        ts = stack.enter_context(rel.torchserve_engine(store, tmp_path_factory.mktemp("ts")))
-        ray = stack.enter_context(rel.ray_engine(store, tmp_path_factory.mktemp("ray")))
+        ts = stack.enter_context(rel.start_engine("torchserve", store, tmp_path_factory.mktemp("ts")))
+        ray = stack.enter_context(rel.start_engine("ray", store, tmp_path_factory.mktemp("ray")))
         yield {"torchserve": ts, "ray": ray}
 
 
 def test_the_corpus_gets_the_same_4xx_json_error_on_both_engines_and_leaves_them_healthy(
-    engines: dict[str, rel.Engine], oracle: tuple[rel.Oracle, dict[str, rel.Signature]]
+    engines: dict[str, Engine], oracle: tuple[Oracle, dict[str, Signature]]
 ) -> None:
     cases = load_corpus()
     assert len(cases) >= 60
-    results = {n: run_corpus(e.target, cases, oracle[0], limit_bytes=rel.LIMIT_BYTES) for n, e in engines.items()}
+    results = {n: run_corpus(rel.target_of(e), cases, oracle[0], limit_bytes=rel.LIMIT_BYTES) for n, e in engines.items()}
     for name, rows in results.items():
         failed = [(r.case, r.expected, r.status, r.detail) for r in rows if not r.passed]
         assert not failed, f"{name}: {failed}"
@@ -58,9 +61,9 @@ def test_the_corpus_gets_the_same_4xx_json_error_on_both_engines_and_leaves_them
 
 @pytest.mark.parametrize("engine", ["torchserve", "ray"])
 def test_http_fuzz_never_gets_a_5xx_a_hang_or_a_wrong_answer(
-    engines: dict[str, rel.Engine], oracle: tuple[rel.Oracle, dict[str, rel.Signature]], engine: str
+    engines: dict[str, Engine], oracle: tuple[Oracle, dict[str, Signature]], engine: str
 ) -> None:
-    result = run_fuzz(engines[engine].target, oracle[0], oracle[1]["dynamic_router"], requests=FUZZ_REQUESTS, seed=5)
+    result = run_fuzz(rel.target_of(engines[engine]), oracle[0], oracle[1]["dynamic_router"], requests=FUZZ_REQUESTS, seed=5)
     assert result.requests == FUZZ_REQUESTS and not result.no_answer
     assert not result.server_errors and not result.wrong_answers
     assert result.healthy_after
@@ -69,10 +72,10 @@ def test_http_fuzz_never_gets_a_5xx_a_hang_or_a_wrong_answer(
 
 @pytest.mark.parametrize("engine", ["torchserve", "ray"])
 def test_load_with_every_answer_checked_against_eager(
-    engines: dict[str, rel.Engine], oracle: tuple[rel.Oracle, dict[str, rel.Signature]], engine: str
+    engines: dict[str, Engine], oracle: tuple[Oracle, dict[str, Signature]], engine: str
 ) -> None:
     pool = make_pool(oracle[0], sorted(oracle[1]))
-    shots = run_load(engines[engine].target, pool, oracle[0], requests_total=LOAD_REQUESTS, concurrency=CONCURRENCY)
+    shots = run_load(rel.target_of(engines[engine]), pool, oracle[0], requests_total=LOAD_REQUESTS, concurrency=CONCURRENCY)
     s = summarize(engine, shots, CONCURRENCY)
     assert s.requests == LOAD_REQUESTS
     assert (s.errors, s.wrong_answers, s.lost) == (0, 0, 0), s.failures
@@ -82,12 +85,13 @@ def test_load_with_every_answer_checked_against_eager(
 
 @pytest.mark.parametrize("engine", ["torchserve", "ray"])
 def test_a_killed_worker_is_replaced_and_only_in_flight_requests_may_fail(
-    engines: dict[str, rel.Engine], oracle: tuple[rel.Oracle, dict[str, rel.Signature]], engine: str
+    engines: dict[str, Engine], oracle: tuple[Oracle, dict[str, Signature]], engine: str
 ) -> None:
     e = engines[engine]
     pool = make_pool(oracle[0], sorted(oracle[1]))
     result = run_fault(
-        e.target, pool, oracle[0], endpoint=rel.FAULT_ENDPOINT, what="kill", find_pid=lambda: e.find_pid(rel.FAULT_ENDPOINT),
+        rel.target_of(e), pool, oracle[0], endpoint=rel.FAULT_ENDPOINT, what="kill",
+        find_pid=lambda: rel.first_pid(e, rel.FAULT_ENDPOINT),
         requests_total=FAULT_REQUESTS, concurrency=CONCURRENCY, kill_after=FAULT_REQUESTS // 4,
     )  # fmt: skip
     assert result.recovered, result
@@ -95,10 +99,10 @@ def test_a_killed_worker_is_replaced_and_only_in_flight_requests_may_fail(
     assert result.failed_not_in_flight == 0, result.failures
     assert result.in_flight_at_kill <= CONCURRENCY and result.failed <= 2 * CONCURRENCY
     assert result.requests == FAULT_REQUESTS
-    assert healthy(e.target, oracle[0], seed=9) == ""
+    assert healthy(rel.target_of(e), oracle[0], seed=9) == ""
 
 
-def test_ray_serve_is_on_loopback_and_enforces_the_token(engines: dict[str, rel.Engine]) -> None:
+def test_ray_serve_is_on_loopback_and_enforces_the_token(engines: dict[str, Engine]) -> None:
     access = rel.ray_access(engines["ray"])
     assert access["http_loopback_only"], access
     assert access["inference_with_token"] == 200
@@ -107,27 +111,27 @@ def test_ray_serve_is_on_loopback_and_enforces_the_token(engines: dict[str, rel.
 
 @pytest.mark.parametrize("engine", ["torchserve", "ray"])
 def test_a_restart_on_the_same_store_gives_identical_outputs(
-    engines: dict[str, rel.Engine],
-    oracle: tuple[rel.Oracle, dict[str, rel.Signature]],
+    engines: dict[str, Engine],
+    oracle: tuple[Oracle, dict[str, Signature]],
     store: Path,
     tmp_path: Path,
     engine: str,
 ) -> None:
     endpoints = sorted(oracle[1])
-    before = rel.fixed_outputs(engines[engine].target, oracle[0], endpoints)
+    before = rel.fixed_outputs(rel.target_of(engines[engine]), oracle[0], endpoints)
     engines[engine].stop()
-    start = rel.torchserve_engine if engine == "torchserve" else rel.ray_engine
-    with start(store, tmp_path / "again") as again:
-        after = rel.fixed_outputs(again.target, oracle[0], endpoints)
+    with rel.start_engine(engine, store, tmp_path / "again") as again:
+        after = rel.fixed_outputs(rel.target_of(again), oracle[0], endpoints)
     assert len(before) == len(endpoints) * 4
-    assert rel.identical(before, after) == []
+    assert rel.differing(before, after) == []
     if engine == "ray":
         assert replica_pids(rel.FAULT_ENDPOINT) == []  # the restarted Ray is gone too
 
 
 def test_torchserve_tokens_loopback_and_allowed_urls(store: Path, tmp_path: Path) -> None:
-    with rel.torchserve_engine(store, tmp_path / "ts", overrides={"enable_model_api": "true"}) as engine:
-        access = rel.torchserve_access(engine.detail["server"], store, tmp_path / "outside")
+    with rel.start_engine("torchserve", store, tmp_path / "ts", overrides={"enable_model_api": "true"}) as engine:
+        assert isinstance(engine, TorchServe)
+        access = rel.torchserve_access(engine, store, tmp_path / "outside")
     assert access["inference_with_token"] == 200 and access["management_with_token"] == 200
     for key in (
         "inference_without_token", "inference_with_management_key", "management_without_token",
@@ -147,8 +151,7 @@ def test_loopback_addresses_are_told_apart() -> None:
 @pytest.mark.parametrize("engine", ["torchserve", "ray"])
 def test_a_tampered_archive_is_refused_at_load_with_a_clear_error(store: Path, tmp_path: Path, tamper: str, engine: str) -> None:
     bad = rel.TAMPERS[tamper](store / f"{rel.FAULT_ENDPOINT}.mar", tmp_path / "store" / f"{rel.FAULT_ENDPOINT}.mar")
-    check = rel.torchserve_refuses if engine == "torchserve" else rel.ray_refuses
-    refusal = check(bad, tmp_path / "run")
+    refusal = rel.refuses(engine, bad, tmp_path / "run")
     assert refusal.refused, refusal
     assert "sha256" in refusal.message and "rebuild the archive" in refusal.message, refusal.message
 

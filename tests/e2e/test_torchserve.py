@@ -13,7 +13,7 @@ import requests
 import torch
 
 from archive.build import archive_models, load_model_config
-from engines.torchserve import TorchServe, endpoints_in, start_torchserve, wait_ready
+from engines.torchserve import TorchServe
 from handlers.codec import decode_response, encode_request
 from models import ZOO
 from tests.helpers import assert_router_answers, run_cli, serve_command
@@ -34,33 +34,29 @@ def store(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
-    ts = start_torchserve(store, tmp_path_factory.mktemp("torchserve"), overrides={"max_request_size": str(MAX_REQUEST_BYTES)})
-    try:
-        wait_ready(ts, endpoints_in(store), timeout_s=300)
+    with TorchServe(store, tmp_path_factory.mktemp("torchserve"), max_request_bytes=MAX_REQUEST_BYTES) as ts:
         yield ts
-    finally:
-        ts.stop()
-    assert ts.process.poll() is not None
+    assert ts.process is not None and ts.process.poll() is not None
 
 
 def _auth(server: TorchServe) -> dict[str, str]:
-    return {"Authorization": f"Bearer {server.inference_key()}"}
+    return server.auth_headers()
 
 
 def _post(server: TorchServe, endpoint: str, body: bytes, headers: dict[str, str]) -> requests.Response:
-    return requests.post(f"{server.inference_url}/predictions/{endpoint}", data=body, headers=headers, timeout=60)
+    return requests.post(f"{server.url}/predictions/{endpoint}", data=body, headers=headers, timeout=60)
 
 
 def test_verify_passes_on_every_endpoint(server: TorchServe, store: Path, tmp_path: Path) -> None:
     report = tmp_path / "verify.json"
     proc = run_cli(
-        "verify", "--engine", "torchserve", "--url", server.inference_url, "--token-file", str(server.key_file),
+        "verify", "--engine", "torchserve", "--url", server.url, "--token-file", str(server.key_file),
         "--model-store", str(store), "--report", str(report),
     )  # fmt: skip
     doc = json.loads(report.read_text())
     assert doc["passed"] is True
     endpoints = {r["endpoint"] for r in doc["rows"]}
-    assert endpoints == set(endpoints_in(store))
+    assert endpoints == set(server.endpoints)
     assert len(doc["rows"]) == len(endpoints) * 4 * 2  # 4 reference batch sizes, JSON and binary
     assert "checks passed" in proc.stdout
 
@@ -171,7 +167,7 @@ def test_bad_input_gets_a_4xx_json_error_and_the_server_stays_healthy(  # noqa: 
     assert r.status_code == status, (label, r.status_code, r.text[:300])
     doc = r.json()  # 413 included: the handler enforces the limit itself, below TorchServe's frontend cut
     assert isinstance(doc, dict) and (doc.get("error") or doc.get("message")), doc
-    assert_router_answers(server.inference_url, server.inference_key())
+    assert_router_answers(server.url, server.token)
 
 
 @pytest.mark.parametrize("token", [None, "not-the-key"], ids=["missing", "wrong"])
@@ -183,11 +179,11 @@ def test_requests_without_the_inference_token_are_refused(server: TorchServe, to
     assert 400 <= r.status_code < 500
     assert "Token Authorization failed" in r.json()["message"]
     assert r.status_code != 200
-    assert_router_answers(server.inference_url, server.inference_key())
+    assert_router_answers(server.url, server.token)
 
 
 def test_management_api_is_not_on_the_inference_port(server: TorchServe) -> None:
-    r = requests.get(f"{server.inference_url}/models", headers=_auth(server), timeout=10)
+    r = requests.get(f"{server.url}/models", headers=_auth(server), timeout=10)
     assert r.status_code in (404, 405)
     assert server.management_url.startswith("http://127.0.0.1:")
 

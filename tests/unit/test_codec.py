@@ -10,18 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handlers.codec import (
-    BadRequest,
-    ClientError,
-    NotFound,
-    PayloadTooLarge,
     Signature,
     TensorSignature,
     decode_request,
     decode_response,
     encode_request,
     encode_response,
-    status_for,
 )
+from handlers.errors import BadRequest, ClientError, HandlerError, NotFound, PayloadTooLarge
 
 DTYPES = {
     "FP32": torch.float32,
@@ -104,9 +100,9 @@ def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
         decode_request(body, _signature("FP32", 1))
 
 
-def test_one_table_maps_errors_to_statuses() -> None:
-    assert status_for(BadRequest("x")) == 400
-    assert status_for(PayloadTooLarge("x")) == 413
-    assert status_for(NotFound("x")) == 404
-    assert status_for(ClientError("x")) == 400
-    assert status_for(RuntimeError("x")) == 500
+def test_each_error_carries_its_status() -> None:
+    assert BadRequest("x").status == 400
+    assert PayloadTooLarge("x").status == 413
+    assert NotFound("x").status == 404
+    assert ClientError("x").status == 400
+    assert not isinstance(RuntimeError("x"), HandlerError) and HandlerError("x").status == 500

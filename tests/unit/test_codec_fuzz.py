@@ -13,8 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handlers.codec import (
-    BINARY_HEADER,
-    ClientError,
     Signature,
     TensorSignature,
     check_content_type,
@@ -22,8 +20,9 @@ from handlers.codec import (
     decode_response,
     encode_request,
     encode_response,
-    status_for,
 )
+from handlers.errors import ClientError
+from handlers.names import BINARY_HEADER
 
 SIG = Signature(
     name="toy",
@@ -51,7 +50,7 @@ def _decode_or_client_error(body: Any, header_length: str | None = None) -> None
     try:
         req = decode_request(body, SIG, header_length=header_length)
     except ClientError as exc:
-        assert 400 <= status_for(exc) < 500
+        assert 400 <= exc.status < 500
         assert str(exc)
         return
     # Accepted: it must fit the signature exactly.
@@ -154,7 +153,7 @@ def test_content_types_other_than_json_and_octet_stream_are_a_415(value: str) ->
     try:
         check_content_type(value)
     except ClientError as exc:
-        assert status_for(exc) == 415
+        assert exc.status == 415
         assert not served
     else:
         assert served

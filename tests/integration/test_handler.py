@@ -1,4 +1,4 @@
-"""The TorchServe handler in-process, on unpacked archives, with a fake context (no TorchServe)."""
+"""The TorchServe handler in-process, on unpacked archives, driven with TorchServe's own `Context` (no server)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from typing import Any
 
 import pytest
 import torch
+from ts.context import Context
 
 from archive.build import Endpoint
-from handlers.codec import TOKEN_ENV, TOKEN_FAILED, TOKEN_FILE_ENV, decode_response, encode_request
-from handlers.service import ArtifactError, TorchshipHandler
+from handlers.codec import decode_response, encode_request
+from handlers.errors import TOKEN_FAILED, ArtifactError
+from handlers.names import TOKEN_ENV, TOKEN_FILE_ENV
+from handlers.service import TorchshipHandler
 from tests.conftest import unpack
-from tests.handler.fake_context import FakeContext
+from tests.helpers import torchserve_context
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
 
@@ -21,7 +24,7 @@ from torchship.spec import Tolerance
 def _handler(archives: dict[str, Endpoint], name: str, tmp_path: Path) -> tuple[TorchshipHandler, Path]:
     model_dir = unpack(archives[name].mar, tmp_path / name)
     handler = TorchshipHandler()
-    handler.initialize(FakeContext(model_dir))
+    handler.initialize(torchserve_context(model_dir))
     return handler, model_dir
 
 
@@ -32,15 +35,20 @@ def _request(inputs: dict[str, torch.Tensor], *, binary: bool = False, **params:
 
 def _run(
     handler: TorchshipHandler, model_dir: Path, requests: list[tuple[dict[str, Any], dict[str, str]]]
-) -> tuple[list[bytes], FakeContext]:
-    ctx = FakeContext(model_dir, headers=[h for _, h in requests])
+) -> tuple[list[bytes], Context]:
+    ctx = torchserve_context(model_dir, headers=[h for _, h in requests])
     out = handler.handle([r for r, _ in requests], ctx)
     assert len(out) == len(requests)
     return out, ctx
 
 
-def _decode(body: bytes, ctx: FakeContext, idx: int) -> dict[str, Any]:
-    return decode_response(body, ctx.response_headers.get(idx, {}).get("Inference-Header-Content-Length"))
+def _decode(body: bytes, ctx: Context, idx: int) -> dict[str, Any]:
+    return decode_response(body, ctx.get_response_headers(idx).get("Inference-Header-Content-Length"))
+
+
+def _status(ctx: Context, idx: int) -> int:
+    code: int = ctx.get_response_status(idx)[0]
+    return code
 
 
 def _reference(model_dir: Path) -> list[dict[str, Any]]:
@@ -78,7 +86,7 @@ def test_every_format_reproduces_reference_in_one_batch(
     out, ctx = _run(handler, model_dir, [_request(c["inputs"], binary=binary) for c in cases])
     names, tol = _tolerance(model_dir)
     for idx, (body, case) in enumerate(zip(out, cases, strict=True)):
-        assert ctx.status(idx) == 200, body
+        assert _status(ctx, idx) == 200, body
         got = _decode(body, ctx, idx)["outputs"]
         check = compare_all(tuple(got[n] for n in names), tuple(case["outputs"][n] for n in names), tol)
         assert check.passed, (name, case["batch_size"], check.reason)
@@ -87,14 +95,14 @@ def test_every_format_reproduces_reference_in_one_batch(
 def test_compatible_requests_run_as_one_model_call(archives: dict[str, Endpoint], tmp_path: Path) -> None:
     handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
     calls: list[int] = []
-    model = handler.model
-    assert model is not None
+    assert handler.core is not None
+    model = handler.core.model
 
     def counting(*args: torch.Tensor) -> Any:
         calls.append(args[0].shape[0])
         return model(*args)
 
-    handler.model = counting
+    handler.core.model = counting
     xs = [torch.randn(b, 256) for b in (1, 3, 2, 5)]
     out, ctx = _run(handler, model_dir, [_request({"x": x}) for x in xs])
     assert calls == [11]
@@ -105,15 +113,15 @@ def test_compatible_requests_run_as_one_model_call(archives: dict[str, Endpoint]
             # Rows come back to the request that sent them. Not bit-equal: the experts' matmuls ran on 11 rows
             # instead of the request's own, which rounds differently (well inside the tolerance).
             assert torch.allclose(y, eager(x), atol=1e-5, rtol=1e-4)
-        assert ctx.response_headers[idx]["X-Torchship-Batch-Rows"] == "11"
-        assert ctx.response_headers[idx]["X-Torchship-Batch-Requests"] == "4"
+        assert ctx.get_response_headers(idx)["X-Torchship-Batch-Rows"] == "11"
+        assert ctx.get_response_headers(idx)["X-Torchship-Batch-Requests"] == "4"
 
 
 def test_different_image_sizes_run_as_separate_groups(archives: dict[str, Endpoint], tmp_path: Path) -> None:
     handler, model_dir = _handler(archives, "simple_cnn_pt2", tmp_path)
     shapes = [(2, 3, 32, 32), (1, 3, 48, 40), (3, 3, 32, 32)]
     out, ctx = _run(handler, model_dir, [_request({"x": torch.randn(s)}) for s in shapes])
-    rows = [ctx.response_headers[i]["X-Torchship-Batch-Rows"] for i in range(3)]
+    rows = [ctx.get_response_headers(i)["X-Torchship-Batch-Rows"] for i in range(3)]
     assert rows == ["5", "1", "5"]
     assert [_decode(out[i], ctx, i)["outputs"]["logits"].shape[0] for i in range(3)] == [2, 1, 3]
 
@@ -122,8 +130,8 @@ def test_batches_over_the_model_limit_are_split(archives: dict[str, Endpoint], t
     handler, model_dir = _handler(archives, "dynamic_router_pt2", tmp_path)  # .pt2 batch dim is bounded at 64
     xs = [torch.randn(40, 256), torch.randn(40, 256), torch.randn(10, 256)]
     _out, ctx = _run(handler, model_dir, [_request({"x": x}) for x in xs])
-    assert all(ctx.status(i) == 200 for i in range(3))
-    assert [ctx.response_headers[i]["X-Torchship-Batch-Rows"] for i in range(3)] == ["40", "50", "50"]
+    assert all(_status(ctx, i) == 200 for i in range(3))
+    assert [ctx.get_response_headers(i)["X-Torchship-Batch-Rows"] for i in range(3)] == ["40", "50", "50"]
 
 
 BAD_BODIES: list[tuple[str, Any, str]] = [
@@ -185,11 +193,11 @@ def test_bad_request_fails_alone_with_400_and_its_neighbours_succeed(
     good = [_request({"x": torch.randn(2, 256)}) for _ in range(3)]
     requests = [good[0], ({"body": bytearray(raw)}, {}), good[1], good[2]]
     out, ctx = _run(handler, model_dir, requests)
-    assert ctx.status(1) == 400
+    assert _status(ctx, 1) == 400
     assert message in json.loads(out[1])["error"], label
-    assert ctx.content_types[1] == "application/json"
+    assert ctx.get_response_content_type(1) == "application/json"
     for idx in (0, 2, 3):
-        assert ctx.status(idx) == 200
+        assert _status(ctx, idx) == 200
         assert _decode(out[idx], ctx, idx)["outputs"]["y"].shape == (2, 256)
 
 
@@ -198,10 +206,10 @@ def test_binary_header_that_lies_is_a_400(archives: dict[str, Endpoint], tmp_pat
     request, headers = _request({"x": torch.randn(1, 256)}, binary=True)
     for lie in ("999999", "-1", "abc"):
         out, ctx = _run(handler, model_dir, [(request, {**headers, "Inference-Header-Content-Length": lie})])
-        assert ctx.status(0) == 400, lie
+        assert _status(ctx, 0) == 400, lie
     truncated = {"body": request["body"][:-10]}
     out, ctx = _run(handler, model_dir, [(truncated, headers)])
-    assert ctx.status(0) == 400 and "runs past the end" in json.loads(out[0])["error"]
+    assert _status(ctx, 0) == 400 and "runs past the end" in json.loads(out[0])["error"]
 
 
 def test_header_names_are_matched_case_insensitively(archives: dict[str, Endpoint], tmp_path: Path) -> None:
@@ -209,7 +217,7 @@ def test_header_names_are_matched_case_insensitively(archives: dict[str, Endpoin
     request, headers = _request({"x": torch.randn(1, 256)}, binary=True)
     lower = {k.lower(): v for k, v in headers.items()}
     _out, ctx = _run(handler, model_dir, [(request, lower)])
-    assert ctx.status(0) == 200
+    assert _status(ctx, 0) == 200
 
 
 def test_top_k_uses_the_scripted_process_outputs(archives: dict[str, Endpoint], tmp_path: Path) -> None:
@@ -222,7 +230,7 @@ def test_top_k_uses_the_scripted_process_outputs(archives: dict[str, Endpoint], 
     assert torch.equal(first["classes"], first["logits"].topk(3, dim=-1).indices)
     assert torch.allclose(first["probabilities"], torch.softmax(first["logits"], -1).topk(3, dim=-1).values)
     assert set(_decode(out[1], ctx, 1)["outputs"]) == {"logits"}
-    assert ctx.status(2) == 400 and "top_k must be an integer in 1..10" in json.loads(out[2])["error"]
+    assert _status(ctx, 2) == 400 and "top_k must be an integer in 1..10" in json.loads(out[2])["error"]
 
 
 def test_process_outputs_endpoint_takes_top_k_per_request(archives: dict[str, Endpoint], tmp_path: Path) -> None:
@@ -237,7 +245,7 @@ def test_binary_output_on_request(archives: dict[str, Endpoint], tmp_path: Path)
     handler, model_dir = _handler(archives, "seq_decoder", tmp_path)
     x = torch.randn(2, 16, 64)
     out, ctx = _run(handler, model_dir, [_request({"x": x}, binary_data_output=True)])
-    assert ctx.content_types[0] == "application/octet-stream"
+    assert ctx.get_response_content_type(0) == "application/octet-stream"
     tokens = _decode(out[0], ctx, 0)["outputs"]["tokens"]
     eager = __import__("models.seq_decoder", fromlist=["build"]).build()
     with torch.no_grad():
@@ -250,15 +258,15 @@ def test_a_changed_artifact_refuses_to_load(archives: dict[str, Endpoint], tmp_p
         f.seek(64)
         f.write(b"\xff\xfe")
     with pytest.raises(ArtifactError, match=r"model\.pt2 missing or changed since the archive was built \(sha256 mismatch\)"):
-        TorchshipHandler().initialize(FakeContext(model_dir))
+        TorchshipHandler().initialize(torchserve_context(model_dir))
 
 
 def test_device_comes_from_the_context(archives: dict[str, Endpoint], tmp_path: Path) -> None:
     model_dir = unpack(archives["dynamic_router"].mar, tmp_path / "dev")
     handler = TorchshipHandler()
-    handler.initialize(FakeContext(model_dir, gpu_id=0))
+    handler.initialize(torchserve_context(model_dir, gpu_id=0))
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
-    assert str(handler.device) == expected
+    assert handler.core is not None and str(handler.core.device) == expected
 
 
 def test_shared_token_from_the_environment_is_checked_per_request(
@@ -278,9 +286,9 @@ def test_shared_token_from_the_environment_is_checked_per_request(
     ]
     out, ctx = _run(handler, model_dir, cases)
     for idx in (0, 1, 2):
-        assert ctx.status(idx) == 400
+        assert _status(ctx, idx) == 400
         assert json.loads(out[idx])["error"] == TOKEN_FAILED
-    assert ctx.status(3) == 200
+    assert _status(ctx, 3) == 200
     assert _decode(out[3], ctx, 3)["outputs"]["y"].shape == (1, 256)
 
 
@@ -291,4 +299,4 @@ def test_no_token_configured_means_no_token_check(
     monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
     handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
     _, ctx = _run(handler, model_dir, [_request({"x": torch.randn(1, 256)})])
-    assert ctx.status(0) == 200
+    assert _status(ctx, 0) == 200

@@ -9,17 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from archive.build import Endpoint, read_entries, write_archive
-from handlers.service import CHECKSUMS_FILE, ArtifactError, TorchshipHandler
+from archive.build import Endpoint
+from archive.mar import MarArchive, write_archive
+from handlers.errors import ArtifactError
+from handlers.names import CHECKSUMS_FILE
+from handlers.service import TorchshipHandler
 from reliability.run import PROJECT_CODE, tamper_byte, tamper_manifest, unpickling_calls, write_entries
 from tests.conftest import unpack
-from tests.handler.fake_context import FakeContext
-from verify.compare import read_archive
+from tests.helpers import torchserve_context
 
 
 def _initialize(mar: Path, dest: Path) -> TorchshipHandler:
     handler = TorchshipHandler()
-    handler.initialize(FakeContext(unpack(mar, dest)))
+    handler.initialize(torchserve_context(unpack(mar, dest)))
     return handler
 
 
@@ -35,7 +37,7 @@ def test_a_changed_model_byte_is_refused_by_the_checksums(archives: dict[str, En
 
 @pytest.mark.parametrize("member", ["handlers/codec.py", "endpoint.json", "model-config.yaml", "torchship_handler.py"])
 def test_a_changed_byte_in_any_other_entry_is_refused(archives: dict[str, Endpoint], tmp_path: Path, member: str) -> None:
-    members = read_entries(archives["simple_cnn_pt2"].mar)
+    members = dict(MarArchive(archives["simple_cnn_pt2"].mar).entries)
     members[member] = members[member] + b" "
     bad = write_entries(members, tmp_path / "bad.mar")  # the old listing kept, as a corrupted copy or hand edit leaves it
     with pytest.raises(ArtifactError, match=member.replace(".", r"\.")):
@@ -49,7 +51,7 @@ def test_a_manifest_sha256_that_does_not_match_is_refused(archives: dict[str, En
 
 
 def test_an_archive_without_its_checksums_is_refused(archives: dict[str, Endpoint], tmp_path: Path) -> None:
-    members = read_entries(archives["dynamic_router"].mar)
+    members = dict(MarArchive(archives["dynamic_router"].mar).entries)
     del members[CHECKSUMS_FILE]
     bad = write_entries(members, tmp_path / "bad.mar")
     with pytest.raises(ArtifactError, match="missing or unreadable"):
@@ -70,12 +72,12 @@ def test_a_reference_file_carrying_a_pickled_object_is_refused_unexecuted(archiv
     marker = tmp_path / "ran.txt"
     buf = io.BytesIO()
     torch.save({"cases": [_Payload(marker)]}, buf)
-    members = read_entries(archives["dynamic_router"].mar)
+    members = dict(MarArchive(archives["dynamic_router"].mar).entries)
     members["reference.pt"] = buf.getvalue()
     bad = tmp_path / "pickled.mar"
     write_archive(members, bad)
     with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
-        read_archive(bad)
+        MarArchive(bad).references()
     assert not marker.exists()
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from archive.build import Endpoint
-from deploy.ray_app import HandlerMismatch, UnsafeArchive, check_same_handler, unpack_mar
+from archive.mar import MarArchive
+from deploy.ray_app import check_same_handler
+from handlers.errors import HandlerMismatch, UnsafeArchive
 
 
 @pytest.mark.parametrize("entry", ["../escape.txt", "/abs/path.txt", "handlers/../../up.txt", "a\\\\..\\\\b.txt"])
@@ -19,20 +21,20 @@ def test_entries_outside_the_cache_are_refused(tmp_path: Path, entry: str) -> No
         z.writestr(entry, "boom")
     cache = tmp_path / "cache"
     with pytest.raises(UnsafeArchive, match="outside the cache"):
-        unpack_mar(mar, cache)
+        MarArchive(mar).unpack_cached(cache)
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "up.txt").exists()
     assert list(cache.iterdir()) == []  # nothing half-unpacked is kept
 
 
 def test_unpack_is_cached_by_content(archives: dict[str, Endpoint], tmp_path: Path) -> None:
-    first = unpack_mar(archives["dynamic_router"].mar, tmp_path)
-    second = unpack_mar(archives["dynamic_router"].mar, tmp_path)
+    first = MarArchive(archives["dynamic_router"].mar).unpack_cached(tmp_path)
+    second = MarArchive(archives["dynamic_router"].mar).unpack_cached(tmp_path)
     assert first == second and (first / "manifest.json").is_file()
     check_same_handler(first)  # built by this torchship: accepted
 
 
 def test_an_archive_with_other_handler_code_is_refused(archives: dict[str, Endpoint], tmp_path: Path) -> None:
-    model_dir = unpack_mar(archives["dynamic_router"].mar, tmp_path)
+    model_dir = MarArchive(archives["dynamic_router"].mar).unpack_cached(tmp_path)
     service = model_dir / "handlers" / "service.py"
     service.write_text(service.read_text() + "\n# patched\n")
     with pytest.raises(HandlerMismatch, match="rebuild the archives"):
