@@ -10,7 +10,7 @@ ARTIFACTS ?= artifacts
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lint typecheck unit pytest test pipeline export cpp bench reliability clean
+.PHONY: setup lint typecheck pytest test pipeline export cpp bench reliability clean
 
 setup: $(STAMP)
 

@@ -20,6 +20,7 @@ COPY torchship /src/torchship
 COPY models /src/models
 COPY export /src/export
 COPY handlers /src/handlers
+COPY archive /src/archive
 COPY deploy /src/deploy
 RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \
     && pip install /src \

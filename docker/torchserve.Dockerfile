@@ -23,6 +23,7 @@ COPY torchship /src/torchship
 COPY models /src/models
 COPY export /src/export
 COPY handlers /src/handlers
+COPY archive /src/archive
 COPY deploy /src/deploy
 RUN python -m venv /opt/venv \
     && pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \

@@ -7,12 +7,13 @@ import json
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from archive.build import Endpoint, archive_models, load_model_config
+from archive.mar import MarArchive
+from handlers.names import HANDLER_ENTRY_FILE, HANDLER_PACKAGE_FILES
 from tests.conftest import AOTI_MODEL, unpack
 from torchship.errors import ManifestError
 
@@ -29,10 +30,9 @@ def test_every_usable_format_is_archived(archives: dict[str, Endpoint]) -> None:
 
 
 def test_archive_contents(archives: dict[str, Endpoint]) -> None:
-    with zipfile.ZipFile(archives["simple_cnn_pt2"].mar) as z:
-        names = set(z.namelist())
-        mar_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
-        endpoint = json.loads(z.read("endpoint.json"))
+    mar = MarArchive(archives["simple_cnn_pt2"].mar)
+    names = set(mar.entries)
+    mar_manifest, endpoint = mar.mar_manifest, mar.endpoint_doc
     assert {
         "MAR-INF/MANIFEST.json", "torchship_handler.py", "handlers/__init__.py", "handlers/codec.py", "handlers/service.py",
         "manifest.json", "reference.pt", "endpoint.json", "model.pt2", "model-config.yaml", "process_outputs.torchscript.pt",
@@ -72,9 +72,9 @@ def _imports(source: str) -> set[str]:
 
 
 def test_archived_python_imports_only_stdlib_torch_and_ts(archives: dict[str, Endpoint]) -> None:
-    with zipfile.ZipFile(archives["simple_cnn"].mar) as z:
-        sources = {n: z.read(n).decode() for n in z.namelist() if n.endswith(".py")}
-    assert len(sources) == 4
+    entries = MarArchive(archives["simple_cnn"].mar).entries
+    sources = {n: data.decode() for n, data in entries.items() if n.endswith(".py")}
+    assert sorted(sources) == sorted([HANDLER_ENTRY_FILE, *(f"handlers/{f}" for f in HANDLER_PACKAGE_FILES)])
     for name, source in sources.items():
         outside = _imports(source) - ALLOWED_TOP_LEVEL
         assert not outside, f"{name} imports {sorted(outside)}"
@@ -86,7 +86,8 @@ def test_archived_handler_serves_with_torchship_unimportable(archives: dict[str,
     script = textwrap.dedent(
         """
         import importlib.abc, json, sys
-        BLOCKED = {"torchship", "models", "export", "deploy", "pydantic", "yaml", "requests", "rich"}
+        BLOCKED = {"torchship", "models", "export", "deploy", "archive", "engines", "verify", "reliability", "bench",
+                   "cpp", "pydantic", "yaml", "requests", "rich"}
 
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from archive.mar import MarArchive
 from handlers.core import load_aoti
 from tests.helpers import run_cli
 from torchship.cli import main
@@ -130,3 +131,15 @@ def test_portable_aoti_package_is_built_for_avx2(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "dynamic_router" / "model.aoti.pt2") as package:
         sources = [package.read(n).decode() for n in package.namelist() if n.endswith("wrapper.cpp")]
     assert sources and all("-march=x86-64-v3" in s and "avx512" not in s.split("// Compile cmd")[-1] for s in sources)
+
+
+def test_a_classifier_archives_from_an_empty_artifacts_folder_with_nothing_else_exported(tmp_path: Path) -> None:
+    """`torchship export simple_cnn` then `torchship archive simple_cnn` on a fresh folder: the classifier's top-k
+    post-processing comes with its own export, so no other model has to be exported first."""
+    artifacts, store = tmp_path / "artifacts", tmp_path / "store"
+    run_cli("export", "simple_cnn", "--out", str(artifacts))
+    assert sorted(p.name for p in artifacts.iterdir() if not p.name.startswith(".")) == ["simple_cnn"]
+    run_cli("archive", "simple_cnn", "--artifacts", str(artifacts), "--out", str(store))
+    assert sorted(p.name for p in store.glob("*.mar")) == ["simple_cnn.mar", "simple_cnn_pt2.mar"]
+    for mar in store.glob("*.mar"):
+        assert "process_outputs.torchscript.pt" in MarArchive(mar).entries
