@@ -24,7 +24,7 @@ from bench.served import (
     engine,
     first_correct_answer_s,
     make_payloads,
-    run_load,
+    measure_load,
     tolerance_of,
 )
 from export.exporter import export_isolated
@@ -113,7 +113,7 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                 cold = first_correct_answer_s(url, token, small[0], tol, started)
                 e: dict[str, Any] = {"cold_start_s": cold, "rss_mib": footprint() / 2**20}
                 say(f"{name}: first correct answer {cold:.1f} s after launch, {e['rss_mib']:.0f} MiB resident")
-                seq = run_load(f"{url}/predictions/{BATCHED}", token, small, tol, clients=1, duration_s=600,
+                seq = measure_load(f"{url}/predictions/{BATCHED}", token, small, tol, clients=1, duration_s=600,
                                max_requests=settings.sequential_requests).summary()  # fmt: skip
                 seq["overhead_p50_ms"] = seq["p50_ms"] - base1.p50_ms
                 e["sequential"] = seq
@@ -121,7 +121,7 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                 e["throughput"] = []
                 for endpoint in (BATCHED, UNBATCHED):
                     for clients in settings.clients:
-                        r = run_load(f"{url}/predictions/{endpoint}", token, small, tol, clients=clients,
+                        r = measure_load(f"{url}/predictions/{endpoint}", token, small, tol, clients=clients,
                                      duration_s=settings.load_seconds).summary()  # fmt: skip
                         r.update(batching=endpoint == BATCHED, clients=clients)
                         e["throughput"].append(r)
@@ -130,7 +130,7 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                             f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
                 e["large_body"] = {}
                 for enc, payloads in large.items():
-                    r = run_load(f"{url}/predictions/{BATCHED}", token, payloads, tol, clients=1, duration_s=600,
+                    r = measure_load(f"{url}/predictions/{BATCHED}", token, payloads, tol, clients=1, duration_s=600,
                                  max_requests=settings.large_requests).summary()  # fmt: skip
                     r["body_bytes"] = len(payloads[0].body)
                     e["large_body"][enc] = r

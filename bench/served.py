@@ -134,7 +134,7 @@ async def _load(
     return result
 
 
-def run_load(
+def measure_load(
     url: str, token: str | None, payloads: list[Payload], tol: Tolerance, *, clients: int, duration_s: float,
     max_requests: int | None = None,
 ) -> LoadResult:  # fmt: skip
@@ -164,10 +164,10 @@ def engine(name: str, store: Path, workdir: Path) -> Iterator[tuple[str, str | N
 def first_correct_answer_s(url: str, token: str | None, payload: Payload, tol: Tolerance, started: float) -> float:
     """Seconds from `started` to the first answer equal to eager (polling; the engine may still be warming up)."""
     while True:
-        r = run_load(f"{url}/predictions/{BATCHED}", token, [payload], tol, clients=1, duration_s=60, max_requests=1)
+        r = measure_load(f"{url}/predictions/{BATCHED}", token, [payload], tol, clients=1, duration_s=60, max_requests=1)
         if r.verified and not r.wrong:
             return time.monotonic() - started
         time.sleep(0.2)
 
 
-__all__ = ["bench_store", "engine", "first_correct_answer_s", "make_payloads", "run_load", "tolerance_of"]
+__all__ = ["bench_store", "engine", "first_correct_answer_s", "make_payloads", "measure_load", "tolerance_of"]

@@ -10,7 +10,7 @@ namespace {
 constexpr char kMagic[4] = {'T', 'S', 'I', 'O'};
 constexpr uint32_t kVersion = 1;
 
-// dtype codes, the same table as deploy/cpp_io.py
+// dtype codes, the same table as cpp/tensor_io.py
 at::ScalarType dtype_of(uint32_t code) {
   switch (code) {
     case 1: return at::kFloat;

@@ -2,7 +2,7 @@
 
 stdlib only and quick to start: Kubernetes runs `python -m deploy.probe` as the pod's startup and readiness probe
 (TorchServe's `/ping` says Healthy while models are still loading and while workers crash in a loop), and
-`engines.torchserve.wait_ready` asks the same question locally.
+`engines.torchserve.TorchServe` asks the same question locally.
 
 Exit status: 0 ready, 1 not ready (the reason on stderr).
 """

@@ -21,6 +21,8 @@ COPY models /src/models
 COPY export /src/export
 COPY handlers /src/handlers
 COPY archive /src/archive
+COPY engines /src/engines
+COPY verify /src/verify
 COPY deploy /src/deploy
 RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \
     && pip install /src \

@@ -24,6 +24,8 @@ COPY models /src/models
 COPY export /src/export
 COPY handlers /src/handlers
 COPY archive /src/archive
+COPY engines /src/engines
+COPY verify /src/verify
 COPY deploy /src/deploy
 RUN python -m venv /opt/venv \
     && pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \

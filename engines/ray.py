@@ -131,12 +131,9 @@ def _last_line(message: str) -> str:
     return lines[-1] if lines else message
 
 
-class _Stop(Exception):
-    pass
-
-
 def _on_sigterm(signum: int, _frame: object) -> None:
-    raise _Stop
+    """SIGTERM stops the child the way Ctrl-C does: Serve and Ray are shut down in `serve_forever`'s finally."""
+    raise KeyboardInterrupt
 
 
 def serve_forever(args: argparse.Namespace) -> int:
@@ -177,7 +174,7 @@ def serve_forever(args: argparse.Namespace) -> int:
                 print(f"Ray Serve: the torchship app failed to deploy: {failure}", flush=True)
                 return EXIT_DEPLOY_FAILED
             time.sleep(1.0)
-    except (_Stop, KeyboardInterrupt):
+    except KeyboardInterrupt:
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

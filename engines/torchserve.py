@@ -18,7 +18,6 @@ from handlers.codec import inference_token
 from handlers.names import MAX_REQUEST_BYTES_ENV
 from torchship.errors import EngineError, NotReady
 
-DEFAULT_CONFIG = CONFIG_PROPERTIES
 KEY_FILE = "key_file.json"
 #: TorchServe's frontend answers a body over its max_request_size with an empty 413 before any handler runs. The
 #: handler enforces the configured limit itself (JSON 413, like the Ray app); the frontend's cut sits this much higher.
@@ -50,7 +49,7 @@ class TorchServe(Engine):
         port: int | None = None,
         max_request_bytes: int | None = None,
         ready_timeout_s: float = 300.0,
-        config_template: Path = DEFAULT_CONFIG,
+        config_template: Path = CONFIG_PROPERTIES,
         overrides: dict[str, str] | None = None,
         models: str = "all",
     ) -> None:
@@ -135,6 +134,3 @@ class TorchServe(Engine):
 
     def pids(self, endpoint: str) -> list[int]:
         return worker_pids(self.management_url, endpoint, self.management_key())
-
-
-__all__ = ["DEFAULT_CONFIG", "TorchServe", "read_properties"]

@@ -113,7 +113,7 @@ class Target:
 
 
 @dataclass(frozen=True)
-class Reply:
+class HttpReply:
     status: int
     body: bytes
     headers: Mapping[str, str]
@@ -121,7 +121,7 @@ class Reply:
 
 def send(
     target: Target, method: str, path: str, body: bytes | None, headers: Mapping[str, str], *, timeout_s: float = 60
-) -> Reply:
+) -> HttpReply:
     """One request, sent byte for byte as given."""
     parts = urlsplit(target.url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout_s)
@@ -134,7 +134,7 @@ def send(
         conn.endheaders(body)
         response = conn.getresponse()
         data = response.read()
-        return Reply(response.status, data, {k.lower(): v for k, v in response.getheaders()})
+        return HttpReply(response.status, data, {k.lower(): v for k, v in response.getheaders()})
     finally:
         conn.close()
 
@@ -234,7 +234,7 @@ def case_request(
     return case.method, case.path or f"/predictions/{case.endpoint}", body, final
 
 
-def error_message(reply: Reply) -> str | None:
+def error_message(reply: HttpReply) -> str | None:
     """The error text of a JSON error body ({"error": ...}, or TorchServe's own {"message": ...}), else None."""
     try:
         doc = json.loads(reply.body)
@@ -270,7 +270,7 @@ class Oracle:
     def output_names(self, endpoint: str) -> list[str]:
         return [t.name for t in self._specs[endpoint].outputs]
 
-    def check(self, endpoint: str, inputs: Mapping[str, torch.Tensor], reply: Reply) -> str:
+    def check(self, endpoint: str, inputs: Mapping[str, torch.Tensor], reply: HttpReply) -> str:
         """'' when the reply is a 200 whose outputs equal eager within tolerance, else why not."""
         if reply.status != 200:
             return f"HTTP {reply.status}: {reply.body[:200]!r}"

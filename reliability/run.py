@@ -101,7 +101,7 @@ def differing(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]
 
 
 def write_entries(members: dict[str, bytes], out: Path) -> Path:
-    """A .mar with exactly these entries: unlike archive.build.write_archive, its checksum listing is not rewritten."""
+    """A .mar with exactly these entries: unlike archive.mar.write_archive, its checksum listing is not rewritten."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for name in sorted(members):
@@ -490,7 +490,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+def write_reliability_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / "reliability.json", out_dir / "reliability.md"
     js.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")

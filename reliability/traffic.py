@@ -20,7 +20,7 @@ import requests
 import torch
 
 from handlers.codec import encode_request
-from reliability.corpus import Oracle, Reply, Target, auth_headers
+from reliability.corpus import HttpReply, Oracle, Target, auth_headers
 
 #: Batch sizes a load run mixes (each within every zoo endpoint's max_batch_size).
 LOAD_BATCHES = (1, 2, 4, 8)
@@ -81,7 +81,7 @@ class _CheckedOracle:
         self.oracle = oracle
         self._lock = threading.Lock()
 
-    def check(self, entry: PoolEntry, reply: Reply) -> str:
+    def check(self, entry: PoolEntry, reply: HttpReply) -> str:
         with self._lock:  # eager modules are not promised to be thread-safe, and the cache warms once
             return self.oracle.check(entry.endpoint, entry.inputs, reply)
 
@@ -119,7 +119,7 @@ def run_load(
             start = time.monotonic()
             try:
                 r = session.post(f"{url}/predictions/{entry.endpoint}", data=body, headers={**headers, **auth}, timeout=timeout_s)
-                reply = Reply(r.status_code, r.content, {k.lower(): v for k, v in r.headers.items()})
+                reply = HttpReply(r.status_code, r.content, {k.lower(): v for k, v in r.headers.items()})
                 problem = checker.check(entry, reply) if reply.status == 200 else ""
                 outcome = "ok" if reply.status == 200 and not problem else ("wrong" if reply.status == 200 else "error")
                 detail = problem or (f"HTTP {reply.status}: {reply.body[:160]!r}" if reply.status != 200 else "")

@@ -202,7 +202,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     from verify.client import token_from_key_file
-    from verify.compare import verify, write_report
+    from verify.compare import verify, write_verify_report
 
     if args.engine == "all":
         return _verify_all(args, out, err)
@@ -213,7 +213,7 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     rows = verify(args.engine, args.url, token=token, model_store=Path(args.model_store), endpoints=args.endpoint or None)
     out.print(verify_table(rows))
     report = Path(args.report or f"reports/verify-{args.engine}.json")
-    write_report(rows, report, engine=args.engine, url=args.url)
+    write_verify_report(rows, report, engine=args.engine, url=args.url)
     failed = [r for r in rows if not r.passed]
     out.print(f"{len(rows) - len(failed)}/{len(rows)} checks passed; report: {escape(str(report))}")
     return EXIT_FAILED if failed else EXIT_OK
@@ -258,13 +258,13 @@ def cmd_deploy_check(args: argparse.Namespace, out: Console, err: Console) -> in
 def _gate(args: argparse.Namespace, out: Console) -> bool:
     from deploy.rollout import gate
     from verify.client import token_from_key_file
-    from verify.compare import write_report
+    from verify.compare import write_verify_report
 
     token = args.token or (token_from_key_file(Path(args.token_file)) if args.token_file else None)
     result = gate(args.url, token=token, model_store=Path(args.model_store), endpoints=args.endpoint or None)
     out.print(verify_table(result.rows))
     if args.report:
-        write_report(result.rows, Path(args.report), engine="candidate", url=args.url)
+        write_verify_report(result.rows, Path(args.report), engine="candidate", url=args.url)
     for row in result.failed:
         out.print(f"[red]drift:[/] {row.endpoint} batch {row.batch_size} {row.encoding}: {escape(row.reason)}")
     verdict = "[green]gate passed[/]" if result.passed else "[red]gate refused the candidate[/]"
@@ -330,7 +330,7 @@ def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int
         err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(line)}")
 
     report = rel.run_reliability(store, workdir, counts, say)
-    json_path, md_path = rel.write_report(report, Path(args.out))
+    json_path, md_path = rel.write_reliability_report(report, Path(args.out))
     out.print(rel.markdown(report))
     problems = rel.problems(report)
     for problem in problems:

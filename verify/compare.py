@@ -94,7 +94,7 @@ def verify(engine: str, url: str, *, token: str | None, model_store: Path, endpo
     return rows
 
 
-def write_report(rows: list[VerifyRow], path: Path, *, engine: str, url: str) -> None:
+def write_verify_report(rows: list[VerifyRow], path: Path, *, engine: str, url: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "engine": engine,

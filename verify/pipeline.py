@@ -15,7 +15,7 @@ from archive.build import archive_models, load_model_config
 from engines import engine_class
 from export.exporter import ModelExport, Progress, ensure_writable, export_isolated
 from models import ZOO
-from verify.compare import CrossRow, VerifyRow, cross_engine, verify, write_report
+from verify.compare import CrossRow, VerifyRow, cross_engine, verify, write_verify_report
 
 Say = Callable[[str], None]
 
@@ -71,8 +71,8 @@ def serve_and_verify(model_store: Path, say: Say) -> tuple[list[VerifyRow], list
 
 def write_reports(reports: Path, ts_rows: list[VerifyRow], ray_rows: list[VerifyRow], cross: list[CrossRow]) -> None:
     reports.mkdir(parents=True, exist_ok=True)
-    write_report(ts_rows, reports / "verify-torchserve.json", engine="torchserve", url="local")
-    write_report(ray_rows, reports / "verify-ray.json", engine="ray", url="local")
+    write_verify_report(ts_rows, reports / "verify-torchserve.json", engine="torchserve", url="local")
+    write_verify_report(ray_rows, reports / "verify-ray.json", engine="ray", url="local")
     doc = {
         "passed": all(c.passed for c in cross) and len(cross) == len(ts_rows) == len(ray_rows),
         "rows": [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,15 +102,15 @@ def test_cli_exports_are_byte_reproducible(tmp_path: Path) -> None:
     run_cli("export", "--out", str(first))
     run_cli("export", *reversed(list(ZOO)), "--out", str(second))
     for name in ZOO:
-        for f in sorted((first / name).iterdir()):
-            assert f.read_bytes() == (second / name / f.name).read_bytes(), f"{name}/{f.name} differs"
+        files = sorted(f.relative_to(first / name) for f in (first / name).rglob("*") if f.is_file())
+        assert files == sorted(f.relative_to(second / name) for f in (second / name).rglob("*") if f.is_file())
+        for rel in files:
+            assert (first / name / rel).read_bytes() == (second / name / rel).read_bytes(), f"{name}/{rel} differs"
 
 
 def test_tampered_artifact_is_refused(zoo_export: dict[str, ModelExport], tmp_path: Path) -> None:
     copy = tmp_path / "simple_cnn"
-    copy.mkdir()
-    for f in zoo_export["simple_cnn"].model_dir.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(zoo_export["simple_cnn"].model_dir, copy)
     with (copy / "model.pt2").open("r+b") as fh:
         fh.seek(100)
         fh.write(b"\x00\x01\x02")
