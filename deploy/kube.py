@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from engines.base import CONFIG_PROPERTIES, read_properties
+from engines.base import CONFIG_PROPERTIES, default_body_limit_bytes, read_properties
 from torchship.errors import DeployError
 
 if TYPE_CHECKING:
@@ -78,6 +78,8 @@ def serve_config(num_gpus: float = 0.0) -> dict[str, Any]:
     for application in doc["applications"]:
         application["args"]["model_store"] = IMAGE_MODEL_STORE
         application["args"]["cache_dir"] = "/tmp/torchship-ray-cache"
+        # The image has no configs/: the body limit travels in the Serve config, from its one source.
+        application["args"]["max_request_bytes"] = default_body_limit_bytes()
         if num_gpus:
             application["args"]["num_gpus"] = num_gpus
     return doc

@@ -202,11 +202,15 @@ def app(args: dict[str, Any]) -> serve.Application:
 
 
 def _body_limit(args: Mapping[str, Any]) -> int:
-    """max_request_bytes from the app's args, else TORCHSHIP_MAX_REQUEST_BYTES (the handler's own setting)."""
+    """max_request_bytes from the app's args, else TORCHSHIP_MAX_REQUEST_BYTES (the handler's own setting), else
+    max_request_size from configs/config.properties, the one source (present in a checkout, not in an image)."""
     raw = args.get("max_request_bytes") or os.environ.get(MAX_REQUEST_BYTES_ENV)
-    if not raw or not str(raw).isdigit() or int(raw) <= 0:
-        raise ValueError(
-            f"the torchship app needs a body limit: set args.max_request_bytes or {MAX_REQUEST_BYTES_ENV} "
-            "(configs/ray-serve.yaml sets it to configs/config.properties' max_request_size)"
-        )
+    if raw is None:
+        from engines.base import CONFIG_PROPERTIES, default_body_limit_bytes
+
+        if not CONFIG_PROPERTIES.is_file():
+            raise ValueError(f"the torchship app needs a body limit: set args.max_request_bytes or {MAX_REQUEST_BYTES_ENV}")
+        return default_body_limit_bytes()
+    if not str(raw).isdigit() or int(raw) <= 0:
+        raise ValueError(f"max_request_bytes must be a positive integer, got {raw!r}")
     return int(raw)
