@@ -15,6 +15,7 @@ import torch
 
 from export.torchscript import to_script
 from handlers.core import LOADERS
+from handlers.names import MANIFEST_FILE
 from torchship.parity import compare_all
 from torchship.registry import resolve
 from torchship.spec import ModelSpec, Tolerance, as_output_tuple
@@ -70,7 +71,7 @@ def time_call(fn: Callable[[], Any], *, min_time_s: float, min_iters: int, warmu
 
 
 def load_variants(spec: ModelSpec, model_dir: Path, variants: tuple[str, ...]) -> dict[str, Callable[..., Any]]:
-    manifest = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
     usable = {f: e["file"] for f, e in manifest["formats"].items() if e["status"] == "ok"}
     cpu = torch.device("cpu")
     eager = spec.factory().eval()

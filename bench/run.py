@@ -29,6 +29,7 @@ from bench.served import (
 )
 from export.exporter import export_isolated
 from handlers.core import LOADERS
+from handlers.names import MANIFEST_FILE
 
 SCHEMA_VERSION = 1
 ENGINES = ("torchserve", "ray")
@@ -82,7 +83,7 @@ def machine() -> dict[str, Any]:
 
 def ensure_exported(artifacts: Path, models: set[str], say: Callable[[str], None]) -> None:
     for model in sorted(models):
-        if not (artifacts / model / "manifest.json").is_file():
+        if not (artifacts / model / MANIFEST_FILE).is_file():
             say(f"exporting {model} (AOTInductor included) into {artifacts}")
             export_isolated(model, out_dir=artifacts, aoti=True)
 

@@ -22,7 +22,7 @@ from archive.build import archive_models
 from archive.mar import MarArchive, write_archive
 from engines import engine_class
 from handlers.codec import decode_response, encode_request
-from handlers.names import bearer
+from handlers.names import ENDPOINT_FILE, MAR_MANIFEST_FILE, MODEL_CONFIG_FILE, bearer
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
 
@@ -43,12 +43,12 @@ def bench_store(artifacts: Path, out: Path, model_config: dict[str, Any]) -> Pat
     for extra in out.glob(f"{MODEL}_*.mar"):
         extra.unlink()
     members = dict(MarArchive(out / f"{BATCHED}.mar").entries)
-    members["model-config.yaml"] = yaml.safe_dump({**model_config, "batchSize": 1, "maxBatchDelay": 0}).encode()
-    endpoint = json.loads(members["endpoint.json"])
-    members["endpoint.json"] = json.dumps({**endpoint, "endpoint": UNBATCHED}).encode()
-    mar_manifest = json.loads(members["MAR-INF/MANIFEST.json"])
+    members[MODEL_CONFIG_FILE] = yaml.safe_dump({**model_config, "batchSize": 1, "maxBatchDelay": 0}).encode()
+    endpoint = json.loads(members[ENDPOINT_FILE])
+    members[ENDPOINT_FILE] = json.dumps({**endpoint, "endpoint": UNBATCHED}).encode()
+    mar_manifest = json.loads(members[MAR_MANIFEST_FILE])
     mar_manifest["model"]["modelName"] = UNBATCHED
-    members["MAR-INF/MANIFEST.json"] = json.dumps(mar_manifest).encode()
+    members[MAR_MANIFEST_FILE] = json.dumps(mar_manifest).encode()
     write_archive(members, out / f"{UNBATCHED}.mar")
     return out
 

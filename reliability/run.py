@@ -29,7 +29,7 @@ from engines.base import Engine
 from engines.torchserve import TorchServe
 from handlers.codec import Signature, decode_response, encode_request
 from handlers.errors import UnsafeArchive
-from handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, bearer
+from handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, MANIFEST_FILE, bearer
 from reliability.corpus import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
 from reliability.traffic import FaultResult, make_pool, run_fault, run_load, summarize
 from torchship.errors import EngineError, ReliabilityError
@@ -127,9 +127,9 @@ def tamper_manifest(mar: Path, out: Path) -> Path:
     members = dict(archive.entries)
     manifest = archive.manifest
     manifest["formats"][archive.format]["sha256"] = "0" * 64
-    members["manifest.json"] = json.dumps(manifest, indent=2).encode("utf-8")
+    members[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode("utf-8")
     listing = json.loads(members[CHECKSUMS_FILE])
-    listing["manifest.json"] = hashlib.sha256(members["manifest.json"]).hexdigest()
+    listing[MANIFEST_FILE] = hashlib.sha256(members[MANIFEST_FILE]).hexdigest()
     members[CHECKSUMS_FILE] = json.dumps(listing, indent=2).encode("utf-8")
     return write_entries(members, out)
 
@@ -182,7 +182,7 @@ def unpack_refuses_traversal(workdir: Path) -> dict[str, Any]:
     ):
         mar = workdir / f"evil-{label.replace(' ', '-')}.mar"
         with zipfile.ZipFile(mar, "w") as z:
-            z.writestr("manifest.json", "{}")
+            z.writestr(MANIFEST_FILE, "{}")
             z.writestr(entry, "written outside")
         cache = workdir / f"cache-{label.replace(' ', '-')}"
         try:

@@ -313,6 +313,7 @@ def cmd_bench(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int:
     from export.exporter import export_isolated
+    from handlers.names import MANIFEST_FILE
     from reliability import run as rel
 
     counts = rel.QUICK if args.quick else rel.FULL
@@ -320,7 +321,7 @@ def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int
         counts = rel.Counts(args.requests, counts.concurrency, counts.fuzz_requests, counts.fault_requests)
     artifacts = Path(args.artifacts)
     for name in rel.RELIABILITY_MODELS:
-        if not (artifacts / name / "manifest.json").is_file():
+        if not (artifacts / name / MANIFEST_FILE).is_file():
             err.print(f"exporting {name} into {escape(str(artifacts))} (not exported yet)")
             export_isolated(name, out_dir=artifacts, progress=print_progress)
     workdir = rel.default_workdir()
