@@ -10,6 +10,7 @@ REST. A replica imports only the handler package, the archive reader, Ray and St
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import tempfile
@@ -31,6 +32,8 @@ from handlers.core import Request as CoreRequest
 from handlers.errors import HandlerMismatch, TokenRefused
 from handlers.names import AUTHORIZATION_HEADER, HANDLER_PACKAGE, HANDLER_PACKAGE_FILES, MAX_REQUEST_BYTES_ENV, NODE_HEADER
 
+#: How long a readiness probe waits for an endpoint's replica to answer.
+READY_PROBE_TIMEOUT_S = 2.0
 #: Where unpacked archives are cached (one folder per archive sha256).
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "torchship-ray-cache"
 
@@ -115,7 +118,10 @@ class Ingress:
         if parts in (["ping"], ["v2", "health", "live"], ["v2", "health", "ready"]):
             if method != "GET":
                 return _error(405, f"{method} is not allowed on {request.url.path}; use GET")
-            return _json(200, {"status": "Healthy"} if parts == ["ping"] else {"live": True, "ready": True})
+            if parts == ["v2", "health", "ready"]:
+                ready = all([await self._ready(name) for name in sorted(self.endpoints)])
+                return _json(200 if ready else 503, {"live": True, "ready": ready})
+            return _json(200, {"status": "Healthy"} if parts == ["ping"] else {"live": True})
         if len(parts) in (2, 3) and parts[0] == "predictions" and all(parts):
             # TorchServe hands /predictions/<model>[/<version>] to the handler whatever the method (a GET has no body
             # and gets 400); this app does the same, so both engines answer every request alike.
@@ -131,8 +137,18 @@ class Ingress:
                 return _error(405, "use GET")
             if parts[2] not in self.endpoints:
                 return _error(404, f"unknown endpoint {parts[2]!r}")
-            return _json(200, {"name": parts[2], "ready": True})
+            ready = await self._ready(parts[2])
+            return _json(200 if ready else 503, {"name": parts[2], "ready": ready})
         return _error(404, f"no route for {request.url.path}")
+
+    async def _ready(self, name: str) -> bool:
+        """Ready means a replica of the endpoint answers now: the ingress alone being up says nothing about a
+        deployment whose replicas are still loading, or refusing to load, their archive."""
+        try:
+            await asyncio.wait_for(self.endpoints[name].metadata.remote(), timeout=READY_PROBE_TIMEOUT_S)
+        except Exception:  # no replica yet, or it failed: not ready, whatever the reason
+            return False
+        return True
 
     async def _metadata(self, request: Request, name: str) -> Response:
         if request.method != "GET":

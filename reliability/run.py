@@ -53,7 +53,8 @@ def start_engine(name: str, model_store: Path, workdir: Path, **options: Any) ->
     """An engine on the store with the run's small body limit (a Ray one with a fresh token), not yet started."""
     if name == "ray":
         options.setdefault("token", secrets.token_hex(16))
-    return engine_class(name)(model_store, workdir, max_request_bytes=LIMIT_BYTES, ready_timeout_s=400, **options)
+    options.setdefault("ready_timeout_s", 400)
+    return engine_class(name)(model_store, workdir, max_request_bytes=LIMIT_BYTES, **options)
 
 
 def target_of(engine: Engine) -> Target:
