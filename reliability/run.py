@@ -224,7 +224,22 @@ def unpickling_calls(roots: Sequence[Path]) -> list[str]:
     return found
 
 
-PROJECT_CODE = tuple(REPO / d for d in ("torchship", "handlers", "deploy", "export", "models", "bench"))
+PROJECT_CODE = tuple(
+    REPO / d
+    for d in (
+        "torchship",
+        "handlers",
+        "archive",
+        "engines",
+        "verify",
+        "reliability",
+        "cpp",
+        "deploy",
+        "export",
+        "models",
+        "bench",
+    )
+)
 
 
 # -- access --------------------------------------------------------------------------------------------------------

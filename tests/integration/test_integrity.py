@@ -82,6 +82,10 @@ def test_a_reference_file_carrying_a_pickled_object_is_refused_unexecuted(archiv
 
 
 def test_no_project_code_loads_a_pickle() -> None:
+    # Every package of the project is scanned: a new top-level package cannot slip past the scan.
+    repo = PROJECT_CODE[0].parent
+    packages = {p.parent for p in repo.glob("*/__init__.py")} - {repo / "tests"}
+    assert packages <= set(PROJECT_CODE), sorted(str(p) for p in packages - set(PROJECT_CODE))
     assert unpickling_calls(PROJECT_CODE) == []
 
 
