@@ -49,7 +49,7 @@ Say = Callable[[str], None]
 # -- engines -------------------------------------------------------------------------------------------------------
 
 
-def start_engine(name: str, model_store: Path, workdir: Path, **options: Any) -> Engine:
+def engine_for(name: str, model_store: Path, workdir: Path, **options: Any) -> Engine:
     """An engine on the store with the run's small body limit (a Ray one with a fresh token), not yet started."""
     if name == "ray":
         options.setdefault("token", secrets.token_hex(16))
@@ -151,7 +151,7 @@ def refuses(engine: str, mar: Path, workdir: Path) -> Refusal:
     """Start an engine on a store holding only `mar`: it must not become ready, and the handler's refusal must show."""
     start = time.monotonic()
     try:
-        with start_engine(engine, mar.parent, workdir, ready_timeout_s=300):
+        with engine_for(engine, mar.parent, workdir, ready_timeout_s=300):
             return Refusal(engine, "", False, "became ready", round(time.monotonic() - start, 2))
     except EngineError as exc:
         message = str(exc)
@@ -413,11 +413,11 @@ def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) 
     access: dict[str, Any] = {}
     for name in ENGINE_NAMES:
         say(f"starting {name} on {model_store}")
-        with start_engine(name, model_store, workdir / name) as engine:
+        with engine_for(name, model_store, workdir / name) as engine:
             doc = engine_checks(engine, model_store, counts, say)
             access[name] = ray_access(engine) if name == "ray" else None
         say(f"{name}: restarting on the same model store")
-        with start_engine(name, model_store, workdir / f"{name}-restart") as engine:
+        with engine_for(name, model_store, workdir / f"{name}-restart") as engine:
             oracle, sigs = oracle_for(model_store)
             after = fixed_outputs(target_of(engine), oracle, sorted(sigs))
         before = doc.pop("before_restart")
@@ -426,7 +426,7 @@ def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) 
         doc["restart_outputs_compared"] = len(before)
         engines[name] = doc
     say("torchserve: access (tokens, loopback, allowed_urls with the management API on)")
-    with start_engine("torchserve", model_store, workdir / "access", overrides={"enable_model_api": "true"}) as server:
+    with engine_for("torchserve", model_store, workdir / "access", overrides={"enable_model_api": "true"}) as server:
         assert isinstance(server, TorchServe)
         access["torchserve"] = torchserve_access(server, model_store, workdir / "outside")
     integrity = [asdict(r) for r in integrity_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "integrity", say)]

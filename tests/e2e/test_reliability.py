@@ -38,8 +38,8 @@ def oracle(store: Path) -> tuple[Oracle, dict[str, Signature]]:
 def engines(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Engine]]:
     """Both engines on the same store, for the whole module (the restart tests at the end stop them)."""
     with contextlib.ExitStack() as stack:
-        ts = stack.enter_context(rel.start_engine("torchserve", store, tmp_path_factory.mktemp("ts")))
-        ray = stack.enter_context(rel.start_engine("ray", store, tmp_path_factory.mktemp("ray")))
+        ts = stack.enter_context(rel.engine_for("torchserve", store, tmp_path_factory.mktemp("ts")))
+        ray = stack.enter_context(rel.engine_for("ray", store, tmp_path_factory.mktemp("ray")))
         yield {"torchserve": ts, "ray": ray}
 
 
@@ -120,7 +120,7 @@ def test_a_restart_on_the_same_store_gives_identical_outputs(
     endpoints = sorted(oracle[1])
     before = rel.fixed_outputs(rel.target_of(engines[engine]), oracle[0], endpoints)
     engines[engine].stop()
-    with rel.start_engine(engine, store, tmp_path / "again") as again:
+    with rel.engine_for(engine, store, tmp_path / "again") as again:
         after = rel.fixed_outputs(rel.target_of(again), oracle[0], endpoints)
     assert len(before) == len(endpoints) * 4
     assert rel.differing(before, after) == []
@@ -129,7 +129,7 @@ def test_a_restart_on_the_same_store_gives_identical_outputs(
 
 
 def test_torchserve_tokens_loopback_and_allowed_urls(store: Path, tmp_path: Path) -> None:
-    with rel.start_engine("torchserve", store, tmp_path / "ts", overrides={"enable_model_api": "true"}) as engine:
+    with rel.engine_for("torchserve", store, tmp_path / "ts", overrides={"enable_model_api": "true"}) as engine:
         assert isinstance(engine, TorchServe)
         access = rel.torchserve_access(engine, store, tmp_path / "outside")
     assert access["inference_with_token"] == 200 and access["management_with_token"] == 200
