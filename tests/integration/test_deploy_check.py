@@ -10,6 +10,7 @@ import yaml
 
 from deploy.kube import K8S_DIR, K8S_VERSIONS, check, image_repository, render, serve_config, validate_object
 from deploy.rollout import set_image
+from engines.base import default_body_limit_bytes
 from tests.helpers import REPO, run_cli
 
 
@@ -134,6 +135,8 @@ def test_the_cluster_serve_config_is_the_local_one_with_image_paths() -> None:
     for app in cluster["applications"]:
         app["args"].pop("cache_dir")
         app["args"]["model_store"] = "model_store"
+        # The image has no configs/: the body limit is written in, from configs/config.properties.
+        assert app["args"].pop("max_request_bytes") == default_body_limit_bytes()
     assert cluster == local
 
 
