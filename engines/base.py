@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import ClassVar, Self
 
 from handlers.names import LOAD_REFUSED_MARKER, bearer
-from torchship.errors import EngineError
+from torchship.errors import EngineError, NotReady
 
 LOG_TAIL_LINES = 40
 REPO = Path(__file__).resolve().parent.parent
@@ -143,8 +143,6 @@ class Engine(ABC):
         return self
 
     def wait_ready(self, poll_s: float = 0.5) -> None:
-        from torchship.errors import NotReady
-
         deadline = time.monotonic() + self.ready_timeout_s
         pending = set(self.endpoints)
         while pending:
