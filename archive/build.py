@@ -62,7 +62,8 @@ def load_model_config(path: Path = DEFAULT_MODEL_CONFIG) -> dict[str, Any]:
     return config
 
 
-def _archiver() -> str:
+def archiver() -> str:
+    """The torch-model-archiver executable of this environment."""
     exe = Path(sys.executable).parent / "torch-model-archiver"
     found = str(exe) if exe.exists() else shutil.which("torch-model-archiver")
     if not found:
@@ -109,7 +110,7 @@ def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: 
         built = tmp / "out"
         built.mkdir()
         cmd = [
-            _archiver(),
+            archiver(),
             "--model-name", name,
             "--version", manifest.version,
             "--serialized-file", str(model_dir / FORMAT_FILES[fmt]),

@@ -46,6 +46,9 @@ def markdown(doc: dict[str, Any]) -> str:
         s = e["sequential"]
         lines.append(f"| {name} | {e['cold_start_s']:.1f} s | {e['rss_mib']:.0f} MiB | {s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms "
                      f"| {s['overhead_p50_ms']:.2f} ms |")  # fmt: skip
+    lines += breakdown_table(srv["engines"])
+    lines += sweep_table(srv["engines"])
+    lines += peer_table(srv["engines"])
     lines += ["", "| engine | batching | clients | img/s | p50 ms | p99 ms | requests | verified | errors | wrong |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, e in srv["engines"].items():
@@ -61,6 +64,59 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {name} | {enc} | {lb[enc]['body_bytes'] / 2**20:.1f} MiB | {lb[enc]['p50_ms']:.0f} | {ratio:.1f}x |")
     lines += ["", f"Run time: {doc['seconds']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _ms(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else "-"
+
+
+def breakdown_table(engines: dict[str, Any]) -> list[str]:
+    """One request, sequential, batch 1: where its milliseconds go (p50 per phase; TorchServe's front end and queue
+    are its own counters' means over the same requests)."""
+    lines = ["", "### Where one request's time goes (batch 1, sequential, p50 ms)", "",
+             "client = the whole request as the client saw it; outside = client minus the server's own total (HTTP on "
+             "both sides; on Ray also the proxy hop); engine = server total minus the handler's call (TorchServe: front "
+             "end, queue incl. batch window, IPC; Ray: ingress-to-replica routing incl. batch window); queue = "
+             "TorchServe's queue latency; decode/model/encode/handler = the handler's own Server-Timing; in-process = the "
+             "same forward pass in the bench process.", "",
+             "| engine | endpoint | request | client | outside | engine | queue | handler | decode | model | encode "
+             "| in-process | overhead | wrong |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, e in engines.items():
+        for r in e.get("breakdown", []):
+            cells = [_ms(r, k) for k in ("client_ms", "outside_server_ms", "engine_ms", "queue_ms", "handler_ms",
+                                         "decode_ms", "model_ms", "encode_ms", "inprocess_model_ms", "overhead_ms")]  # fmt: skip
+            lines.append(f"| {name} | {r['endpoint']} | {r['case']} | " + " | ".join(cells) + f" | {r['wrong']} |")
+    return lines
+
+
+def peer_table(engines: dict[str, Any]) -> list[str]:
+    """torchship next to the stock peer on the same engine, same model file, same run (OIP v2 JSON: all the peers
+    read), plus torchship's binary body."""
+    lines = ["", "### Against the stock peers (same frozen file; the peer is what each engine's docs lead a user to)", "",
+             "| engine | server | 3x32x32 JSON batch 1 p50 ms | overhead ms | 3x224x224 JSON img/s (clients) | errors | wrong |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, e in engines.items():
+        for who, runs in (("stock", e.get("peer")), ("torchship", e.get("json"))):
+            if not runs:
+                continue
+            seq, load = runs["sequential_json32"], runs["clients_json224"]
+            errors, wrong = seq["errors"] + load["errors"], seq["wrong"] + load["wrong"]
+            lines.append(f"| {name} | {who} | {seq['p50_ms']:.2f} | {seq['overhead_p50_ms']:.2f} | {load['rows_per_s']:.1f} "
+                         f"({load['clients']}) | {errors} | {wrong} |")  # fmt: skip
+    return lines
+
+
+def sweep_table(engines: dict[str, Any]) -> list[str]:
+    lines = ["", "### Dynamic batching sweep (the same archive under each model config; torch threads 0 = every core)",
+             "", "| engine | endpoint | batchSize | maxBatchDelay ms | torch threads | clients | img/s | p50 ms | p99 ms "
+             "| errors | wrong |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, e in engines.items():
+        for r in e.get("sweep", []):
+            lines.append(f"| {name} | {r['endpoint']} | {r['batchSize']} | {r['maxBatchDelay']} | {r['torchThreads'] or 'all'} "
+                         f"| {r['clients']} | {r['rows_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} "
+                         f"| {r['wrong']} |")  # fmt: skip
+    return lines
 
 
 def plots(doc: dict[str, Any], out: Path) -> list[Path]:
@@ -119,4 +175,25 @@ def plots(doc: dict[str, Any], out: Path) -> list[Path]:
     written.append(out / "served_latency.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
+
+    # The batching curve: each model config's throughput against its median latency, at the most clients swept.
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, e in srv["engines"].items():
+        most = max((r["clients"] for r in e.get("sweep", [])), default=0)
+        pts = sorted((r for r in e.get("sweep", []) if r["clients"] == most), key=lambda r: r["p50_ms"])
+        ax.plot([r["p50_ms"] for r in pts], [r["rows_per_s"] for r in pts], marker="o", label=f"{name}, {most} clients")
+        for r in pts:
+            ax.annotate(_config_label(r), (r["p50_ms"], r["rows_per_s"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("latency p50 (ms)")
+    ax.set_ylabel("images / s (every answer checked)")
+    ax.set_title("dynamic batching: batchSize / maxBatchDelay ms / torch threads", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "batching_curve.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
     return written
+
+
+def _config_label(row: dict[str, Any]) -> str:
+    return f"b{row['batchSize']}/d{row['maxBatchDelay']}/t{row['torchThreads'] or 'all'}"

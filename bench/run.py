@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,7 +17,10 @@ from typing import Any
 import torch
 
 from archive.build import load_model_config
+from archive.mar import MarArchive
+from bench.breakdown import CASES, inprocess_ms, measure
 from bench.inprocess import LABELS, VARIANTS, Workload, bench_workload, time_call
+from bench.peers import PEER, StockRayServe, stock_ray_store, stock_torchserve_archive
 from bench.served import (
     BATCHED,
     UNBATCHED,
@@ -27,6 +31,7 @@ from bench.served import (
     measure_load,
     tolerance_of,
 )
+from engines.base import Engine
 from export.exporter import export_isolated
 from handlers.core import LOADERS
 from handlers.names import MANIFEST_FILE
@@ -47,6 +52,12 @@ class Settings:
     clients: tuple[int, ...]
     load_seconds: float
     large_requests: int
+    breakdown_requests: int
+    #: Extra endpoints on the same archive whose model config differs in these keys; swept with `sweep_clients`.
+    sweep: dict[str, dict[str, int]]
+    sweep_clients: tuple[int, ...]
+    #: Concurrent clients for the throughput comparison with the stock peers.
+    peer_clients: int
 
 
 FULL = Settings(
@@ -57,16 +68,28 @@ FULL = Settings(
         Workload("dynamic_router", "dynamic_router", (1, 8, 16, 64)),
     ),
     variants=VARIANTS, min_time_s=0.4, min_iters=10, warmup=3,
-    sequential_requests=100, clients=(1, 4, 16, 64), load_seconds=5.0, large_requests=5,
+    sequential_requests=100, clients=(1, 4, 16, 64), load_seconds=5.0, large_requests=5, breakdown_requests=50,
+    sweep={
+        "simple_cnn_b8_d1": {"batchSize": 8, "maxBatchDelay": 1},
+        "simple_cnn_b8_d20": {"batchSize": 8, "maxBatchDelay": 20},
+        "simple_cnn_b16_d10": {"batchSize": 16, "maxBatchDelay": 10},
+        "simple_cnn_b8_d5_t1": {"batchSize": 8, "maxBatchDelay": 5, "torchThreads": 1},
+    },
+    sweep_clients=(1, 16), peer_clients=16,
 )  # fmt: skip
 QUICK = Settings(
     quick=True,
     workloads=(Workload("simple_cnn@32", "simple_cnn", (1, 8), hw=32),),
     variants=("eager", "frozen", "pt2"), min_time_s=0.0, min_iters=3, warmup=1,
-    sequential_requests=5, clients=(1, 4), load_seconds=0.5, large_requests=1,
+    sequential_requests=5, clients=(1, 4), load_seconds=0.5, large_requests=1, breakdown_requests=5,
+    sweep={"simple_cnn_b8_d1": {"batchSize": 8, "maxBatchDelay": 1}}, sweep_clients=(1, 4), peer_clients=4,
 )  # fmt: skip
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224
+#: The in-process variant that is exactly what an endpoint of each archive format runs.
+INPROCESS_VARIANT = {"torchscript": "frozen", "pt2": "pt2", "aoti": "aoti"}
+#: The model-config keys the sweep varies (torchThreads 0 = every core the worker may use).
+SWEPT_KEYS = ("batchSize", "maxBatchDelay", "torchThreads")
 LARGE_SHAPE = (16, 3, 224, 224)
 
 
@@ -81,63 +104,153 @@ def machine() -> dict[str, Any]:
     }
 
 
-def ensure_exported(artifacts: Path, models: set[str], say: Callable[[str], None]) -> None:
+def ensure_exported(artifacts: Path, models: set[str], *, aoti: bool, say: Callable[[str], None]) -> None:
+    """Export what this run measures and is missing; AOTInductor (~30 s of C++ per model) only when it is measured."""
     for model in sorted(models):
         if not (artifacts / model / MANIFEST_FILE).is_file():
-            say(f"exporting {model} (AOTInductor included) into {artifacts}")
-            export_isolated(model, out_dir=artifacts, aoti=True)
+            say(f"exporting {model}{' (AOTInductor included)' if aoti else ''} into {artifacts}")
+            export_isolated(model, out_dir=artifacts, aoti=aoti)
+
+
+@dataclass(frozen=True)
+class ServedRun:
+    """What every engine is measured with, built once: the same payloads, answers and in-process baselines."""
+
+    settings: Settings
+    tol: Any
+    frozen: Callable[..., torch.Tensor]
+    small: list[Any]
+    large: dict[str, list[Any]]
+    model_config: dict[str, Any]
+    baseline1_ms: float
+    #: OIP v2 JSON bodies (all the stock peers read): one 3x32x32 and one 3x224x224 image per request.
+    json32: list[Any]
+    json224: list[Any]
+    #: The same forward pass in-process at batch 1, per image size: what the breakdown's overhead is measured from.
+    model_ms: dict[int, float]
 
 
 def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
-        store = bench_store(artifacts, Path(tmp) / "store", load_model_config())
-        tol = tolerance_of(store)
+        model_config = load_model_config()
+        store = bench_store(artifacts, Path(tmp) / "store", model_config, settings.sweep)
         frozen = LOADERS["torchscript"](str(artifacts / "simple_cnn" / "model.torchscript.pt"), torch.device("cpu"))
         one = (1, 3, SERVED_HW, SERVED_HW)
-        # Binary bodies for latency and throughput (JSON costs ~100 ms per 224x224 image to parse; measured apart).
-        small = make_payloads(frozen, [one] * 8, binary=True)
-        large = {enc: make_payloads(frozen, [LARGE_SHAPE], binary=enc == "binary") for enc in ("json", "binary")}
         # The in-process baseline on the same artifact: batch 1 latency and batch-8 throughput (8 = batchSize).
         x1, x8 = torch.randn(*one), torch.randn(8, 3, SERVED_HW, SERVED_HW)
         with torch.inference_mode():
             base1 = time_call(lambda: frozen(x1), min_time_s=0.5, min_iters=settings.sequential_requests, warmup=3)
             base8 = time_call(lambda: frozen(x8), min_time_s=0.5, min_iters=max(5, settings.sequential_requests // 10), warmup=2)
+        run = ServedRun(
+            settings=settings,
+            tol=tolerance_of(store),
+            frozen=frozen,
+            # Binary bodies for latency and throughput (JSON costs ~100 ms per 224x224 image to parse; measured apart).
+            small=make_payloads(frozen, [one] * 8, binary=True),
+            large={enc: make_payloads(frozen, [LARGE_SHAPE], binary=enc == "binary") for enc in ("json", "binary")},
+            model_config=model_config,
+            baseline1_ms=base1.p50_ms,
+            json32=make_payloads(frozen, [(1, 3, 32, 32)] * 8, binary=False),
+            json224=make_payloads(frozen, [one] * 8, binary=False),
+            model_ms={case.hw: inprocess_ms(frozen, case.hw, settings.breakdown_requests) for case in CASES},
+        )
         doc: dict[str, Any] = {
             "workload": f"simple_cnn@{SERVED_HW}, frozen TorchScript, 1 image per request",
+            "format": MarArchive(store / f"{BATCHED}.mar").format,
             "inprocess": {"batch1_p50_ms": base1.p50_ms, "batch1_p99_ms": base1.p95_ms,
                           "batch8_rows_per_s": 8 / (base8.p50_ms / 1000)},
             "engines": {},
         }  # fmt: skip
+        model_file = artifacts / "simple_cnn" / "model.torchscript.pt"
+        # TorchServe serves the stock peer next to torchship's endpoints (one start, the peer's .mar added to a copy of
+        # the store); Ray runs the peer's own app on its own, after torchship's.
+        stores = {"torchserve": Path(tmp) / "store-torchserve", "ray": store}
+        shutil.copytree(store, stores["torchserve"])
+        stock_torchserve_archive(model_file, stores["torchserve"], model_config)
         for name in ENGINES:
             say(f"{name}: starting on the bench store ({BATCHED}: batching on, {UNBATCHED}: batchSize 1)")
-            with engine(name, store, Path(tmp) / name) as (url, token, footprint, started):
-                cold = first_correct_answer_s(url, token, small[0], tol, started)
-                e: dict[str, Any] = {"cold_start_s": cold, "rss_mib": footprint() / 2**20}
-                say(f"{name}: first correct answer {cold:.1f} s after launch, {e['rss_mib']:.0f} MiB resident")
-                seq = measure_load(f"{url}/predictions/{BATCHED}", token, small, tol, clients=1, duration_s=600,
-                               max_requests=settings.sequential_requests).summary()  # fmt: skip
-                seq["overhead_p50_ms"] = seq["p50_ms"] - base1.p50_ms
-                e["sequential"] = seq
-                say(f"{name}: sequential batch 1 p50 {seq['p50_ms']:.2f} ms (+{seq['overhead_p50_ms']:.2f} ms over in-process)")
-                e["throughput"] = []
-                for endpoint in (BATCHED, UNBATCHED):
-                    for clients in settings.clients:
-                        r = measure_load(f"{url}/predictions/{endpoint}", token, small, tol, clients=clients,
-                                     duration_s=settings.load_seconds).summary()  # fmt: skip
-                        r.update(batching=endpoint == BATCHED, clients=clients)
-                        e["throughput"].append(r)
-                        mode = "on" if endpoint == BATCHED else "off"
-                        say(f"{name}: {clients} clients, batching {mode}: {r['rows_per_s']:.1f} img/s, "
-                            f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
-                e["large_body"] = {}
-                for enc, payloads in large.items():
-                    r = measure_load(f"{url}/predictions/{BATCHED}", token, payloads, tol, clients=1, duration_s=600,
-                                 max_requests=settings.large_requests).summary()  # fmt: skip
-                    r["body_bytes"] = len(payloads[0].body)
-                    e["large_body"][enc] = r
-                    say(f"{name}: 16x3x224x224 as {enc} ({r['body_bytes'] / 2**20:.1f} MiB): p50 {r['p50_ms']:.0f} ms")
-                doc["engines"][name] = e
+            with engine(name, stores[name], Path(tmp) / name) as (running, footprint):
+                doc["engines"][name] = measure_engine(run, running, footprint, say)
+                doc["engines"][name]["json"] = json_runs(run, running, BATCHED, say, f"{name}: torchship")
+                if name == "torchserve":
+                    peer = json_runs(run, running, PEER, say, "torchserve: stock handler")
+            if name == "ray":
+                say("ray: starting the stock Ray Serve app on the same TorchScript file")
+                with StockRayServe(stock_ray_store(model_file, Path(tmp) / "ray-peer-model"), Path(tmp) / "ray-peer") as ray_peer:
+                    peer = json_runs(run, ray_peer, PEER, say, "ray: stock app")
+            doc["engines"][name]["peer"] = peer
         return doc
+
+
+def json_runs(run: ServedRun, running: Engine, endpoint: str, say: Callable[[str], None], label: str) -> dict[str, Any]:
+    """What the peer comparison needs from one endpoint, in OIP v2 JSON: sequential 3x32x32 and concurrent 3x224x224."""
+    url = f"{running.url}/predictions/{endpoint}"
+    seq = measure_load(url, running.token, run.json32, run.tol, clients=1, duration_s=600,
+                       max_requests=run.settings.breakdown_requests).summary()  # fmt: skip
+    seq["overhead_p50_ms"] = seq["p50_ms"] - run.model_ms[32]
+    clients = run.settings.peer_clients
+    load = measure_load(url, running.token, run.json224, run.tol, clients=clients, duration_s=run.settings.load_seconds).summary()
+    load["clients"] = clients
+    errors, wrong = seq["errors"] + load["errors"], seq["wrong"] + load["wrong"]
+    say(f"{label}: JSON 3x32x32 sequential p50 {seq['p50_ms']:.2f} ms (+{seq['overhead_p50_ms']:.2f} ms); JSON "
+        f"3x224x224, {clients} clients: {load['rows_per_s']:.1f} img/s; errors {errors}, wrong {wrong}")  # fmt: skip
+    return {"sequential_json32": seq, "clients_json224": load}
+
+
+def measure_engine(run: ServedRun, running: Engine, footprint: Callable[[], int], say: Callable[[str], None]) -> dict[str, Any]:
+    name, url, token, settings, tol = running.name, running.url, running.token, run.settings, run.tol
+    assert running.started_at is not None
+    cold = first_correct_answer_s(url, token, run.small[0], tol, running.started_at)
+    e: dict[str, Any] = {"cold_start_s": cold, "rss_mib": footprint() / 2**20}
+    say(f"{name}: first correct answer {cold:.1f} s after launch, {e['rss_mib']:.0f} MiB resident")
+    seq = measure_load(f"{url}/predictions/{BATCHED}", token, run.small, tol, clients=1, duration_s=600,
+                       max_requests=settings.sequential_requests).summary()  # fmt: skip
+    seq["overhead_p50_ms"] = seq["p50_ms"] - run.baseline1_ms
+    e["sequential"] = seq
+    say(f"{name}: sequential batch 1 p50 {seq['p50_ms']:.2f} ms (+{seq['overhead_p50_ms']:.2f} ms over in-process)")
+    e["breakdown"] = []
+    for endpoint in (UNBATCHED, BATCHED):
+        for case in CASES:
+            row = measure(running, endpoint, run.frozen, case, tol, requests_n=settings.breakdown_requests,
+                          baseline_ms=run.model_ms[case.hw])  # fmt: skip
+            e["breakdown"].append(row)
+            say(f"{name}: {endpoint} {case.label}: client p50 {row['client_ms']:.2f} ms, handler "
+                f"{row.get('handler_ms', 0):.2f} ms (model {row.get('model_ms', 0):.2f}), in-process "
+                f"{row['inprocess_model_ms']:.2f} ms; wrong {row['wrong']}, errors {row['errors']}")  # fmt: skip
+    e["throughput"] = []
+    for endpoint in (BATCHED, UNBATCHED):
+        for clients in settings.clients:
+            r = measure_load(f"{url}/predictions/{endpoint}", token, run.small, tol, clients=clients,
+                             duration_s=settings.load_seconds).summary()  # fmt: skip
+            r.update(batching=endpoint == BATCHED, clients=clients)
+            e["throughput"].append(r)
+            say(f"{name}: {clients} clients, batching {'on' if endpoint == BATCHED else 'off'}: {r['rows_per_s']:.1f} "
+                f"img/s, p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
+    e["sweep"] = sweep(run, url, token, lambda text: say(f"{name}: sweep {text}"))
+    e["large_body"] = {}
+    for enc, payloads in run.large.items():
+        r = measure_load(f"{url}/predictions/{BATCHED}", token, payloads, tol, clients=1, duration_s=600,
+                         max_requests=settings.large_requests).summary()  # fmt: skip
+        r["body_bytes"] = len(payloads[0].body)
+        e["large_body"][enc] = r
+        say(f"{name}: 16x3x224x224 as {enc} ({r['body_bytes'] / 2**20:.1f} MiB): p50 {r['p50_ms']:.0f} ms")
+    return e
+
+
+def sweep(run: ServedRun, url: str, token: str | None, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Batching's latency/throughput trade-off: the same archive under each model config, under the same load."""
+    configs = {BATCHED: {}, UNBATCHED: {"batchSize": 1, "maxBatchDelay": 0}, **run.settings.sweep}
+    rows: list[dict[str, Any]] = []
+    for endpoint, overrides in configs.items():
+        config = {k: {**run.model_config, **overrides}.get(k, 0) for k in SWEPT_KEYS}
+        for clients in run.settings.sweep_clients:
+            r = measure_load(f"{url}/predictions/{endpoint}", token, run.small, run.tol, clients=clients,
+                             duration_s=run.settings.load_seconds).summary()  # fmt: skip
+            r.update(endpoint=endpoint, clients=clients, **config)
+            rows.append(r)
+            say(f"{endpoint} {config}, {clients} clients: {r['rows_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, "
+                f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
+    return rows
 
 
 def _target(text: str, value: float, unit: str, met: bool) -> dict[str, Any]:
@@ -154,12 +267,35 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             if t["batching"] and t["clients"] == 16:
                 ratio = t["rows_per_s"] / base
                 out.append(_target(f"{name}: 16 clients with batching >= 0.8x in-process batched", ratio, "x", ratio >= 0.8))
-        limit = 1.5 if name == "torchserve" else 5.0
-        overhead = e["sequential"]["overhead_p50_ms"]
-        out.append(_target(f"{name}: per-request overhead p50 <= {limit} ms", overhead, "ms", overhead <= limit))
+        limit = 1.5 if name == "torchserve" else 3.0
+        for row in e.get("breakdown", []):
+            if row["endpoint"] == UNBATCHED and row["hw"] == 32 and row["binary"]:
+                overhead = row["overhead_ms"]
+                text = f"{name}: per-request overhead p50 <= {limit} ms (batch 1, 3x32x32, binary, batching off)"
+                out.append(_target(text, overhead, "ms", overhead <= limit))
+        out += peer_targets(name, e)
+        batched = [t for t in e["throughput"] if t["batching"]]
+        if len(batched) > 1:
+            peak, last = max(t["rows_per_s"] for t in batched), max(batched, key=lambda t: t["clients"])
+            ratio = last["rows_per_s"] / peak if peak else 0.0
+            text = (
+                f"{name}: throughput at {last['clients']} clients >= 0.9x the peak over {batched[0]['clients']}-{last['clients']}"
+            )
+            out.append(_target(text, ratio, "x", ratio >= 0.9))
         ratio = e["large_body"]["json"]["p50_ms"] / e["large_body"]["binary"]["p50_ms"]
         out.append(_target(f"{name}: binary >= 3x faster than JSON (16x3x224x224)", ratio, "x", ratio >= 3))
+    engines = srv["engines"]
+    if {"torchserve", "ray"} <= set(engines):
+        ratio = engines["ray"]["rss_mib"] / engines["torchserve"]["rss_mib"]
+        out.append(_target("ray: resident memory <= 1.5x TorchServe's for the same store", ratio, "x", ratio <= 1.5))
     rows = doc["inprocess"]
+    # What the default endpoint serves, in-process, against frozen TorchScript (simple_cnn, 224x224, batch 16).
+    at16 = {r["variant"]: r["p50_ms"] for r in rows if r["workload"] == "simple_cnn@224" and r["batch"] == 16}
+    variant = INPROCESS_VARIANT.get(srv.get("format", ""))
+    if variant in at16 and "frozen" in at16:
+        speed = at16["frozen"] / at16[variant]
+        text = f"simple_cnn@224: the default endpoint's format ({srv['format']}) >= 3x frozen TorchScript at batch 16"
+        out.append(_target(text, speed, "x", speed >= 3))
     for label in sorted({r["workload"] for r in rows}):
         by_variant = {r["variant"]: r for r in rows if r["workload"] == label and r["batch"] == 16}
         if "aoti" in by_variant:
@@ -171,9 +307,30 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def peer_targets(name: str, e: dict[str, Any]) -> list[dict[str, Any]]:
+    """torchship against the stock peer on the same engine: our best batch-1 overhead (binary, batching off) against
+    the peer's (JSON, all it reads), and our binary throughput against the peer's JSON throughput."""
+    peer = e.get("peer")
+    if not peer:
+        return []
+    out = []
+    ours = next((r for r in e["breakdown"] if r["endpoint"] == UNBATCHED and r["hw"] == 32 and r["binary"]), None)
+    theirs = peer["sequential_json32"]["overhead_p50_ms"]
+    if ours is not None and theirs > 0:
+        ratio = ours["overhead_ms"] / theirs
+        out.append(_target(f"{name}: overhead <= 1/5 of the stock peer's (3x32x32, batch 1)", ratio, "x", ratio <= 0.2))
+    clients = peer["clients_json224"]["clients"]
+    ours_tp = next((t["rows_per_s"] for t in e["throughput"] if t["batching"] and t["clients"] == clients), None)
+    if ours_tp is not None and peer["clients_json224"]["rows_per_s"] > 0:
+        ratio = ours_tp / peer["clients_json224"]["rows_per_s"]
+        out.append(_target(f"{name}: throughput >= 5x the stock peer's ({clients} clients, 3x224x224)", ratio, "x", ratio >= 5))
+    return out
+
+
 def run(settings: Settings, artifacts: Path, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
     started = time.monotonic()
-    ensure_exported(artifacts, {w.model for w in settings.workloads} | {"simple_cnn"}, say)
+    models = {w.model for w in settings.workloads} | {"simple_cnn"}
+    ensure_exported(artifacts, models, aoti="aoti" in settings.variants, say=say)
     torch.set_num_threads(os.cpu_count() or 1)
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "quick": settings.quick, "machine": machine(), "inprocess": []}
     for w in settings.workloads:

@@ -21,6 +21,7 @@ import yaml
 from archive.build import archive_models
 from archive.mar import MarArchive, write_archive
 from engines import engine_class
+from engines.base import Engine
 from handlers.codec import decode_response, encode_request
 from handlers.names import ENDPOINT_FILE, MAR_MANIFEST_FILE, MODEL_CONFIG_FILE, bearer
 from torchship.parity import compare_all
@@ -37,19 +38,24 @@ class Payload:
     expected: torch.Tensor
 
 
-def bench_store(artifacts: Path, out: Path, model_config: dict[str, Any]) -> Path:
-    """simple_cnn's frozen TorchScript archive twice: with the configured dynamic batching, and with batchSize 1."""
+def bench_store(
+    artifacts: Path, out: Path, model_config: dict[str, Any], variants: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    """simple_cnn's frozen TorchScript archive with the configured dynamic batching, and with batchSize 1 (`variants`
+    adds more: endpoint name -> model-config keys that differ). One store, so one engine start serves them all."""
     archive_models([MODEL], artifacts=artifacts, out_dir=out, model_config=model_config)
     for extra in out.glob(f"{MODEL}_*.mar"):
         extra.unlink()
-    members = dict(MarArchive(out / f"{BATCHED}.mar").entries)
-    members[MODEL_CONFIG_FILE] = yaml.safe_dump({**model_config, "batchSize": 1, "maxBatchDelay": 0}).encode()
-    endpoint = json.loads(members[ENDPOINT_FILE])
-    members[ENDPOINT_FILE] = json.dumps({**endpoint, "endpoint": UNBATCHED}).encode()
-    mar_manifest = json.loads(members[MAR_MANIFEST_FILE])
-    mar_manifest["model"]["modelName"] = UNBATCHED
-    members[MAR_MANIFEST_FILE] = json.dumps(mar_manifest).encode()
-    write_archive(members, out / f"{UNBATCHED}.mar")
+    base = dict(MarArchive(out / f"{BATCHED}.mar").entries)
+    for name, overrides in {UNBATCHED: {"batchSize": 1, "maxBatchDelay": 0}, **(variants or {})}.items():
+        members = dict(base)
+        members[MODEL_CONFIG_FILE] = yaml.safe_dump({**model_config, **overrides}).encode()
+        endpoint = json.loads(members[ENDPOINT_FILE])
+        members[ENDPOINT_FILE] = json.dumps({**endpoint, "endpoint": name}).encode()
+        mar_manifest = json.loads(members[MAR_MANIFEST_FILE])
+        mar_manifest["model"]["modelName"] = name
+        members[MAR_MANIFEST_FILE] = json.dumps(mar_manifest).encode()
+        write_archive(members, out / f"{name}.mar")
     return out
 
 
@@ -153,12 +159,11 @@ def rss_bytes(root: psutil.Process, *, include_root: bool) -> int:
 
 
 @contextmanager
-def engine(name: str, store: Path, workdir: Path) -> Iterator[tuple[str, str | None, Callable[[], int], float]]:
-    """Start one engine; yield (base URL, token, footprint() of its whole process tree, when it was launched)."""
+def engine(name: str, store: Path, workdir: Path) -> Iterator[tuple[Engine, Callable[[], int]]]:
+    """Start one engine; yield it and footprint(), the resident bytes of its whole process tree."""
     with engine_class(name)(store, workdir) as running:
-        assert running.started_at is not None
         root = psutil.Process(running.pid)
-        yield running.url, running.token, lambda: rss_bytes(root, include_root=True), running.started_at
+        yield running, lambda: rss_bytes(root, include_root=True)
 
 
 def first_correct_answer_s(url: str, token: str | None, payload: Payload, tol: Tolerance, started: float) -> float:

@@ -25,6 +25,8 @@ from handlers.names import TOKEN_ENV
 from torchship.errors import NotReady
 
 APP_NAME = "torchship"
+#: The application builder the child runs (`module:function`, called with the app's args dict).
+DEFAULT_APP = "deploy.ray_app:app"
 #: The child's exit code when the app failed to deploy (an archive refused at load, say).
 EXIT_DEPLOY_FAILED = 3
 
@@ -49,10 +51,12 @@ class RayServe(Engine):
         ready_timeout_s: float = 300.0,
         token: str | None = None,
         num_cpus: int = 2,
+        app: str = DEFAULT_APP,
     ) -> None:
         super().__init__(model_store, workdir, port=port, max_request_bytes=max_request_bytes, ready_timeout_s=ready_timeout_s)
         self._token = token
         self.num_cpus = num_cpus
+        self.app = app
         self.ray_dir: Path | None = None
 
     @property
@@ -64,7 +68,7 @@ class RayServe(Engine):
         cmd = [
             sys.executable, "-m", "engines.ray", "--model-store", str(self.model_store), "--port", str(self.port),
             "--ray-dir", str(self.ray_dir), "--cache-dir", str(self.workdir / "cache"), "--num-cpus", str(self.num_cpus),
-            "--max-request-bytes", str(self.max_request_bytes),
+            "--max-request-bytes", str(self.max_request_bytes), "--app", self.app,
         ]  # fmt: skip
         # The token travels in the environment, never on a command line that `ps` shows.
         env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -75,6 +79,19 @@ class RayServe(Engine):
             return requests.get(f"{self.url}/v2/models/{endpoint}/ready", timeout=5).status_code == 200
         except requests.RequestException as exc:
             raise NotReady(str(exc)) from None
+
+    def _refusal(self) -> str | None:
+        """The child prints a refusal once Ray gives up on the deployment (after 3 constructor attempts); Serve's
+        controller logs it at the first attempt, and a refused archive never loads on a retry."""
+        if refusal := super()._refusal():
+            return refusal
+        if self.ray_dir is None:
+            return None
+        for log in self.ray_dir.glob("session_*/logs/serve/controller_*.log"):
+            with contextlib.suppress(OSError):
+                if refusal := refusal_in(log.read_text(errors="replace")):
+                    return refusal
+        return None
 
     def pids(self, endpoint: str) -> list[int]:
         """This Ray's replica processes of `endpoint`."""
@@ -137,12 +154,14 @@ def _on_sigterm(signum: int, _frame: object) -> None:
 
 
 def serve_forever(args: argparse.Namespace) -> int:
+    import importlib
     import os
 
     import ray
     from ray import serve
 
-    from deploy.ray_app import app
+    module, _, builder = args.app.partition(":")
+    app = getattr(importlib.import_module(module), builder)
 
     ray.init(
         address="local",
@@ -191,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", required=True, help="where archives are unpacked")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs this local Ray may use")
     parser.add_argument("--max-request-bytes", type=int, required=True, help="request body limit (JSON 413 above it)")
+    parser.add_argument("--app", default=DEFAULT_APP, help="the application builder, module:function")
     return serve_forever(parser.parse_args(argv))
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ from handlers.names import (
     ENDPOINT_FILE,
     MANIFEST_FILE,
     MAX_REQUEST_BYTES_ENV,
+    TIMING_HEADER,
     TOPK_FILE,
 )
 
@@ -121,11 +124,47 @@ def max_request_bytes(environ: Mapping[str, str]) -> int | None:
     return int(raw)
 
 
+def torch_threads(setting: Any) -> int:
+    """The intra-op threads an endpoint's model runs with: the model config's `torchThreads`, or (0 or absent) every
+    core this process may run on. Set explicitly on both engines: Ray otherwise pins a replica that asked for a
+    fraction of a CPU to one thread (OMP_NUM_THREADS=1), TorchServe's workers take every core."""
+    try:
+        threads = int(setting or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"torchThreads must be a whole number (0 = every core), got {setting!r}") from None
+    if threads < 0:
+        raise ValueError(f"torchThreads must be 0 or more, got {threads}")
+    if threads:
+        return threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def pick_device(gpu_id: Any) -> torch.device:
     """The GPU the engine assigned this worker, or the CPU when it assigned none (or none is usable)."""
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{int(gpu_id)}")
     return torch.device("cpu")
+
+
+def _ms_since(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def server_timing(phases: Mapping[str, float]) -> str:
+    """A W3C Server-Timing value: `decode;dur=0.052, model;dur=0.410, ...` (milliseconds)."""
+    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in phases.items())
+
+
+def parse_server_timing(value: str | None) -> dict[str, float]:
+    """The phases of a Server-Timing value (the inverse of `server_timing`; unknown parts are skipped)."""
+    phases: dict[str, float] = {}
+    for part in (value or "").split(","):
+        name, _, rest = part.strip().partition(";dur=")
+        try:
+            phases[name] = float(rest)
+        except ValueError:
+            continue
+    return phases
 
 
 @dataclass(frozen=True)
@@ -162,9 +201,12 @@ class Reply:
 class EndpointCore:
     """One endpoint: one model in one format, plus the top-k post-processing for classifiers."""
 
-    def __init__(self, model_dir: Path, *, device: torch.device, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, model_dir: Path, *, device: torch.device, environ: Mapping[str, str], model_config: Mapping[str, Any] | None = None
+    ) -> None:
         """Load the unpacked archive at model_dir; raises ArtifactError (message marked LOAD_REFUSED_MARKER) when
-        anything in it was changed after it was built or its format failed its parity gate."""
+        anything in it was changed after it was built or its format failed its parity gate. model_config is the
+        archive's model-config.yaml as the engine read it (torchThreads)."""
         try:
             verify_checksums(model_dir)
             manifest = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -183,6 +225,8 @@ class EndpointCore:
             log.error("%s", exc)
             raise
         self.device = device
+        self.threads = torch_threads((model_config or {}).get("torchThreads"))
+        torch.set_num_threads(self.threads)
         self.signature = Signature.from_manifest(manifest)
         self.model: Callable[..., Any] = LOADERS[self.format](str(artifact), device)
         self.topk: Callable[..., Any] | None = None
@@ -192,31 +236,41 @@ class EndpointCore:
         # Set only where the engine cannot enforce a shared token itself (TorchServe in Kubernetes; see the README).
         self.token = inference_token(environ)
         self.max_request_bytes = max_request_bytes(environ)
-        log.info("torchship endpoint %s: %s on %s (token check %s)", self.endpoint, self.format, device, bool(self.token))
+        log.info(
+            "torchship endpoint %s: %s on %s, %d torch threads (token check %s)",
+            *(self.endpoint, self.format, device, self.threads, bool(self.token)),
+        )
 
     # -- one batch from the engine -------------------------------------------------------------
 
     def infer_batch(self, requests: Sequence[Request]) -> list[Reply]:
         """One reply per request, in order; a client's mistake fails only its own request."""
+        started = time.perf_counter()
         replies: list[Reply | None] = [None] * len(requests)
+        timings: list[dict[str, float]] = [{} for _ in requests]
         decoded: dict[int, InferRequest] = {}
         for idx, request in enumerate(requests):
+            t0 = time.perf_counter()
             try:
                 decoded[idx] = self._decode(request)
             except ClientError as exc:
                 replies[idx] = Reply.error(exc)
+            timings[idx]["decode"] = _ms_since(t0)
         rows_run: dict[int, int] = {}
         for group in self._groups(decoded):
-            self._predict_group(group, decoded, replies)
+            self._predict_group(group, decoded, replies, timings)
             rows_run.update(dict.fromkeys(group, sum(decoded[i].batch_size for i in group)))
+        handler_ms = _ms_since(started)
         out: list[Reply] = []
         for idx, maybe in enumerate(replies):
             # Every request must have been answered; a gap is our bug, reported as a server fault.
             reply = maybe or Reply.error("internal error: request was not answered", 500)
-            # Observability: how many requests the engine batched together, and how many rows the model ran.
+            # Observability: how many requests the engine batched together, how many rows the model ran, and where
+            # the handler's time went (model = the whole batch's forward pass; handler = the whole batch's call).
             reply.headers[BATCH_REQUESTS_HEADER] = str(len(requests))
             if idx in rows_run:
                 reply.headers[BATCH_ROWS_HEADER] = str(rows_run[idx])
+            reply.headers[TIMING_HEADER] = server_timing({**timings[idx], "handler": handler_ms})
             out.append(reply)
         if len(out) != len(requests):
             raise RuntimeError(f"handler produced {len(out)} replies for {len(requests)} requests")
@@ -250,8 +304,15 @@ class EndpointCore:
             groups.append(current)
         return groups
 
-    def _predict_group(self, group: list[int], decoded: Mapping[int, InferRequest], replies: list[Reply | None]) -> None:
+    def _predict_group(
+        self,
+        group: list[int],
+        decoded: Mapping[int, InferRequest],
+        replies: list[Reply | None],
+        timings: list[dict[str, float]],
+    ) -> None:
         names = [s.name for s in self.signature.inputs]
+        t0 = time.perf_counter()
         try:
             args: list[Any] = [torch.cat([decoded[i].inputs[n] for i in group]).to(self.device) for n in names]
             outputs = self.predict([*args, *self._model_kwargs(decoded[group[0]])])
@@ -265,8 +326,11 @@ class EndpointCore:
         per_request = [dict(zip(outputs, parts, strict=True)) for parts in zip(*pieces, strict=True)]
         if len(per_request) != len(group):
             raise RuntimeError(f"split {len(per_request)} results for {len(group)} requests")
+        model_ms = _ms_since(t0)
         for i, result in zip(group, per_request, strict=True):
+            t1 = time.perf_counter()
             replies[i] = self._encode(decoded[i], result)
+            timings[i].update(model=model_ms, encode=_ms_since(t1))
 
     def _model_kwargs(self, request: InferRequest) -> tuple[int, ...]:
         """Extra positional arguments the model itself takes: top_k for the post-processing endpoint."""

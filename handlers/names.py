@@ -25,6 +25,9 @@ BINARY_HEADER = "inference-header-content-length"
 #: How many requests the engine handed the handler together, and how many rows the model ran for this one.
 BATCH_REQUESTS_HEADER = "X-Torchship-Batch-Requests"
 BATCH_ROWS_HEADER = "X-Torchship-Batch-Rows"
+#: Where the request's time went on the server, in milliseconds (W3C Server-Timing): the handler's decode, model
+#: and encode, its whole batch call, and on the Ray app the ingress's total.
+TIMING_HEADER = "Server-Timing"
 #: Which Ray node answered (the Ray app only).
 NODE_HEADER = "X-Torchship-Node"
 AUTHORIZATION_HEADER = "authorization"

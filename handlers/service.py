@@ -19,6 +19,8 @@ class Context(Protocol):
 
     @property
     def system_properties(self) -> Mapping[str, Any]: ...
+    @property
+    def model_yaml_config(self) -> Mapping[str, Any] | None: ...
     def get_all_request_header(self, idx: int) -> Mapping[str, str]: ...
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None: ...
     def set_response_header(self, idx: int, key: str, value: str) -> None: ...
@@ -49,7 +51,13 @@ class TorchshipHandler:
 
     def initialize(self, context: Context) -> None:
         props = context.system_properties
-        self.core = EndpointCore(Path(props["model_dir"]), device=pick_device(props.get("gpu_id")), environ=os.environ)
+        self.core = EndpointCore(
+            Path(props["model_dir"]),
+            device=pick_device(props.get("gpu_id")),
+            environ=os.environ,
+            # The archive's model-config.yaml as TorchServe parsed it (a context without one means defaults).
+            model_config=getattr(context, "model_yaml_config", None),
+        )
         self.initialized = True
 
     def handle(self, data: Sequence[Mapping[str, Any]], context: Context) -> list[bytes]:

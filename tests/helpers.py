@@ -39,12 +39,18 @@ def run_cli(
 READY_MARKER = "Ctrl-C or SIGTERM stops it"
 
 
-def torchserve_context(model_dir: Path, headers: list[dict[str, str]] | None = None, gpu_id: int | None = None) -> Any:
+def torchserve_context(
+    model_dir: Path,
+    headers: list[dict[str, str]] | None = None,
+    gpu_id: int | None = None,
+    model_config: dict[str, Any] | None = None,
+) -> Any:
     """TorchServe's own `ts.context.Context` for one batch, as a worker builds it: what the handler adapter reads
-    (model_dir, gpu_id, each request's headers) and where it records each reply's status and headers."""
+    (model_dir, gpu_id, the archive's model config, each request's headers) and where it records each reply's
+    status and headers."""
     from ts.context import Context, RequestProcessor
 
-    ctx = Context(model_dir.name, str(model_dir), {}, 8, gpu_id, "0.12.0")
+    ctx = Context(model_dir.name, str(model_dir), {}, 8, gpu_id, "0.12.0", model_yaml_config=model_config or {})
     ctx.request_processor = [RequestProcessor(dict(h)) for h in (headers or [{}])]
     return ctx
 

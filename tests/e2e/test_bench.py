@@ -8,9 +8,11 @@ from pathlib import Path
 from tests.helpers import run_cli
 
 
-def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifacts_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "reports"
-    proc = run_cli("bench", "--quick", "--artifacts", str(artifacts_dir), "--out", str(out), timeout_s=900)
+def test_quick_bench_writes_a_complete_report_with_every_answer_verified(tmp_path: Path) -> None:
+    """From an empty artifacts folder: the bench exports what it measures and serves, nothing else first."""
+    out, artifacts = tmp_path / "reports", tmp_path / "artifacts"
+    proc = run_cli("bench", "--quick", "--artifacts", str(artifacts), "--out", str(out), timeout_s=900)
+    assert sorted(p.name for p in artifacts.iterdir()) == ["simple_cnn"]
     doc = json.loads((out / "bench.json").read_text())
     assert doc["schema"] == 1 and doc["quick"] is True
     assert {"cores", "torch", "threads", "date"} <= set(doc["machine"])
@@ -31,11 +33,30 @@ def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifac
             assert r["verified"] == r["requests"] and r["errors"] == 0 and r["wrong"] == 0, (name, r)
         assert {(t["batching"], t["clients"]) for t in e["throughput"]} == {(b, c) for b in (True, False) for c in (1, 4)}
         assert e["large_body"]["json"]["body_bytes"] > e["large_body"]["binary"]["body_bytes"]
+        # The breakdown: both endpoints x 2 sizes x JSON/binary, every answer checked, every phase measured.
+        assert len(e["breakdown"]) == 8, name
+        for r in e["breakdown"]:
+            assert r["errors"] == 0 and r["wrong"] == 0, (name, r)
+            assert {"client_ms", "engine_ms", "handler_ms", "decode_ms", "model_ms", "encode_ms"} <= set(r), (name, r)
+            assert r["client_ms"] >= r["handler_ms"] >= r["model_ms"] > 0, (name, r)
+        # The batching sweep: every swept model config at every swept client count, every answer checked.
+        assert {(r["endpoint"], r["clients"]) for r in e["sweep"]} == {
+            (ep, c) for ep in ("simple_cnn", "simple_cnn_nobatch", "simple_cnn_b8_d1") for c in (1, 4)
+        }
+        assert all(r["verified"] == r["requests"] > 0 and r["errors"] == r["wrong"] == 0 for r in e["sweep"]), e["sweep"]
+        assert {(r["batchSize"], r["maxBatchDelay"]) for r in e["sweep"]} == {(8, 5), (1, 0), (8, 1)}
+        # The stock peer on the same engine and torchship, both in OIP v2 JSON, every answer checked.
+        for who in ("peer", "json"):
+            for r in e[who].values():
+                assert r["requests"] > 0 and r["verified"] == r["requests"] and r["errors"] == r["wrong"] == 0, (name, who, r)
+        assert any(t["target"].startswith(f"{name}: throughput >= 5x the stock peer") for t in doc["targets"])
+    assert all("queue_ms" in r for r in engines["torchserve"]["breakdown"])  # TorchServe's own counters
+    assert all("ingress_ms" in r for r in engines["ray"]["breakdown"])  # the Ray app's ingress timing
 
     assert {t["target"].split(":")[0] for t in doc["targets"]} >= {"torchserve", "ray"}
     for plot in doc["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(doc["plots"]) == 3
+    assert len(doc["plots"]) == 4
     md = (out / "bench.md").read_text()
     assert "## Targets" in md and "## Served" in md and "QUICK" in md
     assert "report:" in proc.stdout

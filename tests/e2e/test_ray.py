@@ -15,6 +15,7 @@ import torch
 from archive.build import archive_models, load_model_config
 from engines.base import free_port
 from handlers.codec import decode_response, encode_request
+from handlers.core import parse_server_timing
 from handlers.names import TOKEN_ENV
 from models import ZOO
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
@@ -121,6 +122,10 @@ def test_concurrent_requests_are_batched_and_one_malformed_fails_alone(ray_serve
                 assert r.status_code == 200, r.text
                 with torch.no_grad():
                     assert torch.allclose(decode_response(r.content)["outputs"]["y"], eager(x), atol=1e-5, rtol=1e-4)
+                phases = parse_server_timing(r.headers["Server-Timing"])
+                # The ingress's total spans the handler's batch call (the rest is Ray's routing and batch wait).
+                assert {"decode", "model", "encode", "handler", "ingress"} <= set(phases), phases
+                assert phases["ingress"] >= phases["handler"] > 0, phases
         if (
             int(responses[5].headers["X-Torchship-Batch-Requests"]) > 1
             and max(int(r.headers["X-Torchship-Batch-Requests"]) for r in responses) > 2

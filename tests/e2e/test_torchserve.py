@@ -15,6 +15,7 @@ import torch
 from archive.build import archive_models, load_model_config
 from engines.torchserve import TorchServe
 from handlers.codec import decode_response, encode_request
+from handlers.core import parse_server_timing
 from models import ZOO
 from tests.helpers import assert_router_answers, run_cli, serve_command
 from verify.client import Client
@@ -91,6 +92,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(server: Torc
         with torch.no_grad():
             assert torch.allclose(y, eager(x), atol=1e-5, rtol=1e-4)
         batched += int(r.headers["X-Torchship-Batch-Requests"]) > 1
+        assert {"decode", "model", "encode", "handler"} <= set(parse_server_timing(r.headers["Server-Timing"]))
     assert batched >= 2, "TorchServe never put two of the concurrent requests in one batch"
 
 

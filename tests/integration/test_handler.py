@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from ts.context import Context
 
 from archive.build import Endpoint
 from handlers.codec import decode_response, encode_request
+from handlers.core import parse_server_timing
 from handlers.errors import TOKEN_FAILED, ArtifactError
 from handlers.names import TOKEN_ENV, TOKEN_FILE_ENV
 from handlers.service import TorchshipHandler
@@ -115,6 +117,10 @@ def test_compatible_requests_run_as_one_model_call(archives: dict[str, Endpoint]
             assert torch.allclose(y, eager(x), atol=1e-5, rtol=1e-4)
         assert ctx.get_response_headers(idx)["X-Torchship-Batch-Rows"] == "11"
         assert ctx.get_response_headers(idx)["X-Torchship-Batch-Requests"] == "4"
+        # Where the time went: every phase measured, the batch's call covering its parts.
+        phases = parse_server_timing(ctx.get_response_headers(idx)["Server-Timing"])
+        assert set(phases) == {"decode", "model", "encode", "handler"}, phases
+        assert all(ms >= 0 for ms in phases.values()) and phases["handler"] >= phases["model"] > 0, phases
 
 
 def test_different_image_sizes_run_as_separate_groups(archives: dict[str, Endpoint], tmp_path: Path) -> None:
@@ -300,3 +306,19 @@ def test_no_token_configured_means_no_token_check(
     handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
     _, ctx = _run(handler, model_dir, [_request({"x": torch.randn(1, 256)})])
     assert _status(ctx, 0) == 200
+
+
+def test_torch_threads_come_from_the_model_config(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    """torchThreads in model-config.yaml sets the worker's intra-op threads; 0 or absent means every usable core."""
+    model_dir = unpack(archives["dynamic_router"].mar, tmp_path / "dynamic_router")
+    before = torch.get_num_threads()
+    try:
+        handler = TorchshipHandler()
+        handler.initialize(torchserve_context(model_dir, model_config={"torchThreads": 1}))
+        assert handler.core is not None and handler.core.threads == 1 == torch.get_num_threads()
+        handler.initialize(torchserve_context(model_dir, model_config={"torchThreads": 0}))
+        assert handler.core.threads == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        with pytest.raises(ValueError, match="torchThreads must be a whole number"):
+            handler.initialize(torchserve_context(model_dir, model_config={"torchThreads": "many"}))
+    finally:
+        torch.set_num_threads(before)

@@ -17,6 +17,7 @@ from handlers.codec import (
     encode_request,
     encode_response,
 )
+from handlers.core import parse_server_timing, server_timing
 from handlers.errors import BadRequest, ClientError, HandlerError, NotFound, PayloadTooLarge
 
 DTYPES = {
@@ -106,3 +107,11 @@ def test_each_error_carries_its_status() -> None:
     assert NotFound("x").status == 404
     assert ClientError("x").status == 400
     assert not isinstance(RuntimeError("x"), HandlerError) and HandlerError("x").status == 500
+
+
+def test_server_timing_round_trips_and_skips_what_it_cannot_read() -> None:
+    value = server_timing({"decode": 0.0521, "model": 12.5})
+    assert value == "decode;dur=0.052, model;dur=12.500"
+    assert parse_server_timing(value) == {"decode": 0.052, "model": 12.5}
+    assert parse_server_timing(f"{value}, cache;desc=hit, ingress;dur=x") == {"decode": 0.052, "model": 12.5}
+    assert parse_server_timing(None) == {}
