@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from export.torchscript import to_script
-from handlers.core import LOADERS
+from handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE
 from handlers.names import MANIFEST_FILE
 from torchship.parity import compare_all
 from torchship.registry import resolve
@@ -82,11 +82,11 @@ def load_variants(spec: ModelSpec, model_dir: Path, variants: tuple[str, ...]) -
         elif v == "torchscript":
             out[v] = to_script(spec, eager, spec.example_inputs())
         elif v == "frozen" and "torchscript" in usable:
-            out[v] = LOADERS["torchscript"](str(model_dir / usable["torchscript"]), cpu)
+            out[v] = LOADERS["torchscript"](str(model_dir / usable["torchscript"]), cpu, None)
         elif v == "frozen_ofi" and "torchscript" in usable:
-            out[v] = torch.jit.optimize_for_inference(torch.jit.load(str(model_dir / usable["torchscript"]), map_location=cpu))
+            out[v] = LOADERS["torchscript"](str(model_dir / usable["torchscript"]), cpu, {"optimize": OPTIMIZE_FOR_INFERENCE})
         elif v in ("pt2", "aoti") and v in usable:
-            out[v] = LOADERS[v](str(model_dir / usable[v]), cpu)
+            out[v] = LOADERS[v](str(model_dir / usable[v]), cpu, None)
         elif v == "compile":
             out[v] = torch.compile(eager)
     return out

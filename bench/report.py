@@ -36,6 +36,14 @@ def markdown(doc: dict[str, Any]) -> str:
             ok = all(c["verified"] for c in cells.values())
             lines.append(f"| {LABELS[v]} | " + " | ".join(text) + f" | {'yes' if ok else 'NO'} |")
         lines.append("")
+    if doc.get("cpp"):
+        lines += ["## The C++ loader (simple_cnn, 3x224x224; the file as it is, no optimize_for_inference)", "",
+                  "| format | batch | C++ p50 ms | Python p50 ms (same file) | C++ / Python |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in doc["cpp"]:
+            lines.append(f"| {r['format']} | {r['batch']} | {r['cpp_p50_ms']:.2f} | {r['python_p50_ms']:.2f} "
+                         f"| {r['cpp_p50_ms'] / r['python_p50_ms']:.2f}x |")  # fmt: skip
+        lines.append("")
     srv = doc["served"]
     base = srv["inprocess"]
     lines += ["## Served", "", f"Workload: {srv['workload']}. In-process on the same artifact: batch 1 p50 "

@@ -31,10 +31,13 @@ from bench.served import (
     measure_load,
     tolerance_of,
 )
+from cpp.tensor_io import build_cpp, time_cpp
 from engines.base import Engine
 from export.exporter import export_isolated
-from handlers.core import LOADERS
+from handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE
 from handlers.names import MANIFEST_FILE
+from torchship.errors import TorchshipError
+from torchship.manifest import FORMAT_FILES, read_manifest
 
 SCHEMA_VERSION = 1
 ENGINES = ("torchserve", "ray")
@@ -58,6 +61,8 @@ class Settings:
     sweep_clients: tuple[int, ...]
     #: Concurrent clients for the throughput comparison with the stock peers.
     peer_clients: int
+    #: Timed runs per case for the C++ loader's rows (0: no C++ rows; `make test` times it in tests/integration).
+    cpp_repeat: int
 
 
 FULL = Settings(
@@ -75,14 +80,14 @@ FULL = Settings(
         "simple_cnn_b16_d10": {"batchSize": 16, "maxBatchDelay": 10},
         "simple_cnn_b8_d5_t1": {"batchSize": 8, "maxBatchDelay": 5, "torchThreads": 1},
     },
-    sweep_clients=(1, 16), peer_clients=16,
+    sweep_clients=(1, 16), peer_clients=16, cpp_repeat=10,
 )  # fmt: skip
 QUICK = Settings(
     quick=True,
     workloads=(Workload("simple_cnn@32", "simple_cnn", (1, 8), hw=32),),
     variants=("eager", "frozen", "pt2"), min_time_s=0.0, min_iters=3, warmup=1,
     sequential_requests=5, clients=(1, 4), load_seconds=0.5, large_requests=1, breakdown_requests=5,
-    sweep={"simple_cnn_b8_d1": {"batchSize": 8, "maxBatchDelay": 1}}, sweep_clients=(1, 4), peer_clients=4,
+    sweep={"simple_cnn_b8_d1": {"batchSize": 8, "maxBatchDelay": 1}}, sweep_clients=(1, 4), peer_clients=4, cpp_repeat=0,
 )  # fmt: skip
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224
@@ -118,7 +123,7 @@ class ServedRun:
 
     settings: Settings
     tol: Any
-    frozen: Callable[..., torch.Tensor]
+    model: Callable[..., torch.Tensor]
     small: list[Any]
     large: dict[str, list[Any]]
     model_config: dict[str, Any]
@@ -130,33 +135,62 @@ class ServedRun:
     model_ms: dict[int, float]
 
 
+def cpp_rows(artifacts: Path, repeat: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """simple_cnn at 224x224, batch 1 and 16, from the C++ loader next to the same file in this process."""
+    try:
+        binary = build_cpp()
+    except TorchshipError as exc:
+        say(f"C++ loader not built; its rows are left out: {exc}")
+        return []
+    model_dir = artifacts / "simple_cnn"
+    usable = read_manifest(model_dir).usable_formats()
+    rows: list[dict[str, Any]] = []
+    cpu = torch.device("cpu")
+    for fmt in [f for f in ("torchscript", "aoti") if f in usable]:
+        path = model_dir / FORMAT_FILES[fmt]
+        runner = LOADERS[fmt](str(path), cpu, None)  # the file as it is: what the C++ program runs
+        for batch in (1, 16):
+            x = torch.randn(batch, 3, SERVED_HW, SERVED_HW, generator=torch.Generator().manual_seed(batch))
+            cpp_ms = time_cpp(binary, path, fmt, [(x,)], repeat=repeat)[0]
+            with torch.inference_mode():
+                py_ms = time_call(lambda: runner(x), min_time_s=0.0, min_iters=repeat, warmup=1).p50_ms  # noqa: B023
+            rows.append({"format": fmt, "batch": batch, "cpp_p50_ms": cpp_ms, "python_p50_ms": py_ms})
+            say(f"C++ {fmt} batch {batch}: p50 {cpp_ms:.2f} ms (Python, same file: {py_ms:.2f} ms)")
+    return rows
+
+
 def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
         model_config = load_model_config()
         store = bench_store(artifacts, Path(tmp) / "store", model_config, settings.sweep)
-        frozen = LOADERS["torchscript"](str(artifacts / "simple_cnn" / "model.torchscript.pt"), torch.device("cpu"))
+        # What the endpoint serves, loaded as its handler loads it (the manifest's load options included).
+        served_mar = MarArchive(store / f"{BATCHED}.mar")
+        served_entry = served_mar.manifest["formats"][served_mar.format]
+        model = LOADERS[served_mar.format](str(artifacts / "simple_cnn" / served_entry["file"]), torch.device("cpu"),
+                                           served_entry.get("options"))  # fmt: skip
         one = (1, 3, SERVED_HW, SERVED_HW)
         # The in-process baseline on the same artifact: batch 1 latency and batch-8 throughput (8 = batchSize).
         x1, x8 = torch.randn(*one), torch.randn(8, 3, SERVED_HW, SERVED_HW)
         with torch.inference_mode():
-            base1 = time_call(lambda: frozen(x1), min_time_s=0.5, min_iters=settings.sequential_requests, warmup=3)
-            base8 = time_call(lambda: frozen(x8), min_time_s=0.5, min_iters=max(5, settings.sequential_requests // 10), warmup=2)
+            base1 = time_call(lambda: model(x1), min_time_s=0.5, min_iters=settings.sequential_requests, warmup=3)
+            base8 = time_call(lambda: model(x8), min_time_s=0.5, min_iters=max(5, settings.sequential_requests // 10), warmup=2)
         run = ServedRun(
             settings=settings,
             tol=tolerance_of(store),
-            frozen=frozen,
+            model=model,
             # Binary bodies for latency and throughput (JSON costs ~100 ms per 224x224 image to parse; measured apart).
-            small=make_payloads(frozen, [one] * 8, binary=True),
-            large={enc: make_payloads(frozen, [LARGE_SHAPE], binary=enc == "binary") for enc in ("json", "binary")},
+            small=make_payloads(model, [one] * 8, binary=True),
+            large={enc: make_payloads(model, [LARGE_SHAPE], binary=enc == "binary") for enc in ("json", "binary")},
             model_config=model_config,
             baseline1_ms=base1.p50_ms,
-            json32=make_payloads(frozen, [(1, 3, 32, 32)] * 8, binary=False),
-            json224=make_payloads(frozen, [one] * 8, binary=False),
-            model_ms={case.hw: inprocess_ms(frozen, case.hw, settings.breakdown_requests) for case in CASES},
+            json32=make_payloads(model, [(1, 3, 32, 32)] * 8, binary=False),
+            json224=make_payloads(model, [one] * 8, binary=False),
+            model_ms={case.hw: inprocess_ms(model, case.hw, settings.breakdown_requests) for case in CASES},
         )
         doc: dict[str, Any] = {
-            "workload": f"simple_cnn@{SERVED_HW}, frozen TorchScript, 1 image per request",
-            "format": MarArchive(store / f"{BATCHED}.mar").format,
+            "workload": f"simple_cnn@{SERVED_HW}, {served_label(served_mar.format, served_entry)}, 1 image per request",
+            "format": served_mar.format,
+            "load_options": served_entry.get("options", {}),
             "inprocess": {"batch1_p50_ms": base1.p50_ms, "batch1_p99_ms": base1.p95_ms,
                           "batch8_rows_per_s": 8 / (base8.p50_ms / 1000)},
             "engines": {},
@@ -197,6 +231,13 @@ def json_runs(run: ServedRun, running: Engine, endpoint: str, say: Callable[[str
     return {"sequential_json32": seq, "clients_json224": load}
 
 
+def served_label(fmt: str, entry: dict[str, Any]) -> str:
+    if fmt == "torchscript":
+        optimized = entry.get("options", {}).get("optimize") == OPTIMIZE_FOR_INFERENCE
+        return "frozen TorchScript" + (f" + {OPTIMIZE_FOR_INFERENCE}" if optimized else "")
+    return LABELS.get(fmt, fmt)
+
+
 def measure_engine(run: ServedRun, running: Engine, footprint: Callable[[], int], say: Callable[[str], None]) -> dict[str, Any]:
     name, url, token, settings, tol = running.name, running.url, running.token, run.settings, run.tol
     assert running.started_at is not None
@@ -211,7 +252,7 @@ def measure_engine(run: ServedRun, running: Engine, footprint: Callable[[], int]
     e["breakdown"] = []
     for endpoint in (UNBATCHED, BATCHED):
         for case in CASES:
-            row = measure(running, endpoint, run.frozen, case, tol, requests_n=settings.breakdown_requests,
+            row = measure(running, endpoint, run.model, case, tol, requests_n=settings.breakdown_requests,
                           baseline_ms=run.model_ms[case.hw])  # fmt: skip
             e["breakdown"].append(row)
             say(f"{name}: {endpoint} {case.label}: client p50 {row['client_ms']:.2f} ms, handler "
@@ -292,6 +333,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     # What the default endpoint serves, in-process, against frozen TorchScript (simple_cnn, 224x224, batch 16).
     at16 = {r["variant"]: r["p50_ms"] for r in rows if r["workload"] == "simple_cnn@224" and r["batch"] == 16}
     variant = INPROCESS_VARIANT.get(srv.get("format", ""))
+    if variant == "frozen" and srv.get("load_options", {}).get("optimize") == OPTIMIZE_FOR_INFERENCE:
+        variant = "frozen_ofi"
     if variant in at16 and "frozen" in at16:
         speed = at16["frozen"] / at16[variant]
         text = f"simple_cnn@224: the default endpoint's format ({srv['format']}) >= 3x frozen TorchScript at batch 16"
@@ -336,6 +379,7 @@ def run(settings: Settings, artifacts: Path, out: Path, say: Callable[[str], Non
     for w in settings.workloads:
         doc["inprocess"] += bench_workload(w, artifacts, variants=settings.variants, min_time_s=settings.min_time_s,
                                            min_iters=settings.min_iters, warmup=settings.warmup, progress=say)  # fmt: skip
+    doc["cpp"] = cpp_rows(artifacts, settings.cpp_repeat, say) if settings.cpp_repeat else []
     doc["served"] = served(settings, artifacts, say)
     doc["targets"] = targets(doc)
     doc["seconds"] = time.monotonic() - started

@@ -130,3 +130,19 @@ def verify_cpp(binary: Path, model_dir: Path) -> list[CppRow]:
             check = compare_all(actual, case.expected_from(output_names), tol)
             rows.append(CppRow(manifest.name, fmt, case.batch_size, check.max_abs, check.max_rel, check.passed, check.reason))
     return rows
+
+
+def time_cpp(binary: Path, artifact: Path, fmt: str, cases: list[tuple[torch.Tensor, ...]], *, repeat: int) -> list[float]:
+    """p50 milliseconds of each case's forward pass in the C++ program (`--repeat` runs after a first, untimed one)."""
+    with tempfile.TemporaryDirectory(prefix="torchship-cpp-") as tmp:
+        inputs, outputs = Path(tmp) / "in.tsio", Path(tmp) / "out.tsio"
+        write_tsio(inputs, [(f"{c}/{i}", t) for c, args in enumerate(cases) for i, t in enumerate(args)])
+        cmd = [str(binary), CPP_MODES[fmt], str(artifact), str(inputs), str(outputs),
+               "--inputs-per-case", str(len(cases[0])), "--repeat", str(repeat)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
+        if proc.returncode != 0:
+            raise TorchshipError(f"{artifact.name}: the C++ loader failed: {proc.stderr.strip()}")
+    times = [float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("case ")]
+    if len(times) != len(cases):
+        raise TorchshipError(f"{artifact.name}: the C++ loader timed {len(times)} of {len(cases)} cases:\n{proc.stdout}")
+    return times

@@ -53,17 +53,28 @@ JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 
 
-def load_torchscript(path: str, device: torch.device) -> Callable[..., Any]:
-    module: Callable[..., Any] = torch.jit.load(path, map_location=device).eval()
-    return module
+#: A TorchScript endpoint's load-time optimisation, recorded in the manifest (formats.torchscript.options.optimize)
+#: only where export measured it faster than the frozen file alone and it passed the parity gate.
+OPTIMIZE_FOR_INFERENCE = "optimize_for_inference"
 
 
-def load_pt2(path: str, device: torch.device) -> Callable[..., Any]:
+def load_torchscript(path: str, device: torch.device, options: Mapping[str, str] | None = None) -> Callable[..., Any]:
+    """The frozen file; with options["optimize"] == optimize_for_inference, also `torch.jit.optimize_for_inference`
+    (MKLDNN convolutions, conv/bn/relu fusion). That choice was measured and parity-checked on the CPU, so on any
+    other device the frozen file runs as it is."""
+    module = torch.jit.load(path, map_location=device).eval()
+    if (options or {}).get("optimize") == OPTIMIZE_FOR_INFERENCE and device.type == "cpu":
+        module = torch.jit.optimize_for_inference(module)
+    loaded: Callable[..., Any] = module
+    return loaded
+
+
+def load_pt2(path: str, device: torch.device, options: Mapping[str, str] | None = None) -> Callable[..., Any]:
     module = torch.export.load(path).module()
     return module.to(device) if device.type != "cpu" else module
 
 
-def load_aoti(path: str, device: torch.device) -> Callable[..., Any]:
+def load_aoti(path: str, device: torch.device, options: Mapping[str, str] | None = None) -> Callable[..., Any]:
     import torch._inductor  # heavy; only AOTInductor endpoints need it
 
     runner: Callable[..., Any] = torch._inductor.aoti_load_package(path)
@@ -72,7 +83,7 @@ def load_aoti(path: str, device: torch.device) -> Callable[..., Any]:
 
 #: How each artifact format is loaded, by the `format` in endpoint.json. The export parity gate loads through
 #: this same table, so what was checked at export is loaded exactly as the engines load it.
-LOADERS: Mapping[str, Callable[[str, torch.device], Callable[..., Any]]] = {
+LOADERS: Mapping[str, Callable[[str, torch.device, Mapping[str, str] | None], Callable[..., Any]]] = {
     "torchscript": load_torchscript,
     "pt2": load_pt2,
     "aoti": load_aoti,
@@ -228,7 +239,7 @@ class EndpointCore:
         self.threads = torch_threads((model_config or {}).get("torchThreads"))
         torch.set_num_threads(self.threads)
         self.signature = Signature.from_manifest(manifest)
-        self.model: Callable[..., Any] = LOADERS[self.format](str(artifact), device)
+        self.model: Callable[..., Any] = LOADERS[self.format](str(artifact), device, entry.get("options"))
         self.topk: Callable[..., Any] | None = None
         topk_file = model_dir / TOPK_FILE
         if self.signature.task == "classifier" and topk_file.is_file():

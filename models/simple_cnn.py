@@ -47,8 +47,8 @@ def build() -> SimpleCNN:
 
 BATCH = Dim("batch", min=1, max=64)
 # Two 2x2 max-pools need at least 4x4; 8 leaves room. 512 covers the seed's 224x224 with margin.
-HEIGHT = Dim("height", min=8, max=512, reference=32, holdout=48)
-WIDTH = Dim("width", min=8, max=512, reference=32, holdout=40)
+HEIGHT = Dim("height", min=8, max=512, reference=32, holdout=48, serving=224)
+WIDTH = Dim("width", min=8, max=512, reference=32, holdout=40, serving=224)
 
 SPEC = ModelSpec(
     name="simple_cnn",

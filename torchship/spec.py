@@ -34,13 +34,15 @@ class Dim:
     reference: int | None = None
     #: Size used in held-out checks; default: the reference size.
     holdout: int | None = None
+    #: Size production requests typically have (export times load options at it); default: the reference size.
+    serving: int | None = None
 
     def __post_init__(self) -> None:
-        ref, hold = self.reference_size, self.holdout_size
-        if not (1 <= self.min <= ref <= self.max and self.min <= hold <= self.max):
+        ref, hold, serve = self.reference_size, self.holdout_size, self.serving_size
+        if not (1 <= self.min <= ref <= self.max and self.min <= hold <= self.max and self.min <= serve <= self.max):
             raise SpecError(
-                f"dim {self.name!r}: need 1 <= min <= reference, holdout <= max, "
-                f"got min={self.min} reference={ref} holdout={hold} max={self.max}"
+                f"dim {self.name!r}: need 1 <= min <= reference, holdout, serving <= max, "
+                f"got min={self.min} reference={ref} holdout={hold} serving={serve} max={self.max}"
             )
 
     @property
@@ -50,6 +52,10 @@ class Dim:
     @property
     def holdout_size(self) -> int:
         return self.reference_size if self.holdout is None else self.holdout
+
+    @property
+    def serving_size(self) -> int:
+        return self.reference_size if self.serving is None else self.serving
 
 
 @dataclass(frozen=True)
@@ -83,13 +89,13 @@ class TensorSpec:
         hi = [d.max if isinstance(d, Dim) else d for d in self.shape]
         return lo, hi
 
-    def concrete_shape(self, batch_size: int, *, holdout: bool = False) -> list[int]:
+    def concrete_shape(self, batch_size: int, *, holdout: bool = False, serving: bool = False) -> list[int]:
         sizes: list[int] = []
         for i, d in enumerate(self.shape):
             if i == 0 and isinstance(d, Dim) and d.name == BATCH_DIM:
                 sizes.append(batch_size)
             elif isinstance(d, Dim):
-                sizes.append(d.holdout_size if holdout else d.reference_size)
+                sizes.append(d.serving_size if serving else d.holdout_size if holdout else d.reference_size)
             else:
                 sizes.append(d)
         return sizes
@@ -201,12 +207,15 @@ class ModelSpec:
     def max_batch_size(self) -> int:
         return self.batch_dim.max
 
-    def make_inputs(self, batch_size: int, *, holdout: bool = False, seed_offset: int = 0) -> dict[str, torch.Tensor]:
-        """Seeded inputs for one case; the same arguments always give the same tensors."""
+    def make_inputs(
+        self, batch_size: int, *, holdout: bool = False, seed_offset: int = 0, serving: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Seeded inputs for one case (at the serving sizes with serving=True); the same arguments always give the
+        same tensors."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_size * 7919 + seed_offset + int(holdout))
         out: dict[str, torch.Tensor] = {}
         for t in self.inputs:
-            shape = t.concrete_shape(batch_size, holdout=holdout)
+            shape = t.concrete_shape(batch_size, holdout=holdout, serving=serving)
             if t.datatype == "BOOL":
                 out[t.name] = torch.randint(0, 2, shape, generator=gen).bool()
             elif t.dtype.is_floating_point:

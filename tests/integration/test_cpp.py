@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpp.tensor_io import build_cpp, read_tsio, verify_cpp, write_tsio
+from cpp.tensor_io import build_cpp, read_tsio, time_cpp, verify_cpp, write_tsio
 from export.exporter import ModelExport
 from tests.conftest import AOTI_MODEL
 
@@ -41,3 +41,13 @@ def test_cpp_reproduces_eager(cpp_binary: Path, zoo_export: dict[str, ModelExpor
     assert len(rows) == len(formats) * 4  # every reference batch
     failed = [r for r in rows if not r.passed]
     assert not failed, failed
+
+
+@pytest.mark.slow
+def test_cpp_times_each_case_of_both_formats(cpp_binary: Path, zoo_export: dict[str, ModelExport]) -> None:
+    """What `make bench` reads for its C++ rows: one p50 per case, from the same program that passes parity."""
+    model_dir = zoo_export[AOTI_MODEL].model_dir
+    cases = [(torch.randn(1, 3, 32, 32),), (torch.randn(4, 3, 32, 32),)]
+    for fmt, file in (("torchscript", "model.torchscript.pt"), ("aoti", "model.aoti.pt2")):
+        times = time_cpp(cpp_binary, model_dir / file, fmt, cases, repeat=3)
+        assert len(times) == 2 and all(ms > 0 for ms in times), (fmt, times)

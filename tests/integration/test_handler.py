@@ -322,3 +322,13 @@ def test_torch_threads_come_from_the_model_config(archives: dict[str, Endpoint],
             handler.initialize(torchserve_context(model_dir, model_config={"torchThreads": "many"}))
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_endpoint_loads_what_export_measured_and_checked(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    """simple_cnn's TorchScript endpoint runs optimize_for_inference (MKLDNN convolutions), as its manifest says;
+    the router's runs the frozen file as it is. Both reproduce their reference outputs through the handler."""
+    cnn, _ = _handler(archives, "simple_cnn", tmp_path)
+    router, _ = _handler(archives, "dynamic_router", tmp_path)
+    assert cnn.core is not None and router.core is not None
+    assert "prim::mkldnn_convolution" in str(cnn.core.model.graph)  # type: ignore[attr-defined]
+    assert "mkldnn" not in str(router.core.model.graph)  # type: ignore[attr-defined]
