@@ -23,7 +23,6 @@ from typing import Any
 import requests
 import torch
 
-from bench.inprocess import time_call
 from engines.base import Engine
 from engines.torchserve import TorchServe
 from handlers.codec import decode_response, encode_request
@@ -31,6 +30,7 @@ from handlers.core import parse_server_timing
 from handlers.names import TIMING_HEADER
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
+from torchship.timing import time_call
 
 #: The front-end counters TorchServe keeps per model (microseconds summed over requests, and the request count).
 TS_COUNTERS = ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds", "ts_inference_requests_total")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from handlers.names import MANIFEST_FILE
 from torchship.parity import compare_all
 from torchship.registry import resolve
 from torchship.spec import ModelSpec, Tolerance, as_output_tuple
+from torchship.timing import time_call
 
 #: The variants, in the order the tables show them. `torch.compile` is the reference to beat.
 VARIANTS = ("eager", "torchscript", "frozen", "frozen_ofi", "pt2", "aoti", "compile")
@@ -48,26 +47,6 @@ class Workload:
             gen = torch.Generator().manual_seed(batch)
             ins = {"x": torch.randn(batch, 3, self.hw, self.hw, generator=gen)}
         return tuple(ins[t.name] for t in spec.inputs)
-
-
-@dataclass(frozen=True)
-class Timing:
-    p50_ms: float
-    p95_ms: float
-    iters: int
-
-
-def time_call(fn: Callable[[], Any], *, min_time_s: float, min_iters: int, warmup: int) -> Timing:
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < min_iters or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000)
-    samples.sort()
-    return Timing(statistics.median(samples), samples[min(len(samples) - 1, int(0.95 * len(samples)))], len(samples))
 
 
 def load_variants(spec: ModelSpec, model_dir: Path, variants: tuple[str, ...]) -> dict[str, Callable[..., Any]]:

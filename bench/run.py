@@ -19,7 +19,7 @@ import torch
 from archive.build import load_model_config
 from archive.mar import MarArchive
 from bench.breakdown import CASES, inprocess_ms, measure
-from bench.inprocess import LABELS, VARIANTS, Workload, bench_workload, time_call
+from bench.inprocess import LABELS, VARIANTS, Workload, bench_workload
 from bench.peers import PEER, StockRayServe, stock_ray_store, stock_torchserve_archive
 from bench.served import (
     BATCHED,
@@ -38,6 +38,7 @@ from handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE
 from handlers.names import MANIFEST_FILE
 from torchship.errors import TorchshipError
 from torchship.manifest import FORMAT_FILES, read_manifest
+from torchship.timing import time_call
 
 SCHEMA_VERSION = 1
 ENGINES = ("torchserve", "ray")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from torchship.manifest import (
 from torchship.parity import compare_all
 from torchship.registry import resolve
 from torchship.spec import ModelSpec, as_output_tuple
+from torchship.timing import time_call
 
 #: optimize_for_inference becomes a TorchScript endpoint's load step only when it runs at least this much faster than
 #: the frozen file alone: a clear margin keeps the choice (and so the manifest) the same from one export to the next
@@ -166,7 +166,8 @@ def _export_format(job: _Job, fmt: str, cases: list[Case], progress: Progress) -
     try:
         built = BUILDERS[fmt](job)
         progress(spec.name, fmt, "reloading from disk and checking parity")
-        records = check_parity(spec, fmt, LOADERS[fmt](str(path), torch.device("cpu"), None), cases)
+        runner = LOADERS[fmt](str(path), torch.device("cpu"), None)
+        records = check_parity(spec, fmt, runner, cases)
     except ExportFormatError as exc:
         path.unlink(missing_ok=True)
         return FormatEntry(file=file, status="failed", method=spec.export_method, error=str(exc)), exc
@@ -192,7 +193,7 @@ def _export_format(job: _Job, fmt: str, cases: list[Case], progress: Progress) -
         return entry, err
     options = dict(built.options)
     if fmt == "torchscript":
-        optimized, records = choose_torchscript_load(spec, path, cases, records, progress)
+        optimized, records = choose_torchscript_load(spec, path, runner, cases, records, progress=progress)
         options.update(optimized)
     progress(spec.name, fmt, f"ok in {time.perf_counter() - start:.1f} s")
     entry = FormatEntry(
@@ -202,26 +203,24 @@ def _export_format(job: _Job, fmt: str, cases: list[Case], progress: Progress) -
     return entry, None
 
 
-def _median_ms(runner: Callable[..., object], args: tuple[torch.Tensor, ...], *, iters: int = 7, warmup: int = 3) -> float:
-    samples = []
+def _p50_ms(runner: Callable[..., object], args: tuple[torch.Tensor, ...]) -> float:
     with torch.inference_mode():
-        for _ in range(warmup):
-            runner(*args)
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            runner(*args)
-            samples.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(samples)
+        return time_call(lambda: runner(*args), min_time_s=0.0, min_iters=7, warmup=3).p50_ms
 
 
 def choose_torchscript_load(
-    spec: ModelSpec, path: Path, cases: list[Case], plain: list[ParityRecord], progress: Progress
+    spec: ModelSpec,
+    path: Path,
+    frozen: Callable[..., object],
+    cases: list[Case],
+    plain: list[ParityRecord],
+    *,
+    progress: Progress,
 ) -> tuple[dict[str, str], list[ParityRecord]]:
-    """Whether the endpoint loads the frozen file with `optimize_for_inference`: only if that passes the same parity
-    gate and runs at least OPTIMIZE_MIN_SPEEDUP faster (and OPTIMIZE_MIN_SAVING_MS quicker) at the largest reference
-    batch and the spec's serving sizes
-    (a 224x224 image for simple_cnn), measured here, now. Returns the manifest options and the parity records of what
-    will be served."""
+    """Whether the endpoint loads the frozen file (`frozen`, already loaded, with parity records `plain`) with
+    `optimize_for_inference`: only if that passes the same parity gate and runs at least OPTIMIZE_MIN_SPEEDUP faster
+    (and OPTIMIZE_MIN_SAVING_MS quicker) at the largest reference batch and the spec's serving sizes (a 224x224 image
+    for simple_cnn), measured here, now. Returns the manifest options and the parity records of what will be served."""
     cpu = torch.device("cpu")
     try:
         optimized = LOADERS["torchscript"](str(path), cpu, {"optimize": OPTIMIZE_FOR_INFERENCE})
@@ -236,8 +235,8 @@ def choose_torchscript_load(
     inputs = spec.make_inputs(batch, serving=True, seed_offset=29)
     args = tuple(inputs[t.name] for t in spec.inputs)
     where = f"batch {batch}, " + ", ".join(f"{t.name}{list(v.shape)}" for t, v in zip(spec.inputs, args, strict=True))
-    plain_ms = _median_ms(LOADERS["torchscript"](str(path), cpu, None), args)
-    optimized_ms = _median_ms(optimized, args)
+    plain_ms = _p50_ms(frozen, args)
+    optimized_ms = _p50_ms(optimized, args)
     speedup = plain_ms / optimized_ms
     used = speedup >= OPTIMIZE_MIN_SPEEDUP and plain_ms - optimized_ms >= OPTIMIZE_MIN_SAVING_MS
     verdict = "used" if used else f"not used (needs {OPTIMIZE_MIN_SPEEDUP}x and {OPTIMIZE_MIN_SAVING_MS:g} ms saved)"

@@ -1,0 +1,31 @@
+"""Wall-clock timing of a call, as median and 95th percentile: what `make bench` reports and what export measures
+when it chooses a format's load step."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Timing:
+    p50_ms: float
+    p95_ms: float
+    iters: int
+
+
+def time_call(fn: Callable[[], Any], *, min_time_s: float, min_iters: int, warmup: int) -> Timing:
+    """Run fn `warmup` times untimed, then until both min_iters runs and min_time_s seconds are done."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_iters or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    samples.sort()
+    return Timing(statistics.median(samples), samples[min(len(samples) - 1, int(0.95 * len(samples)))], len(samples))
