@@ -46,9 +46,14 @@ class Endpoint:
     mar: Path
 
 
-def endpoint_name(model: str, fmt: str) -> str:
-    """`<model>` serves TorchScript, `<model>_pt2` the .pt2, `<model>_aoti` the AOTInductor package."""
-    return model if fmt == "torchscript" else f"{model}_{fmt}"
+#: The suffix of a format's endpoint when it is not the model's default one.
+ENDPOINT_SUFFIX = {"torchscript": "ts", "pt2": "pt2", "aoti": "aoti"}
+
+
+def endpoint_name(manifest: Manifest, fmt: str) -> str:
+    """`<model>` serves the format export chose as the default (the fastest that passed parity, recorded in the
+    manifest); each other usable format is `<model>_ts`, `<model>_pt2` or `<model>_aoti`."""
+    return manifest.name if fmt == manifest.serving_default() else f"{manifest.name}_{ENDPOINT_SUFFIX[fmt]}"
 
 
 def load_model_config(path: Path = DEFAULT_MODEL_CONFIG) -> dict[str, Any]:
@@ -82,7 +87,7 @@ def _normalise(src: Path, dest: Path) -> None:
 
 def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: Path, model_config: dict[str, Any]) -> Endpoint:
     """Build model_store/<endpoint>.mar for one format of one exported model."""
-    name = endpoint_name(manifest.name, fmt)
+    name = endpoint_name(manifest, fmt)
     handler_src = Path(handlers.__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix=f"torchship-archive-{name}-") as tmp_name:
         tmp = Path(tmp_name)

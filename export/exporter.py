@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +26,7 @@ from torchship.errors import ExportFormatError, OutputDirError, SpecError, Torch
 from torchship.manifest import (
     FORMAT_FILES,
     POSTPROCESS_DIR,
+    TIMINGS_FILE,
     FormatEntry,
     GraphStats,
     Manifest,
@@ -44,6 +48,13 @@ OPTIMIZE_MIN_SPEEDUP = 1.5
 #: ...and saves at least this much per call: below it a model is too small for the pass to matter next to a request's
 #: overhead, and sub-millisecond timings are too noisy to decide anything reproducibly.
 OPTIMIZE_MIN_SAVING_MS = 1.0
+#: Another format becomes the default endpoint's only when it runs at least this much faster than the one chosen so
+#: far (formats are taken in the spec's order: TorchScript, .pt2, AOTInductor). Within the margin the earlier, more
+#: portable format keeps it: TorchScript also runs in the C++ loader and is not tied to this CPU's vector ISA, and a
+#: margin keeps a noisy machine from renaming endpoints between two exports of the same model.
+DEFAULT_MIN_SPEEDUP = 1.2
+#: Untimed and timed rounds of the default-format measurement (one call of every format per round).
+SPEED_WARMUP, SPEED_ROUNDS = 3, 9
 
 #: progress(model, format or stage, message)
 Progress = Callable[[str, str, str], None]
@@ -110,6 +121,12 @@ class ModelExport:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    @property
+    def p50_ms(self) -> dict[str, float]:
+        """The per-format medians export measured to choose the default (empty for an older export)."""
+        path = self.model_dir / TIMINGS_FILE
+        return dict(json.loads(path.read_text(encoding="utf-8"))["p50_ms"]) if path.is_file() else {}
 
 
 def ensure_writable(out_dir: Path) -> None:
@@ -208,6 +225,14 @@ def _p50_ms(runner: Callable[..., object], args: tuple[torch.Tensor, ...]) -> fl
         return time_call(lambda: runner(*args), min_time_s=0.0, min_iters=7, warmup=3).p50_ms
 
 
+def _speed_inputs(spec: ModelSpec, cases: list[Case]) -> tuple[int, tuple[torch.Tensor, ...]]:
+    """The largest reference batch at the spec's serving sizes (a 224x224 image for simple_cnn): what speed is
+    measured at, for the load step and for the default format."""
+    batch = max(c.batch_size for c in cases if not c.holdout)
+    inputs = spec.make_inputs(batch, serving=True, seed_offset=29)
+    return batch, tuple(inputs[t.name] for t in spec.inputs)
+
+
 def choose_torchscript_load(
     spec: ModelSpec,
     path: Path,
@@ -231,9 +256,7 @@ def choose_torchscript_load(
     if not all(r.passed for r in records):
         progress(spec.name, "torchscript", f"{OPTIMIZE_FOR_INFERENCE} not used: outputs differ from eager beyond tolerance")
         return {}, plain
-    batch = max(c.batch_size for c in cases if not c.holdout)
-    inputs = spec.make_inputs(batch, serving=True, seed_offset=29)
-    args = tuple(inputs[t.name] for t in spec.inputs)
+    batch, args = _speed_inputs(spec, cases)
     where = f"batch {batch}, " + ", ".join(f"{t.name}{list(v.shape)}" for t, v in zip(spec.inputs, args, strict=True))
     plain_ms = _p50_ms(frozen, args)
     optimized_ms = _p50_ms(optimized, args)
@@ -246,6 +269,48 @@ def choose_torchscript_load(
         return {}, plain
     measured = f">= {OPTIMIZE_MIN_SPEEDUP}x the frozen file at {where}; parity passed"
     return {"optimize": OPTIMIZE_FOR_INFERENCE, "optimize_measured": measured}, records
+
+
+def measure_formats(spec: ModelSpec, staging: Path, entries: dict[str, FormatEntry], cases: list[Case]) -> dict[str, Any]:
+    """Time every usable format, each loaded exactly as its endpoint will load it (load options included): the median
+    ms per call at the largest reference batch and the serving sizes. The calls are interleaved round by round, so
+    that whatever else runs on the machine meanwhile slows every format alike instead of deciding the choice."""
+    batch, args = _speed_inputs(spec, cases)
+    usable = {f: e for f, e in entries.items() if e.usable}
+    runners = {f: LOADERS[f](str(staging / e.file), torch.device("cpu"), e.options) for f, e in usable.items()}
+    samples: dict[str, list[float]] = {f: [] for f in runners}
+    with torch.inference_mode():
+        for round_ in range(SPEED_WARMUP + SPEED_ROUNDS):
+            for fmt, runner in runners.items():
+                start = time.perf_counter()
+                runner(*args)
+                if round_ >= SPEED_WARMUP:
+                    samples[fmt].append((time.perf_counter() - start) * 1000)
+    return {
+        "batch_size": batch,
+        "input_shapes": {t.name: list(a.shape) for t, a in zip(spec.inputs, args, strict=True)},
+        "rounds": SPEED_ROUNDS,
+        "p50_ms": {f: statistics.median(times) for f, times in samples.items()},
+    }
+
+
+def choose_default(p50_ms: dict[str, float], pinned: str | None = None) -> tuple[str | None, str]:
+    """The default endpoint's format and the rule that chose it, from the measured medians of the usable formats
+    (in the spec's order): each format takes over only when DEFAULT_MIN_SPEEDUP faster than the choice so far.
+    `pinned`, when usable, is chosen instead. The reason carries no numbers, so the manifest stays reproducible."""
+    if not p50_ms:
+        return None, "no format passed its parity gate"
+    if pinned is not None and pinned in p50_ms:
+        return pinned, "pinned with --default-format"
+    fallback = f"--default-format {pinned} is not usable here (failed or not built); " if pinned is not None else ""
+    chosen = next(iter(p50_ms))
+    for fmt, ms in p50_ms.items():
+        if ms * DEFAULT_MIN_SPEEDUP <= p50_ms[chosen]:
+            chosen = fmt
+    return chosen, (
+        f"{fallback}the fastest usable format, measured at export ({TIMINGS_FILE}); another format replaces an earlier "
+        f"one only when >= {DEFAULT_MIN_SPEEDUP}x faster"
+    )
 
 
 def _replace_dir(staging: Path, final: Path) -> None:
@@ -274,13 +339,17 @@ def export_model(
     out_dir: Path,
     aoti: bool = False,
     aoti_isa: AotiIsa = "native",
+    default_format: str | None = None,
     progress: Progress = _quiet,
 ) -> ModelExport:
-    """Export every format of one model to out_dir/<name>/, each reloaded and compared with eager.
+    """Export every format of one model to out_dir/<name>/, each reloaded and compared with eager, then timed; the
+    fastest (see choose_default, or `default_format` when given) becomes the default endpoint's format.
 
     A format outside its tolerance is recorded as failed in the manifest and its file is not kept; the others
     are still written. Raises TorchshipError only when nothing can be written for this model.
     """
+    if default_format is not None and default_format not in spec.formats:
+        raise SpecError(f"model {spec.name!r}: --default-format {default_format} is not one of its formats {list(spec.formats)}")
     progress(spec.name, "eager", "building the model and its reference outputs")
     try:
         model = spec.factory().eval()
@@ -304,6 +373,12 @@ def export_model(
             if err is not None:
                 failures.append(err)
                 progress(spec.name, fmt, "FAILED")
+        progress(spec.name, "default", "timing every usable format as its endpoint loads it")
+        timings = measure_formats(spec, staging, entries, cases)
+        (staging / TIMINGS_FILE).write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+        chosen, reason = choose_default(timings["p50_ms"], default_format)
+        measured = ", ".join(f"{f} {ms:.2f} ms" for f, ms in timings["p50_ms"].items())
+        progress(spec.name, "default", f"<{spec.name}> serves {chosen} ({measured}): {reason}")
         if spec.task == "classifier":
             failures += _export_postprocess(spec, staging, progress)
         reference = staging / REFERENCE_FILE
@@ -328,6 +403,8 @@ def export_model(
                 batch_sizes=list(spec.reference_batch_sizes),
                 holdout_batch_sizes=list(spec.holdout_batch_sizes),
             ),
+            default_format=chosen,
+            default_reason=reason,
         )
         write_manifest(manifest, staging)
         final = out_dir / spec.name
@@ -345,11 +422,13 @@ def export_model(
 
 
 def _export_child(
-    ref: str, out_dir: Path, aoti: bool, aoti_isa: AotiIsa, progress: Progress
+    ref: str, out_dir: Path, *, aoti: bool, aoti_isa: AotiIsa, default_format: str | None, progress: Progress
 ) -> tuple[str, list[tuple[str, str]]]:
     """Runs in a fresh process: ("ok", [(format, failure detail), ...]) or ("error", message)."""
     try:
-        result = export_model(resolve(ref), out_dir=out_dir, aoti=aoti, aoti_isa=aoti_isa, progress=progress)
+        result = export_model(
+            resolve(ref), out_dir=out_dir, aoti=aoti, aoti_isa=aoti_isa, default_format=default_format, progress=progress
+        )
     except TorchshipError as exc:
         return "error", [("", str(exc))]
     return "ok", [(f.fmt, f.detail) for f in result.failures]
@@ -361,6 +440,7 @@ def export_isolated(
     out_dir: Path,
     aoti: bool = False,
     aoti_isa: AotiIsa = "native",
+    default_format: str | None = None,
     progress: Progress = _quiet,
 ) -> ModelExport:
     """export_model in a fresh process, for a zoo name or a `module:SPEC` reference.
@@ -372,7 +452,11 @@ def export_isolated(
     spec = resolve(ref)
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes=1, maxtasksperchild=1) as pool:
-        status, details = pool.apply(_export_child, (ref, out_dir, aoti, aoti_isa, progress))
+        status, details = pool.apply(
+            _export_child,
+            (ref, out_dir),
+            {"aoti": aoti, "aoti_isa": aoti_isa, "default_format": default_format, "progress": progress},
+        )
     if status == "error":
         raise TorchshipError(details[0][1])
     model_dir = out_dir / spec.name

@@ -515,14 +515,18 @@ def write_reliability_report(report: dict[str, Any], out_dir: Path) -> tuple[Pat
 
 
 def build_store(artifacts: Path, out: Path) -> Path:
-    """Archive RELIABILITY_MODELS (TorchScript and .pt2) from an export folder into a store of their own."""
+    """Archive RELIABILITY_MODELS from an export folder into a store of their own: each model's default endpoint
+    and its other TorchScript and .pt2 endpoints."""
     from archive.build import archive_models, load_model_config
 
     archive_models(list(RELIABILITY_MODELS), artifacts=artifacts, out_dir=out, model_config=load_model_config())
-    # TorchScript and .pt2 only: AOTInductor packages are tied to the CPU they were built on and, being unchecked by
-    # the engine, are not what this run is about (the handler validates shapes before any format runs).
-    for aoti in out.glob("*_aoti.mar"):
-        aoti.unlink()
+    # AOTInductor only where it is a model's default endpoint (the corpus and the fault run address models by that
+    # name): the packages are tied to the CPU they were built on and, being unchecked by the engine, are not what
+    # this run is about (the handler validates shapes before any format runs).
+    for mar in out.glob("*.mar"):
+        archive = MarArchive(mar)
+        if archive.format == "aoti" and archive.endpoint != archive.model:
+            mar.unlink()
     return out
 
 

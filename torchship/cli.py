@@ -32,9 +32,11 @@ def _size(n: int | None) -> str:
 
 def summary_table(results: list[ModelExport]) -> Table:
     table = Table(title="export parity (every format reloaded from disk, compared with eager)")
-    for col in ("model", "format", "status", "batch sizes (held out)", "max abs err", "max rel err", "tolerance", "file size"):
-        table.add_column(col, justify="right" if col.startswith(("max", "file")) else "left")
+    for col in ("model", "format", "status", "batch sizes (held out)", "max abs err", "max rel err", "tolerance", "file size",
+                "p50 ms"):  # fmt: skip
+        table.add_column(col, justify="right" if col.startswith(("max", "file", "p50")) else "left")
     for r in results:
+        default, p50 = r.manifest.serving_default(), r.p50_ms
         for fmt, entry in r.manifest.formats.items():
             ref = [str(p.batch_size) for p in entry.parity if not p.holdout]
             held = [str(p.batch_size) for p in entry.parity if p.holdout]
@@ -42,13 +44,14 @@ def summary_table(results: list[ModelExport]) -> Table:
             tol = r.manifest.tolerance[fmt]
             table.add_row(
                 r.spec.name,
-                fmt,
+                f"{fmt} [bold](default)[/]" if fmt == default else fmt,
                 "[green]ok[/]" if entry.usable else "[red]FAILED[/]",
                 sizes or "-",
                 f"{max(p.max_abs for p in entry.parity):.3g}" if entry.parity else "-",
                 f"{max(p.max_rel for p in entry.parity):.3g}" if entry.parity else "-",
                 f"{tol.atol:g}/{tol.rtol:g}",
                 _size(entry.size_bytes),
+                f"{p50[fmt]:.2f}" if fmt in p50 else "-",
             )
     return table
 
@@ -76,7 +79,8 @@ def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     for i, (ref, spec) in enumerate(chosen, 1):
         err.print(f"[bold cyan]({i}/{len(chosen)}) exporting {spec.name}[/] -> {escape(str(out_dir / spec.name))}")
         try:
-            results.append(export_isolated(ref, out_dir=out_dir, aoti=args.aoti, aoti_isa=args.aoti_isa, progress=print_progress))
+            results.append(export_isolated(ref, out_dir=out_dir, aoti=args.aoti, aoti_isa=args.aoti_isa,
+                                           default_format=args.default_format, progress=print_progress))  # fmt: skip
         except TorchshipError as exc:
             broken.append(spec.name)
             err.print(f"[red]error:[/] {escape(str(exc))}")
@@ -387,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("native", "avx2"),
         default="native",
         help="AOTInductor vector ISA: 'native' (this CPU's best) or 'avx2' (portable to any x86-64 CPU with AVX2)",
+    )
+    p.add_argument(
+        "--default-format",
+        choices=("torchscript", "pt2", "aoti"),  # torchship.spec.FORMATS, without importing torch for --help
+        default=None,
+        help="the format the default endpoint <model> serves (default: the fastest that passed parity, measured here)",
     )
     p.set_defaults(func=cmd_export)
 

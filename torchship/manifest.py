@@ -18,6 +18,9 @@ from torchship.spec import FORMATS, ModelSpec, TensorSpec
 
 #: A classifier's own export of its top-k post-processing lives in this sub-folder of its artifacts folder.
 POSTPROCESS_DIR = "postprocess"
+#: What export measured to choose the default format: {batch_size, input_shapes, p50_ms: {format: ms}}. Beside the
+#: manifest, not in it (timings differ run to run; the manifest does not), and not archived.
+TIMINGS_FILE = "timings.json"
 #: The file each format is written to inside artifacts/<model>/.
 FORMAT_FILES = {"torchscript": "model.torchscript.pt", "pt2": "model.pt2", "aoti": "model.aoti.pt2"}
 assert set(FORMAT_FILES) == set(FORMATS)
@@ -130,6 +133,11 @@ class Manifest(_Strict):
     formats: dict[str, FormatEntry]
     tolerance: dict[str, ToleranceMeta]
     reference: ReferenceMeta
+    #: The format the model's default endpoint (`<model>`) serves, and the rule that chose it (the measured times are
+    #: in TIMINGS_FILE beside the manifest, which stays byte-reproducible); the others get `<model>_<suffix>`.
+    #: None in a manifest written before the choice existed: the first usable format (TorchScript) is the default.
+    default_format: str | None = None
+    default_reason: str = ""
 
     @model_validator(mode="after")
     def _known_formats(self) -> Manifest:
@@ -140,10 +148,19 @@ class Manifest(_Strict):
                 raise ValueError(f"format {fmt!r} must be stored as {FORMAT_FILES[fmt]!r}, not {entry.file!r}")
             if fmt not in self.tolerance:
                 raise ValueError(f"format {fmt!r} has no tolerance")
+        if self.default_format is not None and not (
+            self.default_format in self.formats and self.formats[self.default_format].usable
+        ):
+            raise ValueError(f"default_format {self.default_format!r} is not a usable format of this manifest")
         return self
 
     def usable_formats(self) -> list[str]:
         return [f for f, e in self.formats.items() if e.usable]
+
+    def serving_default(self) -> str | None:
+        """The format `<model>` serves: the recorded choice, else the first usable format in the spec's order."""
+        usable = self.usable_formats()
+        return self.default_format or (usable[0] if usable else None)
 
     @classmethod
     def signature_from(cls, spec: ModelSpec) -> tuple[list[TensorMeta], list[TensorMeta]]:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from archive.build import Endpoint, archive_models, load_model_config
+from archive.build import Endpoint, archive_models, endpoint_name, load_model_config
 from archive.mar import MarArchive
+from export.exporter import ModelExport
 from handlers.names import HANDLER_ENTRY_FILE, HANDLER_PACKAGE_FILES
 from tests.conftest import AOTI_MODEL, unpack
 from torchship.errors import ManifestError
@@ -27,6 +28,15 @@ def test_every_usable_format_is_archived(archives: dict[str, Endpoint]) -> None:
         "seq_decoder", "seq_decoder_pt2", "process_outputs",
     }  # fmt: skip
     assert set(archives) == expected
+
+
+def test_the_default_endpoint_serves_the_manifests_default_format(zoo_export: dict[str, ModelExport]) -> None:
+    """<model> serves the format export chose; every other format keeps a name of its own."""
+    formats = ("torchscript", "pt2", "aoti")
+    manifest = zoo_export["simple_cnn"].manifest
+    assert [endpoint_name(manifest, f) for f in formats] == ["simple_cnn", "simple_cnn_pt2", "simple_cnn_aoti"]
+    aoti_default = manifest.model_copy(update={"default_format": "aoti"})
+    assert [endpoint_name(aoti_default, f) for f in formats] == ["simple_cnn_ts", "simple_cnn_pt2", "simple_cnn"]
 
 
 def test_archive_contents(archives: dict[str, Endpoint]) -> None:

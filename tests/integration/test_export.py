@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.exporter import ModelExport
+from export.exporter import DEFAULT_MIN_SPEEDUP, ModelExport, choose_default
 from handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE, sha256_file
 from models import ZOO
 from tests.conftest import AOTI_MODEL
 from tests.helpers import run_cli
 from torchship.errors import ManifestError
-from torchship.manifest import FORMAT_FILES, read_manifest
+from torchship.manifest import FORMAT_FILES, TIMINGS_FILE, read_manifest
 from torchship.spec import ModelSpec
 
 # A batch size that is in no spec's reference set, holdout set or export example.
@@ -95,6 +95,30 @@ def test_optimize_for_inference_is_chosen_by_measurement_and_checked_like_what_i
     assert all(p.passed for p in cnn.parity)
 
 
+def test_the_default_format_is_the_fastest_by_a_clear_margin() -> None:
+    """Formats in the spec's order; a later one takes over only when DEFAULT_MIN_SPEEDUP faster than the choice so far."""
+    clear = 1 / DEFAULT_MIN_SPEEDUP
+    assert choose_default({"torchscript": 10.0, "pt2": 30.0, "aoti": 10.0 * clear})[0] == "aoti"
+    assert choose_default({"torchscript": 10.0, "pt2": 30.0, "aoti": 10.0 * clear * 1.01})[0] == "torchscript"
+    assert choose_default({"torchscript": 10.0, "pt2": 5.0, "aoti": 4.8})[0] == "pt2"  # aoti only 1.04x pt2: a tie
+    assert choose_default({"pt2": 5.0})[0] == "pt2"  # TorchScript failed its gate
+    assert choose_default({}) == (None, "no format passed its parity gate")
+    assert choose_default({"torchscript": 10.0, "aoti": 1.0}, "torchscript") == ("torchscript", "pinned with --default-format")
+    chosen, reason = choose_default({"torchscript": 10.0, "pt2": 30.0}, "aoti")
+    assert chosen == "torchscript" and "--default-format aoti is not usable here" in reason
+
+
+def test_every_usable_format_is_timed_as_it_is_served_and_the_choice_recorded(zoo_export: dict[str, ModelExport]) -> None:
+    for name, result in zoo_export.items():
+        manifest = result.manifest
+        timings = json.loads((result.model_dir / TIMINGS_FILE).read_text())
+        assert set(timings["p50_ms"]) == set(manifest.usable_formats()) and all(v > 0 for v in timings["p50_ms"].values())
+        assert timings["batch_size"] == max(ZOO[name].reference_batch_sizes)
+        assert manifest.default_format == "torchscript" and manifest.default_reason == "pinned with --default-format"
+    assert zoo_export["simple_cnn"].p50_ms.keys() == {"torchscript", "pt2", "aoti"}
+    assert json.loads((zoo_export["simple_cnn"].model_dir / TIMINGS_FILE).read_text())["input_shapes"] == {"x": [16, 3, 224, 224]}
+
+
 @pytest.mark.parametrize("name", PT2_MODELS)
 def test_pt2_reproduces_reference_and_runs_at_an_unseen_batch(zoo_export: dict[str, ModelExport], name: str) -> None:
     spec = ZOO[name]
@@ -115,7 +139,8 @@ def test_pt2_reproduces_reference_and_runs_at_an_unseen_batch(zoo_export: dict[s
 
 @pytest.mark.slow
 def test_cli_exports_are_byte_reproducible(tmp_path: Path) -> None:
-    """Two `torchship export` runs, one of the zoo in another order, give identical files (AOTInductor aside)."""
+    """Two `torchship export` runs, one of the zoo in another order, give identical files (AOTInductor aside; the
+    timings beside the manifest are measurements, so they may differ, but the default format they chose may not)."""
     first, second = tmp_path / "first", tmp_path / "second"
     run_cli("export", "--out", str(first))
     run_cli("export", *reversed(list(ZOO)), "--out", str(second))
@@ -123,6 +148,8 @@ def test_cli_exports_are_byte_reproducible(tmp_path: Path) -> None:
         files = sorted(f.relative_to(first / name) for f in (first / name).rglob("*") if f.is_file())
         assert files == sorted(f.relative_to(second / name) for f in (second / name).rglob("*") if f.is_file())
         for rel in files:
+            if rel.name == TIMINGS_FILE:
+                continue
             assert (first / name / rel).read_bytes() == (second / name / rel).read_bytes(), f"{name}/{rel} differs"
 
 
