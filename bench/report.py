@@ -57,6 +57,9 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += breakdown_table(srv["engines"])
     lines += sweep_table(srv["engines"])
     lines += peer_table(srv["engines"])
+    lines += models_table(srv["engines"])
+    lines += ray_sweep_table(srv["engines"])
+    lines += profile_table(srv["engines"])
     lines += ["", "| engine | batching | clients | img/s | p50 ms | p99 ms | requests | verified | errors | wrong |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, e in srv["engines"].items():
@@ -116,14 +119,64 @@ def peer_table(engines: dict[str, Any]) -> list[str]:
 
 
 def sweep_table(engines: dict[str, Any]) -> list[str]:
-    lines = ["", "### Dynamic batching sweep (the same archive under each model config; torch threads 0 = every core)",
-             "", "| engine | endpoint | batchSize | maxBatchDelay ms | torch threads | clients | img/s | p50 ms | p99 ms "
-             "| errors | wrong |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["", "### Dynamic batching sweep (the same archive under each model config; torch threads 0 = every core; "
+             "queue = jobQueueSize, shed = answered 503 at once because the queue was full)",
+             "", "| engine | endpoint | batchSize | maxBatchDelay ms | torch threads | queue | clients | img/s | p50 ms "
+             "| p99 ms | shed | errors | wrong |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, e in engines.items():
         for r in e.get("sweep", []):
             lines.append(f"| {name} | {r['endpoint']} | {r['batchSize']} | {r['maxBatchDelay']} | {r['torchThreads'] or 'all'} "
-                         f"| {r['clients']} | {r['rows_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} "
-                         f"| {r['wrong']} |")  # fmt: skip
+                         f"| {r.get('jobQueueSize') or '-'} | {r['clients']} | {r['rows_per_s']:.1f} | {r['p50_ms']:.1f} "
+                         f"| {r['p99_ms']:.1f} | {r.get('shed', 0)} | {r['errors']} | {r['wrong']} |")  # fmt: skip
+    return lines
+
+
+def models_table(engines: dict[str, Any]) -> list[str]:
+    rows = [(name, r) for name, e in engines.items() for r in e.get("models", [])]
+    if not rows:
+        return []
+    lines = ["", "### More models (each one's default endpoint; binary bodies, batch 1, every answer checked)", "",
+             "| engine | endpoint | format | in-process p50 ms | served p50 / p99 ms | overhead p50 ms | rows/s (clients) "
+             "| errors | wrong |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in rows:
+        seq, load = r["sequential"], r["load"]
+        lines.append(f"| {name} | {r['endpoint']} | {r['format']} | {r['inprocess_p50_ms']:.2f} | {seq['p50_ms']:.2f} / "
+                     f"{seq['p99_ms']:.2f} | {r['overhead_p50_ms']:.2f} | {load['rows_per_s']:.1f} ({r['clients']}) "
+                     f"| {seq['errors'] + load['errors']} | {seq['wrong'] + load['wrong']} |")  # fmt: skip
+    return lines
+
+
+def ray_sweep_table(engines: dict[str, Any]) -> list[str]:
+    rows = engines.get("ray", {}).get("ray_sweep", [])
+    if not rows:
+        return []
+    lines = ["", "### Ray Serve deployment settings (the same archive and model config; batching on)", "",
+             "| endpoint | replicas | max_ongoing_requests | clients | img/s | p50 ms | p99 ms | errors | wrong |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['endpoint']} | {r['num_replicas']} | {r['max_ongoing_requests']} | {r['clients']} "
+                     f"| {r['rows_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} "
+                     f"| {r['wrong']} |")  # fmt: skip
+    return lines
+
+
+def profile_table(engines: dict[str, Any]) -> list[str]:
+    """py-spy's samples per process: how much of a core each Python process used, and its hottest functions."""
+    lines: list[str] = []
+    for name, e in engines.items():
+        prof = e.get("profile")
+        if not prof:
+            continue
+        if "error" in prof:
+            lines += ["", f"{name}: no py-spy profile ({prof['error']})"]
+            continue
+        lines += ["", f"### {name}: py-spy, {prof['seconds']:.0f} s of sequential batch-1 requests ({prof['requests']} "
+                  f"requests, p50 {prof['p50_ms']:.2f} ms, wrong {prof['wrong']}), {prof['rate_hz']} samples/s", "",
+                  "| process | on-CPU (cores) | hottest functions (share of the process's samples) |",
+                  "|---|---|---|"]  # fmt: skip
+        for row in prof["processes"][:8]:
+            top = "; ".join(f"{t['function']} {t['share']:.0%}" for t in row["top"][:4]).replace("|", "/")
+            lines.append(f"| {row['process']} | {row['cpu_share']:.2f} | {top} |")
     return lines
 
 

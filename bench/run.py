@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from archive.build import load_model_config
+from archive.build import archive_models, load_model_config
 from archive.mar import MarArchive
 from bench.breakdown import CASES, inprocess_ms, measure
 from bench.inprocess import LABELS, VARIANTS, Workload, bench_workload
 from bench.peers import PEER, StockRayServe, stock_ray_store, stock_torchserve_archive
+from bench.profile import profile
 from bench.served import (
     BATCHED,
     UNBATCHED,
@@ -29,6 +30,7 @@ from bench.served import (
     first_correct_answer_s,
     make_payloads,
     measure_load,
+    spec_payloads,
     tolerance_of,
 )
 from cpp.tensor_io import build_cpp, time_cpp
@@ -38,6 +40,8 @@ from handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE
 from handlers.names import MANIFEST_FILE
 from torchship.errors import TorchshipError
 from torchship.manifest import FORMAT_FILES, read_manifest
+from torchship.registry import resolve
+from torchship.spec import Tolerance
 from torchship.timing import time_call
 
 SCHEMA_VERSION = 1
@@ -64,6 +68,12 @@ class Settings:
     peer_clients: int
     #: Timed runs per case for the C++ loader's rows (0: no C++ rows; `make test` times it in tests/integration).
     cpp_repeat: int
+    #: More models served next to simple_cnn (their default endpoints): batch-1 latency and throughput rows.
+    served_models: tuple[str, ...]
+    #: Ray-only extra endpoints on simple_cnn's archive with other Serve deployment settings, swept like `sweep`.
+    ray_sweep: dict[str, dict[str, int]]
+    #: Seconds of py-spy sampling per engine under sequential batch-1 traffic (0: no profile).
+    profile_seconds: float
 
 
 FULL = Settings(
@@ -80,22 +90,26 @@ FULL = Settings(
         "simple_cnn_b8_d20": {"batchSize": 8, "maxBatchDelay": 20},
         "simple_cnn_b16_d10": {"batchSize": 16, "maxBatchDelay": 10},
         "simple_cnn_b8_d5_t1": {"batchSize": 8, "maxBatchDelay": 5, "torchThreads": 1},
+        "simple_cnn_q4": {"batchSize": 8, "maxBatchDelay": 5, "jobQueueSize": 4},
     },
-    sweep_clients=(1, 16), peer_clients=16, cpp_repeat=10,
+    sweep_clients=(1, 16), peer_clients=16, cpp_repeat=10, served_models=("dynamic_router", "seq_decoder"),
+    ray_sweep={"simple_cnn_r2": {"num_replicas": 2}, "simple_cnn_mo64": {"max_ongoing_requests": 64}}, profile_seconds=6.0,
 )  # fmt: skip
 QUICK = Settings(
     quick=True,
     workloads=(Workload("simple_cnn@32", "simple_cnn", (1, 8), hw=32),),
     variants=("eager", "frozen", "pt2"), min_time_s=0.0, min_iters=3, warmup=1,
     sequential_requests=5, clients=(1, 4), load_seconds=0.5, large_requests=1, breakdown_requests=5,
-    sweep={"simple_cnn_b8_d1": {"batchSize": 8, "maxBatchDelay": 1}}, sweep_clients=(1, 4), peer_clients=4, cpp_repeat=0,
+    sweep={"simple_cnn_b8_d1": {"batchSize": 8, "maxBatchDelay": 1}, "simple_cnn_q1": {"batchSize": 1, "maxBatchDelay": 0,
+           "jobQueueSize": 1}}, sweep_clients=(1, 4), peer_clients=4, cpp_repeat=0,
+    served_models=("dynamic_router",), ray_sweep={"simple_cnn_mo4": {"max_ongoing_requests": 4}}, profile_seconds=1.0,
 )  # fmt: skip
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224
 #: The in-process variant that is exactly what an endpoint of each archive format runs.
 INPROCESS_VARIANT = {"torchscript": "frozen", "pt2": "pt2", "aoti": "aoti"}
 #: The model-config keys the sweep varies (torchThreads 0 = every core the worker may use).
-SWEPT_KEYS = ("batchSize", "maxBatchDelay", "torchThreads")
+SWEPT_KEYS = ("batchSize", "maxBatchDelay", "torchThreads", "jobQueueSize")
 LARGE_SHAPE = (16, 3, 224, 224)
 
 
@@ -163,7 +177,9 @@ def cpp_rows(artifacts: Path, repeat: int, say: Callable[[str], None]) -> list[d
 def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
         model_config = load_model_config()
-        store = bench_store(artifacts, Path(tmp) / "store", model_config, settings.sweep)
+        ray_only: dict[str, dict[str, int]] = {name: {} for name in settings.ray_sweep}
+        store = bench_store(artifacts, Path(tmp) / "store", model_config, {**settings.sweep, **ray_only})
+        extra = add_default_endpoints(settings.served_models, artifacts, store, model_config)
         # What the endpoint serves, loaded as its handler loads it (the manifest's load options included).
         served_mar = MarArchive(store / f"{BATCHED}.mar")
         served_entry = served_mar.manifest["formats"][served_mar.format]
@@ -200,13 +216,21 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
         # TorchServe serves the stock peer next to torchship's endpoints (one start, the peer's .mar added to a copy of
         # the store); Ray runs the peer's own app on its own, after torchship's.
         stores = {"torchserve": Path(tmp) / "store-torchserve", "ray": store}
-        shutil.copytree(store, stores["torchserve"])
+        shutil.copytree(store, stores["torchserve"], ignore=shutil.ignore_patterns(*(f"{n}.mar" for n in ray_only)))
         stock_torchserve_archive(model_file, stores["torchserve"], model_config)
         for name in ENGINES:
             say(f"{name}: starting on the bench store ({BATCHED}: batching on, {UNBATCHED}: batchSize 1)")
-            with engine(name, stores[name], Path(tmp) / name) as (running, footprint):
+            options = {"app_args": {"deployments": settings.ray_sweep}} if name == "ray" else {}
+            with engine(name, stores[name], Path(tmp) / name, **options) as (running, footprint):
                 doc["engines"][name] = measure_engine(run, running, footprint, say)
                 doc["engines"][name]["json"] = json_runs(run, running, BATCHED, say, f"{name}: torchship")
+                doc["engines"][name]["models"] = [model_rows(run, running, m, say) for m in extra]
+                if name == "ray" and settings.ray_sweep:
+                    doc["engines"][name]["ray_sweep"] = ray_sweep(run, running, lambda text: say(f"ray: sweep {text}"))
+                if settings.profile_seconds:
+                    say(f"{name}: py-spy on every Python process, {settings.profile_seconds:.0f} s of sequential requests")
+                    doc["engines"][name]["profile"] = profile(running, f"{running.url}/predictions/{UNBATCHED}",
+                                                              run.small, run.tol, seconds=settings.profile_seconds)  # fmt: skip
                 if name == "torchserve":
                     peer = json_runs(run, running, PEER, say, "torchserve: stock handler")
             if name == "ray":
@@ -215,6 +239,75 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                     peer = json_runs(run, ray_peer, PEER, say, "ray: stock app")
             doc["engines"][name]["peer"] = peer
         return doc
+
+
+@dataclass(frozen=True)
+class ExtraModel:
+    """A model served next to simple_cnn: its default endpoint, what that serves in-process, and checked payloads."""
+
+    name: str
+    format: str
+    model: Callable[..., Any]
+    tol: Any
+    binary: list[Any]
+    #: The same batch-1 call in this process (p50, ms).
+    inprocess_ms: float
+
+
+def add_default_endpoints(
+    models: tuple[str, ...], artifacts: Path, store: Path, model_config: dict[str, Any]
+) -> list[ExtraModel]:
+    """Archive each model's default endpoint into the bench store (its other formats are left out)."""
+    out = []
+    for endpoint in archive_models(list(models), artifacts=artifacts, out_dir=store, model_config=model_config):
+        if endpoint.name != endpoint.model:
+            endpoint.mar.unlink()
+            continue
+        mar = MarArchive(endpoint.mar)
+        entry = mar.manifest["formats"][mar.format]
+        runner = LOADERS[mar.format](str(artifacts / endpoint.model / entry["file"]), torch.device("cpu"), entry.get("options"))
+        spec = resolve(endpoint.model)
+        inputs = spec.make_inputs(1, serving=True, seed_offset=2000)
+        args = tuple(inputs[t.name] for t in spec.inputs)
+        with torch.inference_mode():
+            ms = time_call(lambda: runner(*args), min_time_s=0.3, min_iters=20, warmup=3).p50_ms  # noqa: B023
+        payloads = spec_payloads(spec, runner, 8, binary=True)
+        out.append(ExtraModel(endpoint.name, mar.format, runner, Tolerance(*mar.tolerance), payloads, ms))
+    return out
+
+
+def model_rows(run: ServedRun, running: Engine, extra: ExtraModel, say: Callable[[str], None]) -> dict[str, Any]:
+    """One more model's default endpoint: sequential batch-1 latency against the same call in-process, and
+    throughput at `peer_clients` clients; binary bodies, every answer checked."""
+    settings, url = run.settings, f"{running.url}/predictions/{extra.name}"
+    seq = measure_load(url, running.token, extra.binary, extra.tol, clients=1, duration_s=600,
+                       max_requests=settings.sequential_requests).summary()  # fmt: skip
+    load = measure_load(url, running.token, extra.binary, extra.tol, clients=settings.peer_clients,
+                        duration_s=settings.load_seconds).summary()  # fmt: skip
+    row = {"endpoint": extra.name, "format": extra.format, "inprocess_p50_ms": extra.inprocess_ms,
+           "sequential": seq, "clients": settings.peer_clients, "load": load}  # fmt: skip
+    row["overhead_p50_ms"] = seq["p50_ms"] - extra.inprocess_ms
+    say(f"{running.name}: {extra.name} ({extra.format}) batch 1 p50 {seq['p50_ms']:.2f} ms (in-process "
+        f"{extra.inprocess_ms:.2f} ms); {settings.peer_clients} clients {load['rows_per_s']:.1f} rows/s; "
+        f"errors {seq['errors'] + load['errors']}, wrong {seq['wrong'] + load['wrong']}")  # fmt: skip
+    return row
+
+
+def ray_sweep(run: ServedRun, running: Engine, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Ray Serve's deployment settings on the same archive and model config: replicas and max_ongoing_requests."""
+    rows: list[dict[str, Any]] = []
+    batch = int(run.model_config.get("batchSize", 8))
+    configs = {BATCHED: {}, **run.settings.ray_sweep}
+    for endpoint, overrides in configs.items():
+        setting = {"num_replicas": 1, "max_ongoing_requests": 2 * batch, **overrides}
+        for clients in run.settings.sweep_clients:
+            r = measure_load(f"{running.url}/predictions/{endpoint}", running.token, run.small, run.tol, clients=clients,
+                             duration_s=run.settings.load_seconds).summary()  # fmt: skip
+            r.update(endpoint=endpoint, clients=clients, **setting)
+            rows.append(r)
+            say(f"{endpoint} {setting}, {clients} clients: {r['rows_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, "
+                f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
+    return rows
 
 
 def json_runs(run: ServedRun, running: Engine, endpoint: str, say: Callable[[str], None], label: str) -> dict[str, Any]:
@@ -291,7 +384,7 @@ def sweep(run: ServedRun, url: str, token: str | None, say: Callable[[str], None
             r.update(endpoint=endpoint, clients=clients, **config)
             rows.append(r)
             say(f"{endpoint} {config}, {clients} clients: {r['rows_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, "
-                f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
+                f"p99 {r['p99_ms']:.1f} ms, shed (503) {r['shed']}, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
     return rows
 
 
@@ -373,7 +466,7 @@ def peer_targets(name: str, e: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run(settings: Settings, artifacts: Path, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
     started = time.monotonic()
-    models = {w.model for w in settings.workloads} | {"simple_cnn"}
+    models = {w.model for w in settings.workloads} | {"simple_cnn", *settings.served_models}
     ensure_exported(artifacts, models, aoti="aoti" in settings.variants, say=say)
     torch.set_num_threads(os.cpu_count() or 1)
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "quick": settings.quick, "machine": machine(), "inprocess": []}

@@ -25,7 +25,7 @@ from engines.base import Engine
 from handlers.codec import decode_response, encode_request
 from handlers.names import ENDPOINT_FILE, MAR_MANIFEST_FILE, MODEL_CONFIG_FILE, bearer
 from torchship.parity import compare_all
-from torchship.spec import Tolerance
+from torchship.spec import ModelSpec, Tolerance
 
 MODEL = "simple_cnn"
 BATCHED, UNBATCHED = "simple_cnn", "simple_cnn_nobatch"
@@ -36,6 +36,8 @@ class Payload:
     body: bytes
     headers: dict[str, str]
     expected: torch.Tensor
+    #: The output compared with `expected` (every model the bench serves has one).
+    output: str = "logits"
 
 
 def bench_store(
@@ -74,10 +76,26 @@ def make_payloads(model: Callable[..., torch.Tensor], shapes: list[tuple[int, ..
     return out
 
 
+def spec_payloads(spec: ModelSpec, model: Callable[..., Any], count: int, *, binary: bool) -> list[Payload]:
+    """`count` batch-1 requests for any one-output model at its serving sizes, each with the output `model` gives."""
+    out = []
+    for i in range(count):
+        inputs = spec.make_inputs(1, serving=True, seed_offset=2000 + i)
+        with torch.inference_mode():
+            expected = model(*(inputs[t.name] for t in spec.inputs))
+        expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+        params = {"binary_data_output": True} if binary else None
+        body, headers = encode_request(inputs, binary=binary, parameters=params)
+        out.append(Payload(body, headers, expected, output=spec.outputs[0].name))
+    return out
+
+
 @dataclass
 class LoadResult:
     requests: int = 0
     verified: int = 0
+    #: Refused at once with a JSON 503 (a full queue: the engine shedding load, not a failure).
+    shed: int = 0
     errors: int = 0
     wrong: int = 0
     rows: int = 0
@@ -87,10 +105,17 @@ class LoadResult:
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ms or [0.0])
         return {
-            "requests": self.requests, "verified": self.verified, "errors": self.errors, "wrong": self.wrong,
+            "requests": self.requests, "verified": self.verified, "shed": self.shed, "errors": self.errors, "wrong": self.wrong,
             "seconds": self.seconds, "rows_per_s": self.rows / self.seconds if self.seconds else 0.0,
             "p50_ms": statistics.median(lat), "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
         }  # fmt: skip
+
+
+def _json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except ValueError:
+        return False
 
 
 async def _load(
@@ -122,10 +147,14 @@ async def _load(
             assert result.latencies_ms is not None
             result.latencies_ms.append((time.perf_counter() - t0) * 1000)
             result.requests += 1
+            if status == 503 and _json_object(raw):
+                result.shed += 1
+                result.latencies_ms.pop()  # a refusal's latency is not a served request's
+                continue
             if status != 200:
                 result.errors += 1
                 continue
-            got = decode_response(raw, header_len)["outputs"]["logits"]
+            got = decode_response(raw, header_len)["outputs"][p.output]
             result.verified += 1
             if compare_all((got,), (p.expected,), tol).passed:
                 result.rows += int(p.expected.shape[0])
@@ -159,9 +188,10 @@ def rss_bytes(root: psutil.Process, *, include_root: bool) -> int:
 
 
 @contextmanager
-def engine(name: str, store: Path, workdir: Path) -> Iterator[tuple[Engine, Callable[[], int]]]:
-    """Start one engine; yield it and footprint(), the resident bytes of its whole process tree."""
-    with engine_class(name)(store, workdir) as running:
+def engine(name: str, store: Path, workdir: Path, **options: Any) -> Iterator[tuple[Engine, Callable[[], int]]]:
+    """Start one engine (`options` go to its constructor); yield it and footprint(), the resident bytes of its whole
+    process tree."""
+    with engine_class(name)(store, workdir, **options) as running:
         root = psutil.Process(running.pid)
         yield running, lambda: rss_bytes(root, include_root=True)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
@@ -45,6 +46,10 @@ READY_PROBE_TIMEOUT_S = 2.0
 #: How often a stopping replica checks whether its in-flight requests are done (Ray's default, 2 s, made every
 #: stop of an idle app take ~5 s of serve.shutdown; measured 1.1 s with this).
 DRAIN_POLL_S = 0.2
+#: What the app's `deployments` argument may set per endpoint.
+DEPLOYMENT_OVERRIDES = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
+#: Seconds a client is told to wait after a 503 for a full queue.
+RETRY_AFTER_S = 1
 #: Where unpacked archives are cached (one folder per archive sha256).
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "torchship-ray-cache"
 
@@ -187,7 +192,16 @@ class Ingress:
         if len(body) > self.max_request_bytes:
             return _error(413, f"body is {len(body)} bytes; the limit is {self.max_request_bytes}")
         headers = {k.lower(): v for k, v in request.headers.items()}
-        reply: Reply = await self.endpoints[name].infer.remote(body, headers)
+        try:
+            reply: Reply = await self.endpoints[name].infer.remote(body, headers)
+        except BackPressureError:
+            # The endpoint's queue is full (jobQueueSize): refuse now, as TorchServe does, rather than queue forever.
+            return Response(
+                encode_error(f"endpoint {name!r} is at its queue limit; retry later"),
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+                media_type="application/json",
+            )
         # The ingress's own total joins the handler's phases: the gap is Ray's routing and the batch wait.
         timing = server_timing({"ingress": (time.perf_counter() - started) * 1000.0})
         handler_timing = reply.headers.get(TIMING_HEADER)
@@ -206,7 +220,9 @@ def _token(args: Mapping[str, Any]) -> str | None:
 def app(args: dict[str, Any]) -> serve.Application:
     """Application builder. args: model_store (folder of .mar), cache_dir, token / token_file, num_cpus per
     replica (ingress_num_cpus for the ingress), num_gpus per endpoint replica (0: CPU), num_replicas,
-    max_request_bytes. Batch size and wait come from each archive's model-config.yaml."""
+    max_request_bytes, and `deployments`: {endpoint: {num_replicas, max_ongoing_requests}} for one endpoint (what a
+    Serve config's `deployments:` list does for `serve deploy`). Batch size and wait come from each archive's
+    model-config.yaml."""
     model_store = Path(args.get("model_store", "model_store")).resolve()
     cache_dir = str(Path(args.get("cache_dir", DEFAULT_CACHE)).resolve())
     archives = store_archives(model_store)
@@ -215,17 +231,24 @@ def app(args: dict[str, Any]) -> serve.Application:
     num_gpus = float(args.get("num_gpus", 0))
     actor_options: dict[str, float] = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {})}
     num_replicas = int(args.get("num_replicas", 1))
+    overrides: Mapping[str, Mapping[str, int]] = args.get("deployments") or {}
+    unknown = [f"{name}.{key}" for name, o in overrides.items() for key in o if key not in DEPLOYMENT_OVERRIDES]
+    if unknown:
+        raise ValueError(f"deployments overrides {unknown} are not supported; use {sorted(DEPLOYMENT_OVERRIDES)}")
     handles: dict[str, serve.Application] = {}
     versions: dict[str, str] = {}
     for mar in archives:
         config, versions[mar.path.stem] = mar.model_config, mar.version
         batch = int(config.get("batchSize", 8))
         wait_s = float(config.get("maxBatchDelay", 5)) / 1000.0
+        own = overrides.get(mar.path.stem, {})
         deployment = serve.deployment(EndpointDeployment).options(
             name=mar.path.stem,
-            num_replicas=num_replicas,
+            num_replicas=int(own.get("num_replicas", num_replicas)),
             # Batches never exceed max_ongoing_requests: leave room for a full batch plus the next one forming.
-            max_ongoing_requests=2 * batch,
+            max_ongoing_requests=int(own.get("max_ongoing_requests", 2 * batch)),
+            # The model config's jobQueueSize, TorchServe's per-model queue limit: past it the ingress answers 503.
+            max_queued_requests=int(own.get("max_queued_requests", config.get("jobQueueSize", -1))),
             ray_actor_options=actor_options,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         )

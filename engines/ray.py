@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import secrets
 import shutil
 import signal
@@ -52,11 +53,14 @@ class RayServe(Engine):
         token: str | None = None,
         num_cpus: int = 2,
         app: str = DEFAULT_APP,
+        app_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model_store, workdir, port=port, max_request_bytes=max_request_bytes, ready_timeout_s=ready_timeout_s)
         self._token = token
         self.num_cpus = num_cpus
         self.app = app
+        #: Extra arguments for the application builder, as JSON (e.g. per-deployment `deployments` overrides).
+        self.app_args = dict(app_args or {})
         self.ray_dir: Path | None = None
 
     @property
@@ -68,7 +72,7 @@ class RayServe(Engine):
         cmd = [
             sys.executable, "-m", "engines.ray", "--model-store", str(self.model_store), "--port", str(self.port),
             "--ray-dir", str(self.ray_dir), "--cache-dir", str(self.workdir / "cache"), "--num-cpus", str(self.num_cpus),
-            "--max-request-bytes", str(self.max_request_bytes), "--app", self.app,
+            "--max-request-bytes", str(self.max_request_bytes), "--app", self.app, "--app-args", json.dumps(self.app_args),
         ]  # fmt: skip
         # The token travels in the environment, never on a command line that `ps` shows.
         env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -178,6 +182,7 @@ def serve_forever(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         app_args: dict[str, object] = {
+            **json.loads(args.app_args),
             "model_store": args.model_store,
             "cache_dir": args.cache_dir,
             "token": os.environ.get(TOKEN_ENV) or None,
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs this local Ray may use")
     parser.add_argument("--max-request-bytes", type=int, required=True, help="request body limit (JSON 413 above it)")
     parser.add_argument("--app", default=DEFAULT_APP, help="the application builder, module:function")
+    parser.add_argument("--app-args", default="{}", help="more arguments for the builder, a JSON object")
     return serve_forever(parser.parse_args(argv))
 
 

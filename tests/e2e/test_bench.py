@@ -12,7 +12,7 @@ def test_quick_bench_writes_a_complete_report_with_every_answer_verified(tmp_pat
     """From an empty artifacts folder: the bench exports what it measures and serves, nothing else first."""
     out, artifacts = tmp_path / "reports", tmp_path / "artifacts"
     proc = run_cli("bench", "--quick", "--artifacts", str(artifacts), "--out", str(out), timeout_s=900)
-    assert sorted(p.name for p in artifacts.iterdir()) == ["simple_cnn"]
+    assert sorted(p.name for p in artifacts.iterdir()) == ["dynamic_router", "simple_cnn"]
     doc = json.loads((out / "bench.json").read_text())
     assert doc["schema"] == 1 and doc["quick"] is True
     assert {"cores", "torch", "threads", "date"} <= set(doc["machine"])
@@ -41,15 +41,36 @@ def test_quick_bench_writes_a_complete_report_with_every_answer_verified(tmp_pat
             assert r["client_ms"] >= r["handler_ms"] >= r["model_ms"] > 0, (name, r)
         # The batching sweep: every swept model config at every swept client count, every answer checked.
         assert {(r["endpoint"], r["clients"]) for r in e["sweep"]} == {
-            (ep, c) for ep in ("simple_cnn", "simple_cnn_nobatch", "simple_cnn_b8_d1") for c in (1, 4)
+            (ep, c) for ep in ("simple_cnn", "simple_cnn_nobatch", "simple_cnn_b8_d1", "simple_cnn_q1") for c in (1, 4)
         }
-        assert all(r["verified"] == r["requests"] > 0 and r["errors"] == r["wrong"] == 0 for r in e["sweep"]), e["sweep"]
+        assert all(r["verified"] + r["shed"] == r["requests"] > 0 and r["errors"] == r["wrong"] == 0 for r in e["sweep"]), e[
+            "sweep"
+        ]
         assert {(r["batchSize"], r["maxBatchDelay"]) for r in e["sweep"]} == {(8, 5), (1, 0), (8, 1)}
+        # A queue of one: with 4 clients the excess is refused at once with a JSON 503 (counted as shed, the
+        # body parsed), the rest answered and checked; nothing else sheds.
+        shed = {(r["endpoint"], r["clients"]): r["shed"] for r in e["sweep"]}
+        assert shed.pop(("simple_cnn_q1", 4)) > 0, (name, e["sweep"])
+        assert not any(shed.values()), (name, shed)
         # The stock peer on the same engine and torchship, both in OIP v2 JSON, every answer checked.
         for who in ("peer", "json"):
             for r in e[who].values():
                 assert r["requests"] > 0 and r["verified"] == r["requests"] and r["errors"] == r["wrong"] == 0, (name, who, r)
         assert any(t["target"].startswith(f"{name}: throughput >= 5x the stock peer") for t in doc["targets"])
+        # Another model's default endpoint, checked against what it serves in-process.
+        (router,) = e["models"]
+        assert router["endpoint"] == "dynamic_router" and router["inprocess_p50_ms"] > 0, router
+        for r in (router["sequential"], router["load"]):
+            assert r["requests"] > 0 and r["verified"] == r["requests"] and r["errors"] == r["wrong"] == 0, (name, r)
+        # py-spy sampled the engine's Python processes while requests were answered.
+        prof = e["profile"]
+        assert "error" not in prof and prof["requests"] > 0 and prof["wrong"] == 0, prof
+        roles = {p["process"] for p in prof["processes"] if p["samples"] > 0}
+        assert ("torchserve: worker" if name == "torchserve" else "ray: endpoint replica") in roles, roles
+    # Ray's deployment settings, swept on the same archive.
+    sweep = engines["ray"]["ray_sweep"]
+    assert {(r["endpoint"], r["max_ongoing_requests"]) for r in sweep} == {("simple_cnn", 16), ("simple_cnn_mo4", 4)}
+    assert all(r["verified"] == r["requests"] > 0 and r["errors"] == r["wrong"] == 0 for r in sweep), sweep
     assert all("queue_ms" in r for r in engines["torchserve"]["breakdown"])  # TorchServe's own counters
     assert all("ingress_ms" in r for r in engines["ray"]["breakdown"])  # the Ray app's ingress timing
 
