@@ -52,7 +52,9 @@ def markdown(doc: dict[str, Any]) -> str:
               "|---|---|---|---|---|"]  # fmt: skip
     for name, e in srv["engines"].items():
         s = e["sequential"]
-        lines.append(f"| {name} | {e['cold_start_s']:.1f} s | {e['rss_mib']:.0f} MiB | {s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms "
+        memory = f"{e['rss_mib']:.0f} MiB" + (f" ({e['endpoints']} endpoints, {e['rss_per_endpoint_mib']:.0f} MiB each)"
+                                               if "endpoints" in e else "")  # fmt: skip
+        lines.append(f"| {name} | {e['cold_start_s']:.1f} s | {memory} | {s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms "
                      f"| {s['overhead_p50_ms']:.2f} ms |")  # fmt: skip
     lines += breakdown_table(srv["engines"])
     lines += sweep_table(srv["engines"])

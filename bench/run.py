@@ -177,8 +177,14 @@ def cpp_rows(artifacts: Path, repeat: int, say: Callable[[str], None]) -> list[d
 def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="torchship-bench-") as tmp:
         model_config = load_model_config()
-        ray_only: dict[str, dict[str, int]] = {name: {} for name in settings.ray_sweep}
+        ray_only: dict[str, dict[str, int]] = {variant: {} for variant in settings.ray_sweep}
         store = bench_store(artifacts, Path(tmp) / "store", model_config, {**settings.sweep, **ray_only})
+        # Ray's deployment-settings variants (the same archive under other names) go to a store of their own.
+        sweep_store = Path(tmp) / "store-ray-sweep"
+        sweep_store.mkdir()
+        shutil.copyfile(store / f"{BATCHED}.mar", sweep_store / f"{BATCHED}.mar")
+        for variant in ray_only:
+            shutil.move(store / f"{variant}.mar", sweep_store / f"{variant}.mar")
         extra = add_default_endpoints(settings.served_models, artifacts, store, model_config)
         # What the endpoint serves, loaded as its handler loads it (the manifest's load options included).
         served_mar = MarArchive(store / f"{BATCHED}.mar")
@@ -213,31 +219,27 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
             "engines": {},
         }  # fmt: skip
         model_file = artifacts / "simple_cnn" / "model.torchscript.pt"
-        # TorchServe serves the stock peer next to torchship's endpoints (one start, the peer's .mar added to a copy of
-        # the store); Ray runs the peer's own app on its own, after torchship's.
-        stores = {"torchserve": Path(tmp) / "store-torchserve", "ray": store}
-        shutil.copytree(store, stores["torchserve"], ignore=shutil.ignore_patterns(*(f"{n}.mar" for n in ray_only)))
-        stock_torchserve_archive(model_file, stores["torchserve"], model_config)
+        endpoints = len(list(store.glob("*.mar")))
+        # Both engines serve the very same store, so that their memory compares; each stock peer and Ray's deployment
+        # sweep run in engine starts of their own afterwards.
         for name in ENGINES:
-            say(f"{name}: starting on the bench store ({BATCHED}: batching on, {UNBATCHED}: batchSize 1)")
-            options = {"app_args": {"deployments": settings.ray_sweep}} if name == "ray" else {}
-            with engine(name, stores[name], Path(tmp) / name, **options) as (running, footprint):
-                doc["engines"][name] = measure_engine(run, running, footprint, say)
-                doc["engines"][name]["json"] = json_runs(run, running, BATCHED, say, f"{name}: torchship")
-                doc["engines"][name]["models"] = [model_rows(run, running, m, say) for m in extra]
-                if name == "ray" and settings.ray_sweep:
-                    doc["engines"][name]["ray_sweep"] = ray_sweep(run, running, lambda text: say(f"ray: sweep {text}"))
+            say(f"{name}: starting on the bench store ({endpoints} endpoints; {BATCHED}: batching on, {UNBATCHED}: batchSize 1)")
+            with engine(name, store, Path(tmp) / name) as (running, footprint):
+                e = doc["engines"][name] = measure_engine(run, running, footprint, say)
+                e["endpoints"] = endpoints
+                e["rss_per_endpoint_mib"] = e["rss_mib"] / endpoints
+                e["json"] = json_runs(run, running, BATCHED, say, f"{name}: torchship")
+                e["models"] = [model_rows(run, running, m, say) for m in extra]
                 if settings.profile_seconds:
                     say(f"{name}: py-spy on every Python process, {settings.profile_seconds:.0f} s of sequential requests")
-                    doc["engines"][name]["profile"] = profile(running, f"{running.url}/predictions/{UNBATCHED}",
-                                                              run.small, run.tol, seconds=settings.profile_seconds)  # fmt: skip
-                if name == "torchserve":
-                    peer = json_runs(run, running, PEER, say, "torchserve: stock handler")
-            if name == "ray":
-                say("ray: starting the stock Ray Serve app on the same TorchScript file")
-                with StockRayServe(stock_ray_store(model_file, Path(tmp) / "ray-peer-model"), Path(tmp) / "ray-peer") as ray_peer:
-                    peer = json_runs(run, ray_peer, PEER, say, "ray: stock app")
-            doc["engines"][name]["peer"] = peer
+                    e["profile"] = profile(running, f"{running.url}/predictions/{UNBATCHED}", run.small, run.tol,
+                                           seconds=settings.profile_seconds)  # fmt: skip
+            e["peer"] = peer_runs(run, name, model_file, Path(tmp), say)
+        if settings.ray_sweep:
+            say(f"ray: starting again for the deployment-settings sweep ({', '.join(settings.ray_sweep)})")
+            options = {"app_args": {"deployments": settings.ray_sweep}}
+            with engine("ray", sweep_store, Path(tmp) / "ray-sweep", **options) as (running, _):
+                doc["engines"]["ray"]["ray_sweep"] = ray_sweep(run, running, lambda text: say(f"ray: sweep {text}"))
         return doc
 
 
@@ -308,6 +310,20 @@ def ray_sweep(run: ServedRun, running: Engine, say: Callable[[str], None]) -> li
             say(f"{endpoint} {setting}, {clients} clients: {r['rows_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, "
                 f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
     return rows
+
+
+def peer_runs(run: ServedRun, name: str, model_file: Path, tmp: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """The stock peer on engine `name`, alone in an engine start of its own, on the same frozen file."""
+    if name == "torchserve":
+        store = tmp / "store-torchserve-peer"
+        store.mkdir()
+        stock_torchserve_archive(model_file, store, run.model_config)
+        say("torchserve: starting the stock handler's archive on its own")
+        with engine(name, store, tmp / "torchserve-peer") as (running, _):
+            return json_runs(run, running, PEER, say, "torchserve: stock handler")
+    say("ray: starting the stock Ray Serve app on the same TorchScript file")
+    with StockRayServe(stock_ray_store(model_file, tmp / "ray-peer-model"), tmp / "ray-peer") as ray_peer:
+        return json_runs(run, ray_peer, PEER, say, "ray: stock app")
 
 
 def json_runs(run: ServedRun, running: Engine, endpoint: str, say: Callable[[str], None], label: str) -> dict[str, Any]:

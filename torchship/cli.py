@@ -259,6 +259,16 @@ def cmd_deploy_check(args: argparse.Namespace, out: Console, err: Console) -> in
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def cmd_deploy_kserve_store(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from deploy.kserve import lay_out_store
+
+    store = lay_out_store(Path(args.model_store), Path(args.out), gpu=args.gpu, endpoints=args.endpoint or None)
+    for path in (store.config, *store.archives):
+        out.print(f"wrote {escape(str(path))}")
+    out.print(f"KServe storage folder ready: copy {escape(str(store.root))} to the InferenceService's storageUri")
+    return EXIT_OK
+
+
 def _gate(args: argparse.Namespace, out: Console) -> bool:
     from deploy.rollout import gate
     from verify.client import token_from_key_file
@@ -449,6 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docker-dir", default="docker", help="the Dockerfiles to lint (default: docker)")
     p.add_argument("--no-lint", action="store_true", help="leave out yamllint, hadolint and checkov")
     p.set_defaults(func=cmd_deploy_check)
+    p = dsub.add_parser(
+        "kserve-store", help="lay out a KServe storage folder (config/config.properties, model-store/) from .mar files"
+    )
+    p.add_argument("--model-store", default="model_store", help="the .mar files to serve (default: model_store)")
+    p.add_argument("--out", required=True, help="a new or empty folder to write; copy it to the InferenceService's storageUri")
+    p.add_argument("--endpoint", action="append", default=[], help="only these endpoints (repeatable; default: every archive)")
+    p.add_argument("--gpu", action="store_true", help="for the kserve-gpu overlay: number_of_gpu=1 (archives built for GPU)")
+    p.set_defaults(func=cmd_deploy_kserve_store)
     for name, helptext in (
         ("gate", "verify a candidate revision over HTTP; exit 1 when any output differs from eager beyond tolerance"),
         ("rollout", "run the gate against the candidate, then apply the overlay with its image and wait for the rollout"),

@@ -8,17 +8,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploy import kserve
 from deploy.kube import K8S_DIR, K8S_VERSIONS, check, image_repository, render, serve_config, validate_object
+from deploy.pod_config import frontend_limit_bytes
 from deploy.rollout import set_image
 from engines.base import default_body_limit_bytes
+from handlers.names import MAX_REQUEST_BYTES_ENV
 from tests.helpers import REPO, run_cli
+
+LIMIT = default_body_limit_bytes()
 
 
 def test_deploy_check_passes_on_the_repository() -> None:
     proc = run_cli("deploy", "check", timeout_s=900)
-    assert "checks passed" in proc.stdout
-    for step in ("validate cpu", "validate gpu", "validate staging", "validate candidate", "ports and probes", "yamllint",
-                 "hadolint", "checkov"):  # fmt: skip
+    assert "checks passed" in proc.stdout and "failed:" not in proc.stdout
+    for step in ("validate cpu", "validate gpu", "validate staging", "validate candidate", "validate kserve",
+                 "validate kserve-gpu", "ports and probes", "body limit", "kserve runtime", "kserve-gpu runtime",
+                 "yamllint", "hadolint", "checkov"):  # fmt: skip
         assert step in proc.stdout
 
 
@@ -89,7 +95,7 @@ def test_a_container_port_that_the_config_does_not_listen_on_fails(k8s_copy: Pat
 
 
 def test_a_stale_generated_file_fails(k8s_copy: Path) -> None:
-    _edit(k8s_copy / "base/torchserve/config.properties", "max_request_size=67108864", "max_request_size=1")
+    _edit(k8s_copy / "base/torchserve/config.properties", f"max_request_size={frontend_limit_bytes(LIMIT)}", "max_request_size=1")
     _check_fails(k8s_copy, "config.properties is stale")
 
 
@@ -100,6 +106,148 @@ def test_exposing_the_management_port_fails(k8s_copy: Path) -> None:
         "      port: 8081\n      targetPort: 8081",
     )
     _check_fails(k8s_copy, "the Service exposes the management port")
+
+
+def test_an_unknown_inferenceservice_field_fails(k8s_copy: Path) -> None:
+    # KServe's full CRD lists the predictor's fields: a typo would be pruned by the API server, so it fails here.
+    _edit(k8s_copy / "overlays/kserve/inferenceservice.yaml", "    minReplicas: 2", "    minReplica: 2")
+    _check_fails(k8s_copy, "InferenceService/torchship: spec/predictor: Additional properties are not allowed ('minReplica' was")
+
+
+def test_an_unknown_servingruntime_field_fails(k8s_copy: Path) -> None:
+    _edit(k8s_copy / "overlays/kserve/servingruntime.yaml", "  multiModel: false", "  multiModel: false\n  multimodel: false")
+    _check_fails(k8s_copy, "ServingRuntime/torchship-torchserve: spec: Additional properties are not allowed ('multimodel' was")
+
+
+def test_a_rayservice_field_outside_the_official_crd_fails(k8s_copy: Path) -> None:
+    # generateName is valid pod-template metadata for Kubernetes, but KubeRay's CRD lists only name, namespace,
+    # labels, annotations and finalizers there: the operator would never see it.
+    _edit(
+        k8s_copy / "base/ray/rayservice.yaml",
+        "        metadata:\n          labels:\n            app.kubernetes.io/name: torchship-ray\n        spec:",
+        "        metadata:\n          generateName: torchship-ray-head-\n          labels:\n"
+        "            app.kubernetes.io/name: torchship-ray\n        spec:",
+    )
+    _check_fails(
+        k8s_copy,
+        "RayService/torchship-ray: spec/rayClusterConfig/headGroupSpec/template/metadata: Additional properties are not "
+        "allowed ('generateName' was unexpected)",
+    )
+
+
+def test_the_vendored_rayservice_crd_accepts_what_the_hand_written_subset_did_not_list() -> None:
+    rayservice = next(o for o in render(K8S_DIR / "overlays" / "cpu") if o["kind"] == "RayService")
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["serviceType"] = "ClusterIP"
+    rayservice["spec"]["serviceUnhealthySecondThreshold"] = 900  # a KubeRay v1 field the old subset lacked
+    assert validate_object(rayservice, K8S_VERSIONS[0]) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "expected"),
+    [
+        (
+            "overlays/kserve/servingruntime.yaml",
+            "  protocolVersions:\n    - v2",
+            "  protocolVersions:\n    - v1\n    - grpc-v2",
+            "ServingRuntime/torchship-torchserve: spec.protocolVersions ['v1', 'grpc-v2'] names no protocol the torchship "
+            "pod answers",
+        ),
+        (
+            "overlays/kserve/servingruntime.yaml",
+            "    - v2\n",
+            "    - v2\n    - v1\n",
+            "ServingRuntime/torchship-torchserve: spec.protocolVersions names 'v1', which the torchship pod does not answer",
+        ),
+        (
+            "overlays/kserve/servingruntime.yaml",
+            "    - name: torchship-mar",
+            "    - name: pytorch",
+            "ServingRuntime/torchship-torchserve: spec.supportedModelFormats [('pytorch', '1')] lacks",
+        ),
+        (
+            "overlays/kserve/inferenceservice.yaml",
+            "      protocolVersion: v2\n",
+            "",
+            "InferenceService/torchship: spec.predictor.model.protocolVersion is unset: KServe assumes v1",
+        ),
+        (
+            "overlays/kserve/inferenceservice.yaml",
+            '        version: "1"',
+            '        version: "2"',
+            "InferenceService/torchship: spec.predictor.model.modelFormat {'name': 'torchship-mar', 'version': '2'} is not "
+            "among torchship-torchserve's supportedModelFormats",
+        ),
+        (
+            "overlays/kserve/servingruntime.yaml",
+            "        - --ncs\n",
+            "",
+            "ServingRuntime/torchship-torchserve container kserve-container: args",
+        ),
+        (
+            "overlays/kserve/servingruntime.yaml",
+            "containerPort: 8080",
+            "containerPort: 8085",
+            "ServingRuntime/torchship-torchserve container kserve-container ports",
+        ),
+    ],
+    ids=["no-supported-protocol", "unsupported-protocol", "model-format", "isvc-protocol", "isvc-format", "command", "port"],
+)
+def test_a_kserve_runtime_the_pod_cannot_honour_fails(k8s_copy: Path, path: str, old: str, new: str, expected: str) -> None:
+    _edit(k8s_copy / path, old, new)
+    _check_fails(k8s_copy, expected)
+
+
+ENV_LINES = '            - name: TORCHSHIP_MAX_REQUEST_BYTES\n              value: "67108864"\n'
+RUNTIME_ENV_LINES = '        - name: TORCHSHIP_MAX_REQUEST_BYTES\n          value: "67108864"\n'
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "expected"),
+    [
+        (
+            "base/torchserve/deployment.yaml",
+            ENV_LINES,
+            "",
+            f"Deployment/torchserve container torchserve: env {MAX_REQUEST_BYTES_ENV} is not set",
+        ),
+        (
+            "base/torchserve/deployment.yaml",
+            ENV_LINES,
+            ENV_LINES.replace("67108864", "1048576"),
+            f"Deployment/torchserve container torchserve: env {MAX_REQUEST_BYTES_ENV} is '1048576', not {LIMIT}",
+        ),
+        (
+            "overlays/kserve/servingruntime.yaml",
+            RUNTIME_ENV_LINES,
+            "",
+            f"ServingRuntime/torchship-torchserve container kserve-container: env {MAX_REQUEST_BYTES_ENV} is not set",
+        ),
+        (
+            "base/torchserve/config.properties",
+            f"max_request_size={frontend_limit_bytes(LIMIT)}",
+            f"max_request_size={LIMIT}",
+            f"max_request_size is {LIMIT}, not {frontend_limit_bytes(LIMIT)}: TorchServe's own cut must sit above",
+        ),
+    ],
+    ids=["deployment-missing", "deployment-wrong", "runtime-missing", "frontend-cut"],
+)
+def test_a_pod_without_the_handlers_body_limit_fails(k8s_copy: Path, path: str, old: str, new: str, expected: str) -> None:
+    _edit(k8s_copy / path, old, new)
+    steps = {s.name: s for s in check(k8s_copy, lint=False)}
+    assert not steps["body limit"].passed
+    assert expected in steps["body limit"].detail, steps["body limit"].detail
+
+
+def test_every_torchserve_pod_sets_the_handlers_body_limit_like_the_local_launcher() -> None:
+    for overlay in ("cpu", "gpu", "staging", "candidate", "kserve", "kserve-gpu"):
+        objs = render(K8S_DIR / "overlays" / overlay)
+        pods = [o["spec"]["template"]["spec"] for o in objs if o["kind"] == "Deployment"]
+        pods += [o["spec"] for o in objs if o["kind"] == "ServingRuntime"]
+        containers = [c for pod in pods for c in pod["containers"] if c["name"] in ("torchserve", kserve.CONTAINER_NAME)]
+        assert containers, overlay
+        for c in containers:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env[MAX_REQUEST_BYTES_ENV] == str(LIMIT), (overlay, c["name"])
 
 
 def test_every_overlay_has_the_security_settings_the_issue_asks_for() -> None:
@@ -155,3 +303,37 @@ def test_set_image_changes_only_matching_repositories() -> None:
     )
     assert "torchship/torchserve@sha256:" + "a" * 64 in images
     assert image_repository("registry:5000/torchship/ray:1.0") == "registry:5000/torchship/ray"
+
+
+def test_the_kserve_overlays_carry_the_pods_security_settings_and_token() -> None:
+    for overlay in ("kserve", "kserve-gpu"):
+        objs = render(K8S_DIR / "overlays" / overlay)
+        kinds = {o["kind"] for o in objs}
+        assert {"ServingRuntime", "InferenceService", "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount"} <= kinds
+        runtime = next(o for o in objs if o["kind"] == "ServingRuntime")
+        isvc = next(o for o in objs if o["kind"] == "InferenceService")
+        predictor = isvc["spec"]["predictor"]
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+        assert predictor["securityContext"]["runAsNonRoot"] is True
+        assert predictor["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert predictor["automountServiceAccountToken"] is False
+        assert predictor["model"]["runtime"] == runtime["metadata"]["name"]
+        assert predictor["model"]["storageUri"].startswith("pvc://")  # mounted directly: no download init container
+        c = runtime["spec"]["containers"][0]
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert {p["containerPort"] for p in c["ports"]} == {8080, 8082}  # never management (8081)
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        token = next(v for v in runtime["spec"]["volumes"] if v["name"] == "token")
+        assert token["secret"]["secretName"] == "torchship-inference-token"
+        assert env["TORCHSHIP_INFERENCE_TOKEN_FILE"].startswith(
+            next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "token")
+        )
+        assert c["args"] == kserve.RUNTIME_ARGS and "TS_SERVICE_ENVELOPE" not in env
+        if overlay == "kserve-gpu":
+            assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+            assert c["image"].endswith("-gpu") and runtime["spec"]["nodeSelector"]
+            assert predictor["model"]["storageUri"] != "pvc://torchship-kserve-store/"
+        else:
+            assert c["image"].endswith("-cpu") and "nvidia.com/gpu" not in c["resources"]["limits"]

@@ -1,0 +1,204 @@
+"""torchship's KServe runtime on a real TorchServe: the storage folder `torchship deploy kserve-store` lays out from
+the session's archives, served by the ServingRuntime container's own command, env and config; readiness by the pod's
+own probe; answers equal to the eager references on both paths KServe's v2 protocol and the REST contract use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from archive.build import Endpoint
+from archive.mar import MarArchive
+from deploy import kserve
+from deploy.kube import K8S_DIR, render
+from deploy.probe import check as probe_check
+from engines.base import free_port, read_properties
+from engines.java import find_java, java_home
+from engines.torchserve import write_properties
+from handlers.codec import decode_response, encode_request
+from handlers.errors import TOKEN_FAILED
+from handlers.names import MAX_REQUEST_BYTES_ENV, bearer
+from tests.helpers import REPO, run_cli
+from torchship.errors import NotReady
+from torchship.parity import compare_all
+from torchship.spec import Tolerance
+
+TOKEN = "kserve-shared-token"
+ENDPOINTS = ("simple_cnn", "simple_cnn_pt2")
+READY_TIMEOUT_S = 300.0
+#: The pod's own folders (the runtime's workingDir, its temp dir, the Secret's mount): each becomes a folder of this test.
+POD_WORK_DIR = "/var/run/torchserve"
+POD_TMP_DIR = "/tmp"
+POD_TOKEN_DIR = "/etc/torchship/token"
+
+
+def _runtime_container() -> dict[str, Any]:
+    runtime = next(o for o in render(K8S_DIR / "overlays" / "kserve") if o["kind"] == "ServingRuntime")
+    container: dict[str, Any] = next(c for c in runtime["spec"]["containers"] if c["name"] == kserve.CONTAINER_NAME)
+    return container
+
+
+@dataclass
+class RuntimePod:
+    url: str
+    management_url: str
+    mount: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def mount(archives: dict[str, Endpoint], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What KServe mounts at /mnt/models: the folder `torchship deploy kserve-store` writes, from real archives."""
+    source = tmp_path_factory.mktemp("kserve_source")
+    for name in ENDPOINTS:
+        shutil.copyfile(archives[name].mar, source / f"{name}.mar")
+    out = tmp_path_factory.mktemp("kserve_mount") / "mnt-models"
+    run_cli("deploy", "kserve-store", "--model-store", str(source), "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pod(mount: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimePod]:
+    """TorchServe started exactly as the runtime container starts it: the container's args and env, from its working
+    directory, with the store's config.properties. Rewritten, and nothing else: the pod's addresses become free
+    ports on 127.0.0.1 (0.0.0.0:8080 / 8082 and the fixed 8081, 7070, 7071 would collide with other servers on this
+    machine), and the pod's paths become this test's own folders (/mnt/models -> the laid-out store, the work and
+    temp dirs and the Secret's mount -> folders under this test's temp dir; two TorchServes must not share a tmp)."""
+    container = _runtime_container()
+    work = tmp_path_factory.mktemp("kserve_pod")
+    local = {
+        kserve.MOUNT_PATH: str(mount),
+        POD_WORK_DIR: str(work / "run"),
+        POD_TMP_DIR: str(work / "tmp"),
+        POD_TOKEN_DIR: str(work / "secret"),
+    }
+    for folder in local.values():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    (work / "secret" / "token").write_text(TOKEN + "\n")
+
+    def here(value: str) -> str:
+        """A pod path (alone, or as a --flag=path) as this test's path; anything else unchanged."""
+        flag, sep, path = value.partition("=") if value.startswith("--") else ("", "", value)
+        for pod_path, local_path in local.items():
+            if path == pod_path or path.startswith(pod_path + "/"):
+                return flag + sep + local_path + path[len(pod_path) :]
+        return value
+
+    config = mount / kserve.CONFIG_PATH
+    props = read_properties(config)
+    url, management_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    props.update(
+        {
+            "inference_address": url,
+            "management_address": management_url,
+            "metrics_address": f"http://127.0.0.1:{free_port()}",
+            "grpc_inference_port": str(free_port()),
+            "grpc_management_port": str(free_port()),
+            "model_store": here(props["model_store"]),
+            # A regex in a Java properties file: the path escaped, its backslashes doubled (as the local launcher does).
+            "allowed_urls": "file://" + re.escape(here(props["model_store"])).replace("\\", "\\\\") + "/.*\\\\.mar",
+            "vmargs": props["vmargs"].replace(f"-Djava.io.tmpdir={POD_TMP_DIR}", f"-Djava.io.tmpdir={local[POD_TMP_DIR]}"),
+        }
+    )
+    write_properties(config, props)
+
+    java = find_java()
+    assert java is not None, "TorchServe needs Java 17+: run `make setup`"
+    env = {**os.environ, **{e["name"]: here(str(e["value"])) for e in container["env"]}}
+    # The image puts its venv and Java on PATH; here they are this environment's.
+    env.update(
+        {
+            "JAVA_HOME": str(java_home(java)),
+            "PATH": os.pathsep.join([str(java.parent), str(Path(sys.executable).parent), env["PATH"]]),
+        }
+    )
+    args = [here(a) for a in container["args"]]
+    log = work / "torchserve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args, cwd=here(container["workingDir"]), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"TorchServe exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                probe_check(management_url, expected=len(ENDPOINTS))
+                break
+            except NotReady:
+                assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}"
+                time.sleep(1.0)
+        yield RuntimePod(url, management_url, mount, log, process)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # the wrapper's java and the workers too
+        process.wait(timeout=30)
+
+
+def test_the_runtime_command_is_the_one_the_store_is_laid_out_for() -> None:
+    args = _runtime_container()["args"]
+    assert args == kserve.RUNTIME_ARGS
+    assert f"--model-store={kserve.MOUNT_PATH}/{kserve.STORE_DIR}" in args
+
+
+def test_the_pods_readiness_probe_passes(pod: RuntimePod) -> None:
+    command = _runtime_container()["readinessProbe"]["exec"]["command"]
+    # The manifest's probe, pointed at this server's (free) management port instead of 127.0.0.1:8081.
+    argv = [sys.executable if c == "python" else c for c in command]
+    argv[argv.index("--management-url") + 1] = pod.management_url
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(ENDPOINTS)} models ready" in proc.stdout
+
+
+@pytest.mark.parametrize("route", ["/v2/models/{endpoint}/infer", "/predictions/{endpoint}"])
+def test_an_inference_equals_the_eager_reference(pod: RuntimePod, route: str) -> None:
+    archive = MarArchive(pod.mount / kserve.STORE_DIR / "simple_cnn.mar")
+    case = archive.references()[0]
+    body, headers = encode_request(case["inputs"])
+    r = requests.post(
+        pod.url + route.format(endpoint=archive.endpoint), data=body, headers={**headers, **bearer(TOKEN)}, timeout=120
+    )
+    assert r.status_code == 200, r.text[:500]
+    outputs = decode_response(r.content, r.headers.get("Inference-Header-Content-Length"))["outputs"]
+    expected = tuple(case["outputs"][n] for n in archive.output_names)
+    comparison = compare_all(tuple(outputs[n] for n in archive.output_names), expected, Tolerance(*archive.tolerance))
+    assert comparison.passed, comparison.reason
+
+
+def test_the_shared_token_is_enforced_by_the_handler(pod: RuntimePod) -> None:
+    archive = MarArchive(pod.mount / kserve.STORE_DIR / "simple_cnn.mar")
+    body, headers = encode_request(archive.references()[0]["inputs"])
+    for auth in ({}, bearer("nope")):
+        r = requests.post(f"{pod.url}/v2/models/simple_cnn/infer", data=body, headers={**headers, **auth}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"] == TOKEN_FAILED
+
+
+def test_an_over_limit_body_gets_the_handlers_json_413(pod: RuntimePod) -> None:
+    limit = int(next(e["value"] for e in _runtime_container()["env"] if e["name"] == MAX_REQUEST_BYTES_ENV))
+    assert int(read_properties(pod.mount / kserve.CONFIG_PATH)["max_request_size"]) > limit  # TorchServe's cut is higher
+    r = requests.post(
+        f"{pod.url}/predictions/simple_cnn",
+        data=b"0" * (limit + 1),
+        headers={"Content-Type": "application/json", **bearer(TOKEN)},
+        timeout=120,
+    )
+    assert r.status_code == 413 and f"the limit is {limit}" in r.json()["error"]
