@@ -137,8 +137,16 @@ def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: 
     return Endpoint(name, manifest.name, fmt, dest)
 
 
-def archive_models(names: list[str], *, artifacts: Path, out_dir: Path, model_config: dict[str, Any]) -> list[Endpoint]:
-    """Archive every usable format of the named models (all exported models if none are named)."""
+def archive_models(
+    names: list[str], *, artifacts: Path, out_dir: Path, model_config: dict[str, Any], sign_key: Path | None = None
+) -> list[Endpoint]:
+    """Archive every usable format of the named models (all exported models if none are named); with `sign_key` (an
+    ed25519 private key, PEM) each archive is signed (archive/signing.py)."""
+    signer = None
+    if sign_key is not None:
+        from archive.signing import load_signing_key
+
+        signer = load_signing_key(sign_key)  # a bad key fails before anything is built
     if not artifacts.is_dir():
         raise ArchiveError(f"{artifacts} does not exist: run `torchship export` first")
     available = sorted(p.name for p in artifacts.iterdir() if (p / MANIFEST_FILE).is_file())
@@ -151,4 +159,8 @@ def archive_models(names: list[str], *, artifacts: Path, out_dir: Path, model_co
         manifest = read_manifest(model_dir)  # refuses files changed since export
         for fmt in manifest.usable_formats():
             endpoints.append(archive_endpoint(model_dir, manifest, fmt, out_dir=out_dir, model_config=model_config))
+            if signer is not None:
+                from archive.signing import sign_archive
+
+                sign_archive(endpoints[-1].mar, signer)
     return endpoints

@@ -26,6 +26,7 @@ from handlers.names import (
     MAR_MANIFEST_FILE,
     MODEL_CONFIG_FILE,
     REFERENCE_FILE,
+    SIGNATURE_FILE,
 )
 
 #: Every entry of a written archive gets this timestamp (the zip format's earliest).
@@ -158,9 +159,11 @@ def store_archives(model_store: Path) -> list[MarArchive]:
 
 def write_archive(entries: dict[str, bytes], dest: Path) -> None:
     """Write a .mar from its entries, byte-reproducibly, with the listing of every entry's sha256 that the handler
-    checks before it loads anything (any listing among `entries` is replaced)."""
+    checks before it loads anything (any listing among `entries` is replaced). A signature entry is kept but not
+    listed: it signs the listing."""
     entries = {name: data for name, data in entries.items() if name != CHECKSUMS_FILE}
-    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(entries.items())}
+    listed = {name: data for name, data in entries.items() if name != SIGNATURE_FILE}
+    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(listed.items())}
     entries[CHECKSUMS_FILE] = (json.dumps(checksums, indent=2) + "\n").encode("utf-8")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")

@@ -86,11 +86,11 @@ FULL = Settings(
     variants=VARIANTS, min_time_s=0.4, min_iters=10, warmup=3,
     sequential_requests=100, clients=(1, 4, 16, 64), load_seconds=5.0, large_requests=5, breakdown_requests=50,
     sweep={
-        "simple_cnn_b8_d1": {"batchSize": 8, "maxBatchDelay": 1},
+        "simple_cnn_b8_d5": {"batchSize": 8, "maxBatchDelay": 5},
         "simple_cnn_b8_d20": {"batchSize": 8, "maxBatchDelay": 20},
         "simple_cnn_b16_d10": {"batchSize": 16, "maxBatchDelay": 10},
-        "simple_cnn_b8_d5_t1": {"batchSize": 8, "maxBatchDelay": 5, "torchThreads": 1},
-        "simple_cnn_q4": {"batchSize": 8, "maxBatchDelay": 5, "jobQueueSize": 4},
+        "simple_cnn_b8_d1_t1": {"batchSize": 8, "maxBatchDelay": 1, "torchThreads": 1},
+        "simple_cnn_q4": {"batchSize": 8, "maxBatchDelay": 1, "jobQueueSize": 4},
     },
     sweep_clients=(1, 16), peer_clients=16, cpp_repeat=10, served_models=("dynamic_router", "seq_decoder"),
     ray_sweep={"simple_cnn_r2": {"num_replicas": 2}, "simple_cnn_mo64": {"max_ongoing_requests": 64}}, profile_seconds=6.0,
@@ -100,7 +100,7 @@ QUICK = Settings(
     workloads=(Workload("simple_cnn@32", "simple_cnn", (1, 8), hw=32),),
     variants=("eager", "frozen", "pt2"), min_time_s=0.0, min_iters=3, warmup=1,
     sequential_requests=5, clients=(1, 4), load_seconds=0.5, large_requests=1, breakdown_requests=5,
-    sweep={"simple_cnn_b8_d1": {"batchSize": 8, "maxBatchDelay": 1}, "simple_cnn_q1": {"batchSize": 1, "maxBatchDelay": 0,
+    sweep={"simple_cnn_b8_d5": {"batchSize": 8, "maxBatchDelay": 5}, "simple_cnn_q1": {"batchSize": 1, "maxBatchDelay": 0,
            "jobQueueSize": 1}}, sweep_clients=(1, 4), peer_clients=4, cpp_repeat=0,
     served_models=("dynamic_router",), ray_sweep={"simple_cnn_mo4": {"max_ongoing_requests": 4}}, profile_seconds=1.0,
 )  # fmt: skip

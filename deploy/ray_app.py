@@ -31,7 +31,7 @@ from archive.mar import MarArchive, store_archives
 from handlers.codec import encode_error, inference_token, token_matches
 from handlers.core import EndpointCore, Reply, pick_device, server_timing
 from handlers.core import Request as CoreRequest
-from handlers.errors import HandlerMismatch, TokenRefused
+from handlers.errors import ArtifactError, HandlerMismatch, TokenRefused
 from handlers.names import (
     AUTHORIZATION_HEADER,
     HANDLER_PACKAGE,
@@ -39,6 +39,7 @@ from handlers.names import (
     MAX_REQUEST_BYTES_ENV,
     NODE_HEADER,
     TIMING_HEADER,
+    VERIFY_KEY_ENV,
 )
 
 #: How long a readiness probe waits for an endpoint's replica to answer.
@@ -73,7 +74,18 @@ def check_same_handler(model_dir: Path) -> None:
 class EndpointDeployment:
     """One endpoint (one .mar) as a Ray Serve deployment: Ray's adapter over `EndpointCore`."""
 
-    def __init__(self, mar: str, cache_dir: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def __init__(
+        self, mar: str, cache_dir: str, max_batch_size: int, batch_wait_timeout_s: float, verify_key_file: str | None = None
+    ) -> None:
+        if verify_key_file:
+            # Again here, not only in the builder: the replica reads the file itself, maybe long after the build.
+            from archive.signing import load_verify_key, verify_archive
+            from torchship.errors import ArchiveError
+
+            try:
+                verify_archive(Path(mar), load_verify_key(Path(verify_key_file)))
+            except ArchiveError as exc:
+                raise ArtifactError(str(exc)) from None
         archive = MarArchive(Path(mar))
         self.model_dir = archive.unpack_cached(Path(cache_dir))
         check_same_handler(self.model_dir)
@@ -220,7 +232,8 @@ def _token(args: Mapping[str, Any]) -> str | None:
 def app(args: dict[str, Any]) -> serve.Application:
     """Application builder. args: model_store (folder of .mar), cache_dir, token / token_file, num_cpus per
     replica (ingress_num_cpus for the ingress), num_gpus per endpoint replica (0: CPU), num_replicas,
-    max_request_bytes, and `deployments`: {endpoint: {num_replicas, max_ongoing_requests}} for one endpoint (what a
+    max_request_bytes, verify_key_file (else $TORCHSHIP_VERIFY_KEY_FILE: only archives signed by that key), and
+    `deployments`: {endpoint: {num_replicas, max_ongoing_requests}} for one endpoint (what a
     Serve config's `deployments:` list does for `serve deploy`). Batch size and wait come from each archive's
     model-config.yaml."""
     model_store = Path(args.get("model_store", "model_store")).resolve()
@@ -231,6 +244,12 @@ def app(args: dict[str, Any]) -> serve.Application:
     num_gpus = float(args.get("num_gpus", 0))
     actor_options: dict[str, float] = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {})}
     num_replicas = int(args.get("num_replicas", 1))
+    # Signed archives only, when a verify key is configured: the whole store is refused before any deployment exists.
+    verify_key_file = str(args.get("verify_key_file") or os.environ.get(VERIFY_KEY_ENV, "")).strip() or None
+    if verify_key_file:
+        from archive.signing import load_verify_key, verify_store
+
+        verify_store(model_store, load_verify_key(Path(verify_key_file)))
     overrides: Mapping[str, Mapping[str, int]] = args.get("deployments") or {}
     unknown = [f"{name}.{key}" for name, o in overrides.items() for key in o if key not in DEPLOYMENT_OVERRIDES]
     if unknown:
@@ -252,7 +271,7 @@ def app(args: dict[str, Any]) -> serve.Application:
             ray_actor_options=actor_options,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         )
-        handles[mar.path.stem] = deployment.bind(str(mar.path), cache_dir, batch, wait_s)
+        handles[mar.path.stem] = deployment.bind(str(mar.path), cache_dir, batch, wait_s, verify_key_file)
     ingress_cpus = float(args.get("ingress_num_cpus", num_cpus))
     ingress = serve.deployment(Ingress).options(
         name="ingress",

@@ -19,8 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
 
-from handlers.names import LOAD_REFUSED_MARKER, bearer
-from torchship.errors import EngineError, NotReady
+from handlers.names import LOAD_REFUSED_MARKER, VERIFY_KEY_ENV, bearer
+from torchship.errors import ArchiveError, EngineError, NotReady
 
 LOG_TAIL_LINES = 40
 REPO = Path(__file__).resolve().parent.parent
@@ -80,8 +80,12 @@ class Engine(ABC):
         port: int | None = None,
         max_request_bytes: int | None = None,
         ready_timeout_s: float = 300.0,
+        verify_key: Path | None = None,
     ) -> None:
         self.model_store = Path(model_store).resolve()
+        #: An ed25519 public key (PEM): with it, start() refuses a store with any archive not signed by it. Without
+        #: it, TORCHSHIP_VERIFY_KEY_FILE names one when set.
+        self.verify_key = verify_key or (Path(os.environ[VERIFY_KEY_ENV]) if os.environ.get(VERIFY_KEY_ENV) else None)
         self.workdir = Path(workdir).resolve()
         self.port = port or free_port()
         self.max_request_bytes = max_request_bytes or default_body_limit_bytes()
@@ -128,6 +132,8 @@ class Engine(ABC):
         """Launch in a new process group and wait until every endpoint is ready; stop and raise EngineError if not."""
         if not self.endpoints:
             raise EngineError(f"no .mar files in {self.model_store}: run `torchship archive` first")
+        if self.verify_key is not None:
+            self._verify_signatures()
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd, env = self._command()
         self.started_at = time.monotonic()
@@ -141,6 +147,16 @@ class Engine(ABC):
             self.stop()
             raise
         return self
+
+    def _verify_signatures(self) -> None:
+        """Refuse the whole store, before the engine starts, if any archive is not signed by the verify key."""
+        from archive.signing import load_verify_key, verify_store
+
+        assert self.verify_key is not None
+        try:
+            verify_store(self.model_store, load_verify_key(self.verify_key))
+        except ArchiveError as exc:  # SignatureRefused, or a verify key that cannot be read
+            raise EngineError(str(exc)) from None
 
     def wait_ready(self, poll_s: float = 0.5) -> None:
         deadline = time.monotonic() + self.ready_timeout_s

@@ -50,12 +50,20 @@ class RayServe(Engine):
         port: int | None = None,
         max_request_bytes: int | None = None,
         ready_timeout_s: float = 300.0,
+        verify_key: Path | None = None,
         token: str | None = None,
         num_cpus: int = 2,
         app: str = DEFAULT_APP,
         app_args: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(model_store, workdir, port=port, max_request_bytes=max_request_bytes, ready_timeout_s=ready_timeout_s)
+        super().__init__(
+            model_store,
+            workdir,
+            port=port,
+            max_request_bytes=max_request_bytes,
+            ready_timeout_s=ready_timeout_s,
+            verify_key=verify_key,
+        )
         self._token = token
         self.num_cpus = num_cpus
         self.app = app
@@ -67,12 +75,17 @@ class RayServe(Engine):
     def token(self) -> str | None:
         return self._token
 
+    def _app_args(self) -> dict[str, Any]:
+        """The builder's extra arguments; the verify key travels as its path (the app and every replica check it)."""
+        extra = {"verify_key_file": str(self.verify_key.resolve())} if self.verify_key is not None else {}
+        return {**self.app_args, **extra}
+
     def _command(self) -> tuple[list[str], dict[str, str]]:
         self.ray_dir = short_tempdir()
         cmd = [
             sys.executable, "-m", "engines.ray", "--model-store", str(self.model_store), "--port", str(self.port),
             "--ray-dir", str(self.ray_dir), "--cache-dir", str(self.workdir / "cache"), "--num-cpus", str(self.num_cpus),
-            "--max-request-bytes", str(self.max_request_bytes), "--app", self.app, "--app-args", json.dumps(self.app_args),
+            "--max-request-bytes", str(self.max_request_bytes), "--app", self.app, "--app-args", json.dumps(self._app_args()),
         ]  # fmt: skip
         # The token travels in the environment, never on a command line that `ps` shows.
         env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32)}

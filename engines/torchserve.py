@@ -49,6 +49,7 @@ class TorchServe(Engine):
         port: int | None = None,
         max_request_bytes: int | None = None,
         ready_timeout_s: float = 300.0,
+        verify_key: Path | None = None,
         config_template: Path = CONFIG_PROPERTIES,
         overrides: dict[str, str] | None = None,
         models: str = "all",
@@ -56,7 +57,9 @@ class TorchServe(Engine):
         props = read_properties(config_template)
         props.update(overrides or {})
         limit = max_request_bytes or int(props.get("max_request_size", "0")) or None
-        super().__init__(model_store, workdir, port=port, max_request_bytes=limit, ready_timeout_s=ready_timeout_s)
+        super().__init__(
+            model_store, workdir, port=port, max_request_bytes=limit, ready_timeout_s=ready_timeout_s, verify_key=verify_key
+        )
         self.props = props
         self.models = models
         self.management_url = f"http://127.0.0.1:{free_port()}"

@@ -11,6 +11,10 @@ MODEL_CONFIG_FILE = "model-config.yaml"
 MAR_MANIFEST_FILE = "MAR-INF/MANIFEST.json"
 #: sha256 of every other entry, written by `torchship archive`: a changed byte anywhere refuses the load.
 CHECKSUMS_FILE = "torchship-checksums.json"
+#: `torchship archive --sign`'s ed25519 signature of the checksum listing (not listed in it; archive/signing.py).
+SIGNATURE_FILE = "torchship-signature.json"
+#: The verify key's file (ed25519 public key, PEM) for launchers and the Ray app: set, only signed archives are served.
+VERIFY_KEY_ENV = "TORCHSHIP_VERIFY_KEY_FILE"
 #: A classifier's top-k post-processing (the seed's scripted function), exported with the classifier.
 TOPK_FILE = "process_outputs.torchscript.pt"
 #: The file torch-model-archiver puts at the archive root as TorchServe's handler.

@@ -120,7 +120,15 @@ def cmd_archive(args: argparse.Namespace, out: Console, err: Console) -> int:
     err.print(
         f"archiving {', '.join(args.models) or 'every exported model'} from {escape(args.artifacts)} with torch-model-archiver"
     )
-    endpoints = archive_models(args.models, artifacts=Path(args.artifacts), out_dir=Path(args.out), model_config=config)
+    sign = Path(args.sign) if args.sign else None
+    endpoints = archive_models(args.models, artifacts=Path(args.artifacts), out_dir=Path(args.out), model_config=config,
+                               sign_key=sign)  # fmt: skip
+    if sign is not None:
+        from archive.signing import key_id, load_signing_key
+
+        out.print(
+            f"signed {len(endpoints)} archives with key id {key_id(load_signing_key(sign).public_key())} ({escape(str(sign))})"
+        )
     table = Table(title=f"archives in {escape(args.out)}")
     for col in ("endpoint", "model", "format", "archive", "size"):
         table.add_column(col)
@@ -175,6 +183,7 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         port=args.port,
         max_request_bytes=args.max_request_bytes,
         ready_timeout_s=args.ready_timeout_s,
+        verify_key=Path(args.verify_key) if args.verify_key else None,
         **extra,
     )
     label = {"torchserve": "TorchServe", "ray": "Ray Serve"}[args.engine]
@@ -415,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default="artifacts", help="export folder (default: artifacts)")
     p.add_argument("--out", default="model_store", help="where the .mar files go (default: model_store)")
     p.add_argument("--model-config", default=None, help="TorchServe model-config YAML (default: configs/model-config.yaml)")
+    p.add_argument("--sign", default=None, metavar="KEY", help="sign every archive with this ed25519 private key (PEM)")
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("serve", help="serve the model store on an engine until Ctrl-C / SIGTERM")
@@ -430,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="body size limit (default: max_request_size in configs/config.properties)",
+    )
+    p.add_argument(
+        "--verify-key",
+        default=None,
+        metavar="PEM",
+        help="serve only archives signed by this ed25519 public key (default: $TORCHSHIP_VERIFY_KEY_FILE, else no check)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -39,6 +39,10 @@ class ArchiveError(TorchshipError):
     """An archive could not be built or read."""
 
 
+class SignatureRefused(ArchiveError):
+    """A verify key is configured and an archive is unsigned, signed by another key, or changed after signing."""
+
+
 class EngineError(TorchshipError):
     """An engine could not be started, did not become ready, or refused to load an archive."""
 

@@ -19,7 +19,7 @@ from handlers.core import parse_server_timing
 from handlers.names import TOKEN_ENV
 from models import ZOO
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
-from tests.helpers import assert_router_answers, run_cli, serve_command
+from tests.helpers import assert_router_answers, run_cli, serve_command, write_keys
 
 TOKEN = "ray-e2e-token"
 
@@ -31,17 +31,24 @@ class RayServer:
 
 
 @pytest.fixture(scope="module")
-def ray_store(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ray_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_keys(tmp_path_factory.mktemp("ray_keys"))
+
+
+@pytest.fixture(scope="module")
+def ray_store(artifacts_dir: Path, ray_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every archive, signed: the whole Ray suite runs with a verify key (launcher, app builder and each replica)."""
     out = tmp_path_factory.mktemp("ray_store")
-    archive_models([], artifacts=artifacts_dir, out_dir=out, model_config=E2E_MODEL_CONFIG)
+    archive_models([], artifacts=artifacts_dir, out_dir=out, model_config=E2E_MODEL_CONFIG, sign_key=ray_keys[0])
     return out
 
 
 @pytest.fixture(scope="module")
-def ray_server(ray_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
+def ray_server(ray_store: Path, ray_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
     workdir = Path(tmp_path_factory.mktemp("ray"))
     port = free_port()
-    args = ["ray", "--model-store", str(ray_store), "--port", str(port), "--max-request-bytes", str(MAX_REQUEST_BYTES)]
+    args = ["ray", "--model-store", str(ray_store), "--port", str(port), "--max-request-bytes", str(MAX_REQUEST_BYTES),
+            "--verify-key", str(ray_keys[1])]  # fmt: skip
     with serve_command(args, workdir=workdir, env={TOKEN_ENV: TOKEN}) as text:
         assert f"Ray Serve ready at http://127.0.0.1:{port}" in text, text[-3000:]
         yield RayServer(f"http://127.0.0.1:{port}", workdir)

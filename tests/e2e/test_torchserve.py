@@ -17,7 +17,7 @@ from engines.torchserve import TorchServe
 from handlers.codec import decode_response, encode_request
 from handlers.core import parse_server_timing
 from models import ZOO
-from tests.helpers import assert_router_answers, run_cli, serve_command
+from tests.helpers import assert_router_answers, run_cli, serve_command, write_keys
 from verify.client import Client
 
 #: Batches fill for up to 200 ms, so concurrent requests in a test land in one batch.
@@ -27,15 +27,22 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def store(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def store(artifacts_dir: Path, keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every archive, signed: the whole TorchServe suite runs behind the launcher's signature check."""
     out = tmp_path_factory.mktemp("e2e_store")
-    archive_models([], artifacts=artifacts_dir, out_dir=out, model_config=E2E_MODEL_CONFIG)
+    archive_models([], artifacts=artifacts_dir, out_dir=out, model_config=E2E_MODEL_CONFIG, sign_key=keys[0])
     return out
 
 
 @pytest.fixture(scope="module")
-def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
-    with TorchServe(store, tmp_path_factory.mktemp("torchserve"), max_request_bytes=MAX_REQUEST_BYTES) as ts:
+def server(store: Path, keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    workdir = tmp_path_factory.mktemp("torchserve")
+    with TorchServe(store, workdir, max_request_bytes=MAX_REQUEST_BYTES, verify_key=keys[1]) as ts:
         yield ts
     assert ts.process is not None and ts.process.poll() is not None
 
