@@ -71,6 +71,19 @@ def verify_key_from(path: str | Path | None, environ: Mapping[str, str] = os.env
     return load_verify_key(Path(chosen)) if chosen else None
 
 
+def write_key_pair(folder: Path, name: str = "signing") -> tuple[Path, Path]:
+    """A fresh ed25519 pair as PEM files, as openssl writes them: (folder/NAME.pem private, folder/NAME.pub.pem public).
+    The private file is readable by its owner only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.touch(mode=0o600)
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))  # fmt: skip
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
 def key_id(key: Ed25519PublicKey) -> str:
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]

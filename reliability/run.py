@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import json
 import secrets
+import shutil
 import tempfile
 import time
 import zipfile
@@ -23,16 +24,16 @@ from typing import Any
 import requests
 import torch
 
-from archive.mar import MarArchive, store_archives
+from archive.mar import MarArchive, store_archives, write_archive
 from engines import engine_class
 from engines.base import Engine
 from engines.torchserve import TorchServe
 from handlers.codec import Signature, decode_response, encode_request
 from handlers.errors import UnsafeArchive
-from handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, MANIFEST_FILE, bearer
+from handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, MANIFEST_FILE, REFERENCE_FILE, bearer
 from reliability.corpus import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
 from reliability.traffic import FaultResult, make_pool, run_fault, run_load, summarize
-from torchship.errors import EngineError, ReliabilityError
+from torchship.errors import EngineError, ReliabilityError, SignatureRefused
 from torchship.spec import Tolerance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,6 +170,75 @@ def integrity_checks(good_mar: Path, workdir: Path, say: Say) -> list[Refusal]:
             r = refuses(engine, bad, folder / "run")
             refusals.append(Refusal(engine, tamper, r.refused, r.message, r.seconds))
     return refusals
+
+
+def signature_cases(good_mar: Path, folder: Path, signing_key: Path) -> dict[str, Path]:
+    """Archives a server with a verify key must refuse, each alone in a store folder of its own, plus the control
+    ("signed", which it must accept): unsigned, signed by another key, the listing rewritten after signing (signature
+    kept), an entry changed after signing, and an entry added after signing."""
+    from archive.signing import load_signing_key, sign_archive, write_key_pair
+
+    def copy(case: str, members: dict[str, bytes] | None = None) -> Path:
+        out = folder / case.replace(" ", "-") / good_mar.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if members is None:
+            shutil.copyfile(good_mar, out)
+            return out
+        return write_entries(members, out)
+
+    cases = {"signed": copy("signed")}
+    sign_archive(cases["signed"], load_signing_key(signing_key))
+    signed = dict(MarArchive(cases["signed"]).entries)
+    cases["unsigned"] = copy("unsigned")
+    cases["signed by another key"] = copy("another key")
+    other, _ = write_key_pair(folder / "other-key")
+    sign_archive(cases["signed by another key"], load_signing_key(other))
+    swapped = {**signed, REFERENCE_FILE: b"swapped"}
+    cases["listing rewritten after signing"] = copy("relisted")
+    write_archive(swapped, cases["listing rewritten after signing"])  # a fresh listing; the old signature kept
+    cases["entry changed after signing"] = copy("changed", swapped)
+    cases["entry added after signing"] = copy("added", {**signed, "handlers/sitecustomize.py": b"print('loaded')"})
+    return cases
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    case: str
+    #: torchserve / ray: their launcher (`torchship serve --verify-key`); ray-app: the app builder KubeRay runs.
+    checker: str
+    refused: bool
+    message: str
+
+
+def signature_checks(good_mar: Path, workdir: Path, say: Say) -> list[SignatureCheck]:
+    """Each signature case against both engines' launchers and the Ray app's builder, with a verify key set. The
+    refusals happen before any process starts; the signed control is checked to pass the same verification."""
+    from archive.signing import load_verify_key, verify_store, write_key_pair
+    from deploy.ray_app import app as ray_app
+
+    signing, verify = write_key_pair(workdir / "keys")
+    checks: list[SignatureCheck] = []
+    for case, mar in signature_cases(good_mar, workdir / "cases", signing).items():
+        say(f"signatures: {case}")
+        if case == "signed":
+            verify_store(mar.parent, load_verify_key(verify))  # raises if the control were refused
+            checks.append(SignatureCheck(case, "verify_store", False, "accepted"))
+            continue
+        for name in ENGINE_NAMES:
+            engine = engine_for(name, mar.parent, workdir / "run" / f"{name}-{mar.parent.name}", verify_key=verify)
+            try:
+                engine.start()
+            except EngineError as exc:
+                checks.append(SignatureCheck(case, name, engine.process is None, str(exc)[:300]))
+                continue
+            engine.stop()
+            checks.append(SignatureCheck(case, name, False, "started"))
+        try:
+            ray_app({"model_store": str(mar.parent), "verify_key_file": str(verify), "max_request_bytes": LIMIT_BYTES})
+            checks.append(SignatureCheck(case, "ray-app", False, "built"))
+        except SignatureRefused as exc:
+            checks.append(SignatureCheck(case, "ray-app", True, str(exc)[:300]))
+    return checks
 
 
 def unpack_refuses_traversal(workdir: Path) -> dict[str, Any]:
@@ -430,6 +500,7 @@ def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) 
         assert isinstance(server, TorchServe)
         access["torchserve"] = torchserve_access(server, model_store, workdir / "outside")
     integrity = [asdict(r) for r in integrity_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "integrity", say)]
+    signatures = [asdict(c) for c in signature_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "signatures", say)]
     traversal = unpack_refuses_traversal(workdir / "traversal")
     pickles = unpickling_calls(PROJECT_CODE)
     return {
@@ -440,6 +511,7 @@ def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) 
         "summary": [summary_row(n, d) for n, d in engines.items()],
         "engines": engines,
         "integrity": integrity,
+        "signatures": signatures,
         "traversal": traversal,
         "unpickling_calls": pickles,
         "access": access,
@@ -471,6 +543,9 @@ def problems(report: dict[str, Any]) -> list[str]:
         if differ:
             problems.append(f"the engines answered {differ} with different statuses")
     problems += [f"{r['engine']}: {r['tamper']} archive was not refused" for r in report["integrity"] if not r["refused"]]
+    for c in report["signatures"]:
+        if c["refused"] != (c["case"] != "signed"):
+            problems.append(f"signatures: {c['checker']} {'refused' if c['refused'] else 'accepted'} the {c['case']} archive")
     problems += [f"unpack: {k} not refused" for k, v in report["traversal"].items() if not v["refused"] or v["written_outside"]]
     problems += report["unpickling_calls"]
     ts = report["access"].get("torchserve") or {}
@@ -502,7 +577,14 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(row[k]) for _, k in cols) + " |" for row in report["summary"]]
     refusals = ", ".join(f"{r['engine']} / {r['tamper']}: {'refused' if r['refused'] else 'LOADED'}" for r in report["integrity"])
-    lines += ["", f"Tampered archives: {refusals}.", f"Unpickling calls in the project: {len(report['unpickling_calls'])}."]
+    signed = [c for c in report["signatures"] if c["case"] != "signed"]
+    verdict = f"{sum(c['refused'] for c in signed)} of {len(signed)} refused before loading"
+    cases = sorted({c["case"] for c in signed})
+    lines += ["", f"Tampered archives: {refusals}.",
+              f"Signed archives, verify key set ({', '.join(cases)}; by the TorchServe and Ray launchers and the Ray app's "
+              f"builder): {verdict}; the signed control "
+              f"{'accepted' if all(not c['refused'] for c in report['signatures'] if c['case'] == 'signed') else 'REFUSED'}.",
+              f"Unpickling calls in the project: {len(report['unpickling_calls'])}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

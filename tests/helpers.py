@@ -12,9 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 REPO = Path(__file__).resolve().parent.parent
 TORCHSHIP = Path(sys.executable).parent / "torchship"
 
@@ -136,13 +133,3 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
     members["manifest.json"] = json.dumps(manifest, indent=2).encode()
     write_archive(members, out)  # the archive-wide checksums follow the edit: only the weights drifted
     return out
-
-
-def write_keys(folder: Path, name: str = "key") -> tuple[Path, Path]:
-    """A fresh ed25519 key pair as PEM files, as `openssl genpkey` / `openssl pkey -pubout` write them."""
-    key = Ed25519PrivateKey.generate()
-    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))  # fmt: skip
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public

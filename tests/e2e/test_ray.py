@@ -13,13 +13,14 @@ import requests
 import torch
 
 from archive.build import archive_models, load_model_config
+from archive.signing import write_key_pair
 from engines.base import free_port
 from handlers.codec import decode_response, encode_request
 from handlers.core import parse_server_timing
 from handlers.names import TOKEN_ENV
 from models import ZOO
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
-from tests.helpers import assert_router_answers, run_cli, serve_command, write_keys
+from tests.helpers import assert_router_answers, run_cli, serve_command
 
 TOKEN = "ray-e2e-token"
 
@@ -32,7 +33,7 @@ class RayServer:
 
 @pytest.fixture(scope="module")
 def ray_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return write_keys(tmp_path_factory.mktemp("ray_keys"))
+    return write_key_pair(tmp_path_factory.mktemp("ray_keys"))
 
 
 @pytest.fixture(scope="module")

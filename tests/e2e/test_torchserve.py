@@ -13,11 +13,12 @@ import requests
 import torch
 
 from archive.build import archive_models, load_model_config
+from archive.signing import write_key_pair
 from engines.torchserve import TorchServe
 from handlers.codec import decode_response, encode_request
 from handlers.core import parse_server_timing
 from models import ZOO
-from tests.helpers import assert_router_answers, run_cli, serve_command, write_keys
+from tests.helpers import assert_router_answers, run_cli, serve_command
 from verify.client import Client
 
 #: Batches fill for up to 200 ms, so concurrent requests in a test land in one batch.
@@ -28,7 +29,7 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return write_keys(tmp_path_factory.mktemp("keys"))
+    return write_key_pair(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import json
 import shutil
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from archive.build import Endpoint
-from archive.mar import MarArchive, write_archive
-from archive.signing import load_signing_key, load_verify_key, sign_archive, verify_archive, verify_key_from, verify_store
+from archive.mar import MarArchive
+from archive.signing import (
+    load_signing_key,
+    load_verify_key,
+    sign_archive,
+    verify_archive,
+    verify_key_from,
+    verify_store,
+    write_key_pair,
+)
 from deploy.ray_app import app as ray_app
 from engines.torchserve import TorchServe
 from handlers.core import verify_checksums
 from handlers.names import CHECKSUMS_FILE, SIGNATURE_FILE
+from reliability.run import signature_cases, signature_checks
 from tests.conftest import unpack
-from tests.helpers import run_cli, write_keys
+from tests.helpers import run_cli
 from torchship.errors import ArchiveError, EngineError, SignatureRefused
 
 ENDPOINT = "process_outputs"
@@ -26,28 +34,12 @@ ENDPOINT = "process_outputs"
 @pytest.fixture
 def signed(archives: dict[str, Endpoint], tmp_path: Path) -> tuple[Path, Path, Path]:
     """(signed copy of the endpoint's archive, its signing key, its verify key)."""
-    private, public = write_keys(tmp_path)
+    private, public = write_key_pair(tmp_path)
     mar = tmp_path / "store" / f"{ENDPOINT}.mar"
     mar.parent.mkdir()
     shutil.copyfile(archives[ENDPOINT].mar, mar)
     sign_archive(mar, load_signing_key(private))
     return mar, private, public
-
-
-def _rewrite(mar: Path, change: dict[str, bytes], *, relist: bool) -> None:
-    """Change entries in place: with relist the checksum listing is recomputed (the signature entry kept as it was),
-    without it only the bytes change."""
-    with zipfile.ZipFile(mar) as z:
-        entries = {n: z.read(n) for n in z.namelist()}
-    entries.update(change)
-    if relist:
-        write_archive(entries, mar)
-        return
-    tmp = mar.with_suffix(".tmp")
-    with zipfile.ZipFile(tmp, "w") as z:
-        for name, data in entries.items():
-            z.writestr(name, data)
-    tmp.replace(mar)
 
 
 def test_a_signed_archive_verifies_and_still_loads_as_before(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -62,46 +54,43 @@ def test_a_signed_archive_verifies_and_still_loads_as_before(signed: tuple[Path,
     assert mar.read_bytes() == before  # signing is deterministic: archives stay byte-reproducible
 
 
-def test_every_way_an_archive_can_fail_is_refused(
-    signed: tuple[Path, Path, Path], archives: dict[str, Endpoint], tmp_path: Path
-) -> None:
-    mar, _private, public = signed
+def test_every_way_an_archive_can_fail_is_refused(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    """Unsigned, another key, listing rewritten after signing, an entry changed or added after signing: each refused
+    by the verifier with its reason; the signed control passes."""
+    private, public = write_key_pair(tmp_path / "keys")
     key = load_verify_key(public)
-    cases: dict[str, tuple[Path, str]] = {}
+    cases = signature_cases(archives[ENDPOINT].mar, tmp_path / "cases", private)
+    verify_archive(cases.pop("signed"), key)
+    expected = {
+        "unsigned": "not signed",
+        "signed by another key": "does not verify with the configured key",
+        "listing rewritten after signing": "does not verify with the configured key",
+        "entry changed after signing": "reference.pt changed after signing",
+        "entry added after signing": "handlers/sitecustomize.py is not in the signed listing",
+    }
+    assert set(cases) == set(expected)
+    for case, mar in cases.items():
+        with pytest.raises(SignatureRefused, match=expected[case]):
+            verify_archive(mar, key)
 
-    unsigned = tmp_path / "unsigned.mar"
-    shutil.copyfile(archives[ENDPOINT].mar, unsigned)
-    cases["unsigned"] = (unsigned, "not signed")
 
-    other_private, _ = write_keys(tmp_path, "other")
-    other = tmp_path / "other.mar"
-    shutil.copyfile(archives[ENDPOINT].mar, other)
-    sign_archive(other, load_signing_key(other_private))
-    cases["another key"] = (other, "does not verify with the configured key")
-
-    relisted = tmp_path / "relisted.mar"
-    shutil.copyfile(mar, relisted)
-    _rewrite(relisted, {"reference.pt": b"swapped"}, relist=True)  # listing rewritten to match: signature breaks
-    cases["listing rewritten after signing"] = (relisted, "does not verify with the configured key")
-
-    changed = tmp_path / "changed.mar"
-    shutil.copyfile(mar, changed)
-    _rewrite(changed, {"reference.pt": b"swapped"}, relist=False)
-    cases["entry changed"] = (changed, "reference.pt changed after signing")
-
-    extra = tmp_path / "extra.mar"
-    shutil.copyfile(mar, extra)
-    _rewrite(extra, {"handlers/sitecustomize.py": b"print('hi')"}, relist=False)
-    cases["entry added"] = (extra, "handlers/sitecustomize.py is not in the signed listing")
-
-    for what, (path, expected) in cases.items():
-        with pytest.raises(SignatureRefused, match=expected):
-            verify_archive(path, key)
-        print(what, "refused")
+def test_the_reliability_run_refuses_every_case_on_both_launchers_and_the_ray_app(
+    archives: dict[str, Endpoint], tmp_path: Path
+) -> None:
+    """What `make reliability` records: every bad case refused by the TorchServe and Ray launchers (no process started)
+    and by the Ray app's builder; the control accepted."""
+    checks = signature_checks(archives[ENDPOINT].mar, tmp_path, lambda _line: None)
+    assert {(c.case, c.checker) for c in checks if c.case != "signed"} == {
+        (case, checker) for case in ("unsigned", "signed by another key", "listing rewritten after signing",
+                                     "entry changed after signing", "entry added after signing")
+        for checker in ("torchserve", "ray", "ray-app")
+    }  # fmt: skip
+    for c in checks:
+        assert c.refused == (c.case != "signed"), c
 
 
 def test_keys_are_checked_and_never_printed(tmp_path: Path) -> None:
-    private, public = write_keys(tmp_path)
+    private, public = write_key_pair(tmp_path)
     with pytest.raises(ArchiveError, match="is not an ed25519 public key") as info:
         load_verify_key(private)
     assert private.read_text() not in str(info.value)
@@ -112,7 +101,7 @@ def test_keys_are_checked_and_never_printed(tmp_path: Path) -> None:
 
 
 def test_archive_sign_from_the_cli_and_verify_store(artifacts_dir: Path, tmp_path: Path) -> None:
-    private, public = write_keys(tmp_path)
+    private, public = write_key_pair(tmp_path)
     store = tmp_path / "store"
     proc = run_cli("archive", ENDPOINT, "--artifacts", str(artifacts_dir), "--out", str(store), "--sign", str(private))
     assert "signed" in proc.stdout and private.read_text() not in proc.stdout + proc.stderr

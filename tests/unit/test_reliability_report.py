@@ -32,6 +32,11 @@ def _report() -> dict[str, Any]:
         "summary": [summary_row(n, d) for n, d in engines.items()],
         "engines": engines,
         "integrity": [{"engine": "torchserve", "tamper": "changed byte", "refused": True, "message": "m", "seconds": 1.0}],
+        "signatures": [
+            {"case": "signed", "checker": "verify_store", "refused": False, "message": "accepted"},
+            {"case": "unsigned", "checker": "torchserve", "refused": True, "message": "not signed"},
+            {"case": "unsigned", "checker": "ray-app", "refused": True, "message": "not signed"},
+        ],
         "traversal": {"dotdot": {"refused": True, "written_outside": []}},
         "unpickling_calls": [],
         "access": {
@@ -79,6 +84,8 @@ def _break(path: str, value: Any) -> dict[str, Any]:
         ("engines/ray/fault/replacement_pid", None, "not replaced"),
         ("engines/torchserve/restart_identical", False, "restart"),
         ("integrity/0/refused", False, "not refused"),
+        ("signatures/1/refused", False, "signatures: torchserve accepted the unsigned archive"),
+        ("signatures/0/refused", True, "signatures: verify_store refused the signed archive"),
         ("traversal/dotdot/refused", False, "not refused"),
         ("unpickling_calls", ["x.py:1: torch.load without weights_only=True"], "weights_only"),
         ("access/torchserve/management_without_token", 200, "management_without_token"),
