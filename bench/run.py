@@ -88,7 +88,6 @@ FULL = Settings(
     sweep={
         "simple_cnn_b8_d5": {"batchSize": 8, "maxBatchDelay": 5},
         "simple_cnn_b8_d20": {"batchSize": 8, "maxBatchDelay": 20},
-        "simple_cnn_b16_d10": {"batchSize": 16, "maxBatchDelay": 10},
         "simple_cnn_b8_d1_t1": {"batchSize": 8, "maxBatchDelay": 1, "torchThreads": 1},
         "simple_cnn_q4": {"batchSize": 8, "maxBatchDelay": 1, "jobQueueSize": 4},
     },
@@ -297,18 +296,25 @@ def model_rows(run: ServedRun, running: Engine, extra: ExtraModel, say: Callable
 
 def ray_sweep(run: ServedRun, running: Engine, say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Ray Serve's deployment settings on the same archive and model config: replicas and max_ongoing_requests."""
-    rows: list[dict[str, Any]] = []
     batch = int(run.model_config.get("batchSize", 8))
     configs = {BATCHED: {}, **run.settings.ray_sweep}
-    for endpoint, overrides in configs.items():
-        setting = {"num_replicas": 1, "max_ongoing_requests": 2 * batch, **overrides}
+    settings = {ep: {"num_replicas": 1, "max_ongoing_requests": 2 * batch, **o} for ep, o in configs.items()}
+    return sweep_rows(run, running.url, running.token, settings, say)
+
+
+def sweep_rows(
+    run: ServedRun, url: str, token: str | None, settings: dict[str, dict[str, Any]], say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Each endpoint under the same load at every swept client count; its settings recorded on its rows."""
+    rows: list[dict[str, Any]] = []
+    for endpoint, setting in settings.items():
         for clients in run.settings.sweep_clients:
-            r = measure_load(f"{running.url}/predictions/{endpoint}", running.token, run.small, run.tol, clients=clients,
+            r = measure_load(f"{url}/predictions/{endpoint}", token, run.small, run.tol, clients=clients,
                              duration_s=run.settings.load_seconds).summary()  # fmt: skip
             r.update(endpoint=endpoint, clients=clients, **setting)
             rows.append(r)
             say(f"{endpoint} {setting}, {clients} clients: {r['rows_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, "
-                f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
+                f"p99 {r['p99_ms']:.1f} ms, shed (503) {r['shed']}, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
     return rows
 
 
@@ -391,17 +397,8 @@ def measure_engine(run: ServedRun, running: Engine, footprint: Callable[[], int]
 def sweep(run: ServedRun, url: str, token: str | None, say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Batching's latency/throughput trade-off: the same archive under each model config, under the same load."""
     configs = {BATCHED: {}, UNBATCHED: {"batchSize": 1, "maxBatchDelay": 0}, **run.settings.sweep}
-    rows: list[dict[str, Any]] = []
-    for endpoint, overrides in configs.items():
-        config = {k: {**run.model_config, **overrides}.get(k, 0) for k in SWEPT_KEYS}
-        for clients in run.settings.sweep_clients:
-            r = measure_load(f"{url}/predictions/{endpoint}", token, run.small, run.tol, clients=clients,
-                             duration_s=run.settings.load_seconds).summary()  # fmt: skip
-            r.update(endpoint=endpoint, clients=clients, **config)
-            rows.append(r)
-            say(f"{endpoint} {config}, {clients} clients: {r['rows_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, "
-                f"p99 {r['p99_ms']:.1f} ms, shed (503) {r['shed']}, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
-    return rows
+    settings = {ep: {k: {**run.model_config, **o}.get(k, 0) for k in SWEPT_KEYS} for ep, o in configs.items()}
+    return sweep_rows(run, url, token, settings, say)
 
 
 def _target(text: str, value: float, unit: str, met: bool) -> dict[str, Any]:

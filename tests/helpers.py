@@ -133,3 +133,10 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
     members["manifest.json"] = json.dumps(manifest, indent=2).encode()
     write_archive(members, out)  # the archive-wide checksums follow the edit: only the weights drifted
     return out
+
+
+def run_readiness_probe(command: list[str], management_url: str) -> subprocess.CompletedProcess[str]:
+    """A manifest's readiness probe command, run here against a local server's (free) management port."""
+    argv = [sys.executable if c == "python" else c for c in command]
+    argv[argv.index("--management-url") + 1] = management_url
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30, check=False)

@@ -21,7 +21,7 @@ from engines.torchserve import TorchServe
 from handlers.codec import encode_request
 from handlers.errors import TOKEN_FAILED
 from handlers.names import TOKEN_FILE_ENV
-from tests.helpers import REPO, drifted_copy, run_cli
+from tests.helpers import REPO, drifted_copy, run_cli, run_readiness_probe
 
 POD_CONFIG = K8S_DIR / "base" / "torchserve" / "config.properties"
 TOKEN = "k8s-shared-token"
@@ -72,10 +72,7 @@ def test_pod_config_has_token_auth_off_and_management_on_loopback(pod_server: To
 
 def test_the_readiness_probe_command_passes_on_the_ready_server(pod_server: TorchServe) -> None:
     command = _container()["readinessProbe"]["exec"]["command"]
-    # The manifest's command, pointed at this server's (free) management port instead of 8081.
-    argv = [sys.executable if c == "python" else c for c in command]
-    argv[argv.index("--management-url") + 1] = pod_server.management_url
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    proc = run_readiness_probe(command, pod_server.management_url)  # the manifest's probe, at this server's management port
     assert proc.returncode == 0, proc.stderr
     assert "2 models ready" in proc.stdout
 

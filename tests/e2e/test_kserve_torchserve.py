@@ -31,7 +31,7 @@ from engines.torchserve import write_properties
 from handlers.codec import decode_response, encode_request
 from handlers.errors import TOKEN_FAILED
 from handlers.names import MAX_REQUEST_BYTES_ENV, bearer
-from tests.helpers import REPO, run_cli
+from tests.helpers import run_cli, run_readiness_probe
 from torchship.errors import NotReady
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
@@ -161,10 +161,7 @@ def test_the_runtime_command_is_the_one_the_store_is_laid_out_for() -> None:
 
 def test_the_pods_readiness_probe_passes(pod: RuntimePod) -> None:
     command = _runtime_container()["readinessProbe"]["exec"]["command"]
-    # The manifest's probe, pointed at this server's (free) management port instead of 127.0.0.1:8081.
-    argv = [sys.executable if c == "python" else c for c in command]
-    argv[argv.index("--management-url") + 1] = pod.management_url
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    proc = run_readiness_probe(command, pod.management_url)  # the manifest's probe, at this server's management port
     assert proc.returncode == 0, proc.stderr
     assert f"{len(ENDPOINTS)} models ready" in proc.stdout
 
