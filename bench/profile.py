@@ -8,6 +8,7 @@ breakdown's front-end counters account for it. Idle threads are not sampled, so 
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -26,6 +27,9 @@ from torchship.spec import Tolerance
 
 #: Samples per second per process (py-spy's default is 100; more resolves sub-millisecond frames better).
 RATE_HZ = 250
+#: Seconds py-spy is given to attach before the traffic starts; it records that long and a second more than the
+#: traffic, so the whole run is sampled (the idle moments around it add no samples: idle threads are not sampled).
+ATTACH_S = 1.0
 #: Leaf functions kept per process in the report.
 TOP_FUNCTIONS = 6
 _PROCESS_FRAME = re.compile(r'^process (\d+):"(.*)"$')
@@ -98,9 +102,9 @@ def profile(
     with tempfile.TemporaryDirectory(prefix="torchship-pyspy-") as tmp:
         out = Path(tmp) / "stacks.txt"
         cmd = [exe, "record", "--pid", str(running.pid), "--subprocesses", "--format", "raw", "--rate", str(RATE_HZ),
-               "--duration", str(max(1, round(seconds))), "--nonblocking", "--output", str(out)]  # fmt: skip
+               "--duration", str(math.ceil(seconds + ATTACH_S + 1)), "--nonblocking", "--output", str(out)]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)  # py-spy attaches to every process of the tree before the traffic starts
+        time.sleep(ATTACH_S)  # py-spy attaches to every process of the tree before the traffic starts
         load = measure_load(url, running.token, payloads, tol, clients=1, duration_s=seconds).summary()
         try:
             _, err = proc.communicate(timeout=seconds + 60)
