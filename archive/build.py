@@ -137,6 +137,16 @@ def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: 
     return Endpoint(name, manifest.name, fmt, dest)
 
 
+def archive_default_endpoint(model: str, *, artifacts: Path, out_dir: Path, model_config: dict[str, Any]) -> Endpoint:
+    """Build only `<model>.mar`, the model's default endpoint (the format its manifest chose)."""
+    model_dir = artifacts / model
+    manifest = read_manifest(model_dir)  # refuses files changed since export
+    fmt = manifest.serving_default()
+    if fmt is None:
+        raise ArchiveError(f"{model}: no format passed its parity gate; re-export it")
+    return archive_endpoint(model_dir, manifest, fmt, out_dir=out_dir, model_config=model_config)
+
+
 def archive_models(
     names: list[str], *, artifacts: Path, out_dir: Path, model_config: dict[str, Any], sign_key: Path | None = None
 ) -> list[Endpoint]:

@@ -157,14 +157,18 @@ def store_archives(model_store: Path) -> list[MarArchive]:
     return [MarArchive(m) for m in mars]
 
 
+def checksum_listing(entries: dict[str, bytes]) -> bytes:
+    """The bytes of the listing of every entry's sha256, as write_archive stores it: the listing itself and a
+    signature entry (which signs the listing) are not listed."""
+    listed = {name: data for name, data in entries.items() if name not in (CHECKSUMS_FILE, SIGNATURE_FILE)}
+    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(listed.items())}
+    return (json.dumps(checksums, indent=2) + "\n").encode("utf-8")
+
+
 def write_archive(entries: dict[str, bytes], dest: Path) -> None:
     """Write a .mar from its entries, byte-reproducibly, with the listing of every entry's sha256 that the handler
-    checks before it loads anything (any listing among `entries` is replaced). A signature entry is kept but not
-    listed: it signs the listing."""
-    entries = {name: data for name, data in entries.items() if name != CHECKSUMS_FILE}
-    listed = {name: data for name, data in entries.items() if name != SIGNATURE_FILE}
-    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(listed.items())}
-    entries[CHECKSUMS_FILE] = (json.dumps(checksums, indent=2) + "\n").encode("utf-8")
+    checks before it loads anything (any listing among `entries` is replaced)."""
+    entries = {**entries, CHECKSUMS_FILE: checksum_listing(entries)}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     with zipfile.ZipFile(tmp, "w") as zout:

@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from archive.mar import MarArchive, write_archive
+from archive.mar import MarArchive, checksum_listing, write_archive
 from handlers.names import CHECKSUMS_FILE, SIGNATURE_FILE, VERIFY_KEY_ENV
 from torchship.errors import ArchiveError, SignatureRefused
 
@@ -92,15 +92,12 @@ def key_id(key: Ed25519PublicKey) -> str:
 def sign_archive(mar: Path, key: Ed25519PrivateKey) -> str:
     """Add the signature of `mar`'s checksum listing (rewriting the archive byte-reproducibly); returns the key id."""
     entries = dict(MarArchive(mar).entries)
-    entries.pop(SIGNATURE_FILE, None)
-    write_archive(entries, mar)  # the listing as the signature will cover it: every entry but the signature
-    entries = dict(MarArchive(mar).entries)
-    public = key.public_key()
     doc = {
         "algorithm": ALGORITHM,
-        "key_id": key_id(public),
+        "key_id": key_id(key.public_key()),
         "signed": CHECKSUMS_FILE,
-        "signature": base64.b64encode(key.sign(entries[CHECKSUMS_FILE])).decode("ascii"),
+        # The listing exactly as write_archive below stores it (the signature entry is never listed).
+        "signature": base64.b64encode(key.sign(checksum_listing(entries))).decode("ascii"),
     }
     entries[SIGNATURE_FILE] = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
     write_archive(entries, mar)
@@ -111,8 +108,7 @@ def verify_archive(mar: Path, key: Ed25519PublicKey) -> None:
     """Raise SignatureRefused unless `mar` is signed by `key` and every entry is exactly what was signed."""
     name = Path(mar).name
     try:
-        with zipfile.ZipFile(mar) as z:
-            entries = {info.filename: z.read(info) for info in z.infolist() if not info.is_dir()}
+        entries = MarArchive(Path(mar)).entries
     except (OSError, zipfile.BadZipFile) as exc:
         raise SignatureRefused(f"{name}: not a readable archive ({exc})") from None
     if SIGNATURE_FILE not in entries:

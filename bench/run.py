@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from archive.build import archive_models, load_model_config
+from archive.build import archive_default_endpoint, load_model_config
 from archive.mar import MarArchive
 from bench.breakdown import CASES, inprocess_ms, measure
 from bench.inprocess import LABELS, VARIANTS, Workload, bench_workload
@@ -34,6 +34,7 @@ from bench.served import (
     tolerance_of,
 )
 from cpp.tensor_io import build_cpp, time_cpp
+from deploy.ray_app import ONGOING_BATCHES
 from engines.base import Engine
 from export.exporter import export_isolated
 from handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE
@@ -248,7 +249,6 @@ class ExtraModel:
 
     name: str
     format: str
-    model: Callable[..., Any]
     tol: Any
     binary: list[Any]
     #: The same batch-1 call in this process (p50, ms).
@@ -258,12 +258,10 @@ class ExtraModel:
 def add_default_endpoints(
     models: tuple[str, ...], artifacts: Path, store: Path, model_config: dict[str, Any]
 ) -> list[ExtraModel]:
-    """Archive each model's default endpoint into the bench store (its other formats are left out)."""
+    """Archive each model's default endpoint (only) into the bench store."""
     out = []
-    for endpoint in archive_models(list(models), artifacts=artifacts, out_dir=store, model_config=model_config):
-        if endpoint.name != endpoint.model:
-            endpoint.mar.unlink()
-            continue
+    for model in models:
+        endpoint = archive_default_endpoint(model, artifacts=artifacts, out_dir=store, model_config=model_config)
         mar = MarArchive(endpoint.mar)
         entry = mar.manifest["formats"][mar.format]
         runner = LOADERS[mar.format](str(artifacts / endpoint.model / entry["file"]), torch.device("cpu"), entry.get("options"))
@@ -273,7 +271,7 @@ def add_default_endpoints(
         with torch.inference_mode():
             ms = time_call(lambda: runner(*args), min_time_s=0.3, min_iters=20, warmup=3).p50_ms  # noqa: B023
         payloads = spec_payloads(spec, runner, 8, binary=True)
-        out.append(ExtraModel(endpoint.name, mar.format, runner, Tolerance(*mar.tolerance), payloads, ms))
+        out.append(ExtraModel(endpoint.name, mar.format, Tolerance(*mar.tolerance), payloads, ms))
     return out
 
 
@@ -298,7 +296,7 @@ def ray_sweep(run: ServedRun, running: Engine, say: Callable[[str], None]) -> li
     """Ray Serve's deployment settings on the same archive and model config: replicas and max_ongoing_requests."""
     batch = int(run.model_config.get("batchSize", 8))
     configs = {BATCHED: {}, **run.settings.ray_sweep}
-    settings = {ep: {"num_replicas": 1, "max_ongoing_requests": 2 * batch, **o} for ep, o in configs.items()}
+    settings = {ep: {"num_replicas": 1, "max_ongoing_requests": ONGOING_BATCHES * batch, **o} for ep, o in configs.items()}
     return sweep_rows(run, running.url, running.token, settings, say)
 
 

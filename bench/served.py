@@ -18,7 +18,7 @@ import psutil
 import torch
 import yaml
 
-from archive.build import archive_models
+from archive.build import archive_default_endpoint
 from archive.mar import MarArchive, write_archive
 from engines import engine_class
 from engines.base import Engine
@@ -43,11 +43,9 @@ class Payload:
 def bench_store(
     artifacts: Path, out: Path, model_config: dict[str, Any], variants: dict[str, dict[str, Any]] | None = None
 ) -> Path:
-    """simple_cnn's frozen TorchScript archive with the configured dynamic batching, and with batchSize 1 (`variants`
-    adds more: endpoint name -> model-config keys that differ). One store, so one engine start serves them all."""
-    archive_models([MODEL], artifacts=artifacts, out_dir=out, model_config=model_config)
-    for extra in out.glob(f"{MODEL}_*.mar"):
-        extra.unlink()
+    """simple_cnn's default endpoint with the configured dynamic batching, and with batchSize 1 (`variants` adds
+    more: endpoint name -> model-config keys that differ). One store, so one engine start serves them all."""
+    archive_default_endpoint(MODEL, artifacts=artifacts, out_dir=out, model_config=model_config)
     base = dict(MarArchive(out / f"{BATCHED}.mar").entries)
     for name, overrides in {UNBATCHED: {"batchSize": 1, "maxBatchDelay": 0}, **(variants or {})}.items():
         members = dict(base)

@@ -47,6 +47,8 @@ READY_PROBE_TIMEOUT_S = 2.0
 #: How often a stopping replica checks whether its in-flight requests are done (Ray's default, 2 s, made every
 #: stop of an idle app take ~5 s of serve.shutdown; measured 1.1 s with this).
 DRAIN_POLL_S = 0.2
+#: An endpoint's max_ongoing_requests, in batches: room for a full batch plus the next one forming.
+ONGOING_BATCHES = 2
 #: What the app's `deployments` argument may set per endpoint.
 DEPLOYMENT_OVERRIDES = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
 #: Seconds a client is told to wait after a 503 for a full queue.
@@ -233,7 +235,7 @@ def app(args: dict[str, Any]) -> serve.Application:
     """Application builder. args: model_store (folder of .mar), cache_dir, token / token_file, num_cpus per
     replica (ingress_num_cpus for the ingress), num_gpus per endpoint replica (0: CPU), num_replicas,
     max_request_bytes, verify_key_file (else $TORCHSHIP_VERIFY_KEY_FILE: only archives signed by that key), and
-    `deployments`: {endpoint: {num_replicas, max_ongoing_requests}} for one endpoint (what a
+    `deployments`: {endpoint: {num_replicas, max_ongoing_requests, max_queued_requests}} for one endpoint (what a
     Serve config's `deployments:` list does for `serve deploy`). Batch size and wait come from each archive's
     model-config.yaml."""
     model_store = Path(args.get("model_store", "model_store")).resolve()
@@ -264,8 +266,8 @@ def app(args: dict[str, Any]) -> serve.Application:
         deployment = serve.deployment(EndpointDeployment).options(
             name=mar.path.stem,
             num_replicas=int(own.get("num_replicas", num_replicas)),
-            # Batches never exceed max_ongoing_requests: leave room for a full batch plus the next one forming.
-            max_ongoing_requests=int(own.get("max_ongoing_requests", 2 * batch)),
+            # Batches never exceed max_ongoing_requests.
+            max_ongoing_requests=int(own.get("max_ongoing_requests", ONGOING_BATCHES * batch)),
             # The model config's jobQueueSize, TorchServe's per-model queue limit: past it the ingress answers 503.
             max_queued_requests=int(own.get("max_queued_requests", config.get("jobQueueSize", -1))),
             ray_actor_options=actor_options,
