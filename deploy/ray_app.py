@@ -34,6 +34,7 @@ from handlers.core import Request as CoreRequest
 from handlers.errors import ArtifactError, HandlerMismatch, TokenRefused
 from handlers.names import (
     AUTHORIZATION_HEADER,
+    DRAINING_MESSAGE,
     HANDLER_PACKAGE,
     HANDLER_PACKAGE_FILES,
     MAX_REQUEST_BYTES_ENV,
@@ -138,6 +139,18 @@ class Ingress:
         self.versions = versions
         self.token = token
         self.max_request_bytes = max_request_bytes
+        self._grpc_frontend: Any = None  # deploy.ray_grpc.GrpcFrontend, built at the first gRPC call
+        #: "" serving, "not_ready" (a drain's window: still answering, ready says 503), "refusing" (new requests get
+        #: a JSON 503 while accepted ones finish); set by engines.ray.drain_app on SIGTERM.
+        self.draining = ""
+        self.accepted = 0
+
+    def drain(self, stage: str) -> None:
+        self.draining = stage
+
+    def in_flight(self) -> int:
+        """Inference requests this ingress accepted and has not answered yet."""
+        return self.accepted
 
     def _authorized(self, request: Request) -> bool:
         return not self.token or token_matches(request.headers.get(AUTHORIZATION_HEADER), self.token)
@@ -152,7 +165,7 @@ class Ingress:
             if method != "GET":
                 return _error(405, f"{method} is not allowed on {request.url.path}; use GET")
             if parts == ["v2", "health", "ready"]:
-                ready = all([await self._ready(name) for name in sorted(self.endpoints)])
+                ready = not self.draining and all([await self._ready(name) for name in sorted(self.endpoints)])
                 return _json(200 if ready else 503, {"live": True, "ready": ready})
             return _json(200, {"status": "Healthy"} if parts == ["ping"] else {"live": True})
         if len(parts) in (2, 3) and parts[0] == "predictions" and all(parts):
@@ -191,6 +204,20 @@ class Ingress:
         return _json(200, await self.endpoints[name].metadata.remote())
 
     async def _infer(self, request: Request, name: str, version: str | None = None) -> Response:
+        if self.draining == "refusing":
+            return Response(
+                encode_error(DRAINING_MESSAGE),
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"},
+                media_type="application/json",
+            )
+        self.accepted += 1
+        try:
+            return await self._accepted(request, name, version)
+        finally:
+            self.accepted -= 1
+
+    async def _accepted(self, request: Request, name: str, version: str | None) -> Response:
         started = time.perf_counter()
         if not self._authorized(request):
             # The same status and wording TorchServe uses, so both engines have one access rule.
@@ -221,6 +248,30 @@ class Ingress:
         handler_timing = reply.headers.get(TIMING_HEADER)
         reply.headers[TIMING_HEADER] = f"{handler_timing}, {timing}" if handler_timing else timing
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
+
+    # -- OIP v2 gRPC: Ray's gRPC proxy calls the method named after the RPC with the message's bytes -----------------
+
+    async def _grpc(self, rpc: str, request: bytes, grpc_context: Any) -> Any:
+        if self._grpc_frontend is None:
+            from deploy.ray_grpc import GrpcFrontend  # tritonclient's protobufs: imported once gRPC is used
+
+            self._grpc_frontend = GrpcFrontend(self)
+        return await self._grpc_frontend.call(rpc, request, grpc_context)
+
+    async def ServerLive(self, request: bytes, grpc_context: Any) -> Any:  # noqa: N802  (Ray routes an RPC by name)
+        return await self._grpc("ServerLive", request, grpc_context)
+
+    async def ServerReady(self, request: bytes, grpc_context: Any) -> Any:  # noqa: N802
+        return await self._grpc("ServerReady", request, grpc_context)
+
+    async def ModelReady(self, request: bytes, grpc_context: Any) -> Any:  # noqa: N802
+        return await self._grpc("ModelReady", request, grpc_context)
+
+    async def ModelMetadata(self, request: bytes, grpc_context: Any) -> Any:  # noqa: N802
+        return await self._grpc("ModelMetadata", request, grpc_context)
+
+    async def ModelInfer(self, request: bytes, grpc_context: Any) -> Any:  # noqa: N802
+        return await self._grpc("ModelInfer", request, grpc_context)
 
 
 def _token(args: Mapping[str, Any]) -> str | None:

@@ -26,6 +26,11 @@ LOG_TAIL_LINES = 40
 REPO = Path(__file__).resolve().parent.parent
 #: The one source of the request body limit both engines enforce (TorchServe's max_request_size).
 CONFIG_PROPERTIES = REPO / "configs" / "config.properties"
+#: A drain (SIGTERM to `torchship serve`) keeps answering this long first, reported not ready: a load balancer's time
+#: to stop sending (a pod's preStop sleep does the same in Kubernetes). Then new requests get a JSON 503.
+DRAIN_WINDOW_S = 2.0
+#: After the window, how long a drain waits for accepted requests to finish before the engine is stopped anyway.
+DRAIN_TIMEOUT_S = 20.0
 
 
 def free_port() -> int:
@@ -71,6 +76,8 @@ class Engine(ABC):
     #: SIGTERM the whole process group (TorchServe: wrapper, java, workers all shut down on it) rather than only the
     #: main process (Ray's driver, which shuts Serve and Ray down itself).
     term_group: ClassVar[bool] = False
+    #: The signal stop() sends first: a quick stop, no drain (drain() is the graceful path).
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
 
     def __init__(
         self,
@@ -81,8 +88,10 @@ class Engine(ABC):
         max_request_bytes: int | None = None,
         ready_timeout_s: float = 300.0,
         verify_key: Path | None = None,
+        drain_window_s: float = DRAIN_WINDOW_S,
     ) -> None:
         self.model_store = Path(model_store).resolve()
+        self.drain_window_s = drain_window_s
         #: An ed25519 public key (PEM): with it, start() refuses a store with any archive not signed by it. Without
         #: it, TORCHSHIP_VERIFY_KEY_FILE names one when set.
         self.verify_key = verify_key or (Path(os.environ[VERIFY_KEY_ENV]) if os.environ.get(VERIFY_KEY_ENV) else None)
@@ -189,17 +198,30 @@ class Engine(ABC):
             raise EngineError(f"{self.name} was not started")
         return self.process.pid
 
+    def drain(self) -> None:
+        """The graceful stop (`torchship serve` on SIGTERM or Ctrl-C): keep answering for drain_window_s, then answer
+        new requests with a JSON 503 while every accepted one finishes (at most DRAIN_TIMEOUT_S), then stop."""
+        try:
+            if self.running():
+                self._drain()
+        finally:
+            self.stop()
+
+    @abstractmethod
+    def _drain(self) -> None:
+        """The engine's part of drain(): return once nothing accepted is still in flight."""
+
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM for a clean stop, then whatever is left of the process group is killed."""
+        """stop_signal for a quick clean stop, then whatever is left of the process group is killed."""
         if self.process is None:
             return
         pgid = self.process.pid
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 if self.term_group:
-                    os.killpg(pgid, signal.SIGTERM)
+                    os.killpg(pgid, self.stop_signal)
                 else:
-                    os.kill(self.process.pid, signal.SIGTERM)
+                    os.kill(self.process.pid, self.stop_signal)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=timeout_s)
         # Children the main process did not take down (TorchServe's java and workers, Ray's raylet and actors).

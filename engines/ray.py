@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +23,7 @@ from typing import Any, ClassVar
 
 import requests
 
-from engines.base import Engine, refusal_in
+from engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, refusal_in
 from handlers.names import TOKEN_ENV
 from torchship.errors import NotReady
 
@@ -30,6 +32,9 @@ APP_NAME = "torchship"
 DEFAULT_APP = "deploy.ray_app:app"
 #: The child's exit code when the app failed to deploy (an archive refused at load, say).
 EXIT_DEPLOY_FAILED = 3
+#: A drain's calls to the ingress (through a Serve handle) and Serve's own shutdown, each bounded.
+CONTROL_TIMEOUT_S = 10.0
+SHUTDOWN_TIMEOUT_S = 30.0
 
 
 def short_tempdir() -> Path:
@@ -41,6 +46,8 @@ class RayServe(Engine):
     """A local Ray Serve serving the model store through the torchship app (deploy/ray_app.py)."""
 
     name: ClassVar[str] = "ray"
+    #: The child drains on SIGTERM (the graceful path, drain()); SIGINT shuts it down at once.
+    stop_signal: ClassVar[signal.Signals] = signal.SIGINT
 
     def __init__(
         self,
@@ -51,6 +58,7 @@ class RayServe(Engine):
         max_request_bytes: int | None = None,
         ready_timeout_s: float = 300.0,
         verify_key: Path | None = None,
+        drain_window_s: float = DRAIN_WINDOW_S,
         token: str | None = None,
         num_cpus: int = 2,
         app: str = DEFAULT_APP,
@@ -63,6 +71,7 @@ class RayServe(Engine):
             max_request_bytes=max_request_bytes,
             ready_timeout_s=ready_timeout_s,
             verify_key=verify_key,
+            drain_window_s=drain_window_s,
         )
         self._token = token
         self.num_cpus = num_cpus
@@ -86,6 +95,7 @@ class RayServe(Engine):
             sys.executable, "-m", "engines.ray", "--model-store", str(self.model_store), "--port", str(self.port),
             "--ray-dir", str(self.ray_dir), "--cache-dir", str(self.workdir / "cache"), "--num-cpus", str(self.num_cpus),
             "--max-request-bytes", str(self.max_request_bytes), "--app", self.app, "--app-args", json.dumps(self._app_args()),
+            "--drain-window-s", str(self.drain_window_s),
         ]  # fmt: skip
         # The token travels in the environment, never on a command line that `ps` shows.
         env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -119,6 +129,14 @@ class RayServe(Engine):
         except psutil.Error:
             return []
         return [pid for pid in replica_pids(endpoint) if pid in tree]
+
+    def _drain(self) -> None:
+        """The child drains the app itself on SIGTERM (drain_app) and then shuts Serve and Ray down."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        assert self.process is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=self.drain_window_s + DRAIN_TIMEOUT_S + SHUTDOWN_TIMEOUT_S)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         try:
@@ -165,9 +183,26 @@ def _last_line(message: str) -> str:
     return lines[-1] if lines else message
 
 
+class DrainRequested(BaseException):
+    """SIGTERM in the child: drain the app (drain_app), then shut Serve and Ray down."""
+
+
 def _on_sigterm(signum: int, _frame: object) -> None:
-    """SIGTERM stops the child the way Ctrl-C does: Serve and Ray are shut down in `serve_forever`'s finally."""
-    raise KeyboardInterrupt
+    raise DrainRequested
+
+
+def drain_app(window_s: float, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """The ingress reports not ready for `window_s` while it still answers, then answers new requests with a JSON 503;
+    return once no request it accepted is in flight (or after `timeout_s`)."""
+    from ray import serve
+
+    ingress = serve.get_app_handle(APP_NAME)
+    ingress.drain.remote("not_ready").result(timeout_s=CONTROL_TIMEOUT_S)
+    time.sleep(window_s)
+    ingress.drain.remote("refusing").result(timeout_s=CONTROL_TIMEOUT_S)
+    deadline = time.monotonic() + timeout_s
+    while ingress.in_flight.remote().result(timeout_s=CONTROL_TIMEOUT_S) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def serve_forever(args: argparse.Namespace) -> int:
@@ -190,8 +225,10 @@ def serve_forever(args: argparse.Namespace) -> int:
         log_to_driver=False,
         configure_logging=False,
     )
-    # ray.init installs a C++ SIGTERM handler that aborts the process; take SIGTERM back for a clean stop.
+    # ray.init installs a C++ SIGTERM handler that aborts the process; take SIGTERM back for a drain, SIGINT for a
+    # quick stop.
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         app_args: dict[str, object] = {
@@ -211,10 +248,16 @@ def serve_forever(args: argparse.Namespace) -> int:
                 print(f"Ray Serve: the torchship app failed to deploy: {failure}", flush=True)
                 return EXIT_DEPLOY_FAILED
             time.sleep(1.0)
+    except DrainRequested:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(Exception):  # a failed drain still ends in the shutdown below
+            drain_app(args.drain_window_s)
+        return 0
     except KeyboardInterrupt:
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
@@ -230,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-request-bytes", type=int, required=True, help="request body limit (JSON 413 above it)")
     parser.add_argument("--app", default=DEFAULT_APP, help="the application builder, module:function")
     parser.add_argument("--app-args", default="{}", help="more arguments for the builder, a JSON object")
+    parser.add_argument("--drain-window-s", type=float, default=DRAIN_WINDOW_S, help="on SIGTERM, answer this long first")
     return serve_forever(parser.parse_args(argv))
 
 

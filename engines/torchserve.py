@@ -8,14 +8,17 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
+import requests
+
 from deploy.probe import model_ready, worker_pids
-from engines.base import CONFIG_PROPERTIES, Engine, free_port, read_properties
+from engines.base import CONFIG_PROPERTIES, DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, read_properties
 from engines.java import find_java, java_home
 from handlers.codec import inference_token
-from handlers.names import MAX_REQUEST_BYTES_ENV
+from handlers.names import DRAIN_FILE_ENV, DRAINING_MESSAGE, MAX_REQUEST_BYTES_ENV
 from torchship.errors import EngineError, NotReady
 
 KEY_FILE = "key_file.json"
@@ -50,6 +53,7 @@ class TorchServe(Engine):
         max_request_bytes: int | None = None,
         ready_timeout_s: float = 300.0,
         verify_key: Path | None = None,
+        drain_window_s: float = DRAIN_WINDOW_S,
         config_template: Path = CONFIG_PROPERTIES,
         overrides: dict[str, str] | None = None,
         models: str = "all",
@@ -58,7 +62,13 @@ class TorchServe(Engine):
         props.update(overrides or {})
         limit = max_request_bytes or int(props.get("max_request_size", "0")) or None
         super().__init__(
-            model_store, workdir, port=port, max_request_bytes=limit, ready_timeout_s=ready_timeout_s, verify_key=verify_key
+            model_store,
+            workdir,
+            port=port,
+            max_request_bytes=limit,
+            ready_timeout_s=ready_timeout_s,
+            verify_key=verify_key,
+            drain_window_s=drain_window_s,
         )
         self.props = props
         self.models = models
@@ -67,6 +77,11 @@ class TorchServe(Engine):
         #: False when the config turns TorchServe's own token auth off (the Kubernetes config: the handler checks a
         #: shared token from TORCHSHIP_INFERENCE_TOKEN[_FILE] instead), so there is no key file to wait for.
         self.token_auth = props.get("disable_token_authorization", "false").lower() != "true"
+
+    @property
+    def drain_file(self) -> Path:
+        """Created by drain(): from then on the handler answers whatever TorchServe hands it with a JSON 503."""
+        return self.workdir / "draining"
 
     @property
     def key_file(self) -> Path:
@@ -112,11 +127,13 @@ class TorchServe(Engine):
         )
         config = self.workdir / "config.properties"
         write_properties(config, props)
+        self.drain_file.unlink(missing_ok=True)
         env = {
             "TMPDIR": str(tmpdir),
             "JAVA_HOME": str(java_home(java)),
             "PATH": f"{java.parent}{os.pathsep}{os.environ.get('PATH', '')}",
             MAX_REQUEST_BYTES_ENV: str(self.max_request_bytes),
+            DRAIN_FILE_ENV: str(self.drain_file),
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
         }
@@ -137,3 +154,22 @@ class TorchServe(Engine):
 
     def pids(self, endpoint: str) -> list[int]:
         return worker_pids(self.management_url, endpoint, self.management_key())
+
+    def _drain(self) -> None:
+        """TorchServe stops its listeners and workers at once on SIGTERM (accepted requests are reset), so the drain is
+        done before it: after the window the handler answers everything with a JSON 503, and a probe request per
+        endpoint, queued behind every request already taken, comes back once they are all answered (exact with one
+        worker per model, the default; with more, another worker may still finish a batch taken earlier)."""
+        time.sleep(self.drain_window_s)
+        self.drain_file.touch()
+        headers = {**self.auth_headers(), "Content-Type": "application/json"}
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        for endpoint in self.endpoints:
+            while self.running() and time.monotonic() < deadline:
+                try:
+                    r = requests.post(f"{self.url}/predictions/{endpoint}", data=b"{}", headers=headers, timeout=DRAIN_TIMEOUT_S)
+                    if r.status_code == 503 and DRAINING_MESSAGE in r.text:
+                        break
+                except requests.RequestException:
+                    pass
+                time.sleep(0.05)

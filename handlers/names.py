@@ -43,6 +43,11 @@ TOKEN_ENV = "TORCHSHIP_INFERENCE_TOKEN"
 TOKEN_FILE_ENV = "TORCHSHIP_INFERENCE_TOKEN_FILE"
 #: The body limit the handler enforces with a JSON 413 (the launchers set it from configs/config.properties).
 MAX_REQUEST_BYTES_ENV = "TORCHSHIP_MAX_REQUEST_BYTES"
+#: A file whose existence means "draining": the handler answers every request it is handed with a JSON 503
+#: (DRAINING_MESSAGE) so that queued work flushes out before the engine stops (the launcher or a pod's preStop
+#: creates it; see the README's graceful drain).
+DRAIN_FILE_ENV = "TORCHSHIP_DRAIN_FILE"
+DRAINING_MESSAGE = "server is shutting down; retry on another replica"
 
 #: Every refusal to load an archive (tampered, wrong handler code, unsafe entry) starts with this marker, in the
 #: exception message and so in the engine's log or deployment status: engines report load refusals by it.

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from handlers.core import EndpointCore, Request, pick_device
+from handlers.core import EndpointCore, Reply, Request, pick_device
+from handlers.names import DRAIN_FILE_ENV, DRAINING_MESSAGE
 
 
 class Context(Protocol):
@@ -48,6 +49,8 @@ class TorchshipHandler:
     def __init__(self) -> None:
         self.initialized = False
         self.core: EndpointCore | None = None
+        drain_file = os.environ.get(DRAIN_FILE_ENV)
+        self.drain_file = Path(drain_file) if drain_file else None
 
     def initialize(self, context: Context) -> None:
         props = context.system_properties
@@ -63,7 +66,11 @@ class TorchshipHandler:
     def handle(self, data: Sequence[Mapping[str, Any]], context: Context) -> list[bytes]:
         if self.core is None:
             raise RuntimeError("handle() before initialize()")
-        replies = self.core.infer_batch([Request.of(_body(item), _headers(context, idx)) for idx, item in enumerate(data)])
+        if self.drain_file is not None and self.drain_file.exists():
+            # Draining: what is still queued is answered at once, so the engine can stop with nothing in flight.
+            replies = [Reply.error(DRAINING_MESSAGE, 503) for _ in data]
+        else:
+            replies = self.core.infer_batch([Request.of(_body(item), _headers(context, idx)) for idx, item in enumerate(data)])
         for idx, reply in enumerate(replies):
             if reply.status != 200:
                 context.set_response_status(code=reply.status, phrase=_phrase(reply.body), idx=idx)

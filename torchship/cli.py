@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from engines.base import DRAIN_WINDOW_S
 from torchship.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TorchshipError
 
 if TYPE_CHECKING:
@@ -184,6 +185,7 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         max_request_bytes=args.max_request_bytes,
         ready_timeout_s=args.ready_timeout_s,
         verify_key=Path(args.verify_key) if args.verify_key else None,
+        drain_window_s=args.drain_window_s,
         **extra,
     )
     label = {"torchserve": "TorchServe", "ray": "Ray Serve"}[args.engine]
@@ -195,14 +197,17 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
             out.print(f"inference token: {escape(str(engine.key_file))} (key 'inference'; send 'Authorization: Bearer <key>')")
         else:
             out.print(f"inference token: {'$' + TOKEN_ENV if token else f'none (set {TOKEN_ENV} to require one)'}")
-        out.print("Ctrl-C or SIGTERM stops it.")
+        out.print("Ctrl-C or SIGTERM drains it (finishes what it accepted) and stops it; a second one stops it at once.")
         while engine.running():
             time.sleep(0.5)
         code = engine.process.returncode if engine.process else None
         err.print(f"[red]{label} exited with code {code}[/]\n{escape(engine.log_tail())}")
         return EXIT_FAILED
     except KeyboardInterrupt:
-        err.print(f"stopping {label}")
+        if engine.running():
+            err.print(f"draining {label}: answering for {engine.drain_window_s:g} s more, then finishing what it accepted")
+            engine.drain()
+        err.print(f"stopped {label}")
         return EXIT_OK
     finally:
         engine.stop()
@@ -446,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PEM",
         help="serve only archives signed by this ed25519 public key (default: $TORCHSHIP_VERIFY_KEY_FILE, else no check)",
+    )
+    p.add_argument(
+        "--drain-window-s",
+        type=float,
+        default=DRAIN_WINDOW_S,
+        help=f"on SIGTERM / Ctrl-C, keep answering this long before refusing new requests (default {DRAIN_WINDOW_S:g})",
     )
     p.set_defaults(func=cmd_serve)
 
