@@ -8,17 +8,15 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import ClassVar
 
-import requests
-
+from deploy.drain import drain
 from deploy.probe import model_ready, worker_pids
-from engines.base import CONFIG_PROPERTIES, DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, read_properties
+from engines.base import CONFIG_PROPERTIES, DRAIN_WINDOW_S, Engine, free_port, read_properties
 from engines.java import find_java, java_home
 from handlers.codec import inference_token
-from handlers.names import DRAIN_FILE_ENV, DRAINING_MESSAGE, MAX_REQUEST_BYTES_ENV
+from handlers.names import DRAIN_FILE_ENV, MAX_REQUEST_BYTES_ENV
 from torchship.errors import EngineError, NotReady
 
 KEY_FILE = "key_file.json"
@@ -156,20 +154,5 @@ class TorchServe(Engine):
         return worker_pids(self.management_url, endpoint, self.management_key())
 
     def _drain(self) -> None:
-        """TorchServe stops its listeners and workers at once on SIGTERM (accepted requests are reset), so the drain is
-        done before it: after the window the handler answers everything with a JSON 503, and a probe request per
-        endpoint, queued behind every request already taken, comes back once they are all answered (exact with one
-        worker per model, the default; with more, another worker may still finish a batch taken earlier)."""
-        time.sleep(self.drain_window_s)
-        self.drain_file.touch()
-        headers = {**self.auth_headers(), "Content-Type": "application/json"}
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        for endpoint in self.endpoints:
-            while self.running() and time.monotonic() < deadline:
-                try:
-                    r = requests.post(f"{self.url}/predictions/{endpoint}", data=b"{}", headers=headers, timeout=DRAIN_TIMEOUT_S)
-                    if r.status_code == 503 and DRAINING_MESSAGE in r.text:
-                        break
-                except requests.RequestException:
-                    pass
-                time.sleep(0.05)
+        """TorchServe resets accepted requests on SIGTERM, so the drain runs before it (deploy.drain, as a pod's preStop)."""
+        drain(self.url, self.endpoints, self.drain_file, token=self.token, window_s=self.drain_window_s)
