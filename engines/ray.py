@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import requests
 
-from engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, refusal_in
+from engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, refusal_in
 from handlers.names import TOKEN_ENV
 from torchship.errors import NotReady
 
@@ -32,6 +32,8 @@ APP_NAME = "torchship"
 DEFAULT_APP = "deploy.ray_app:app"
 #: The child's exit code when the app failed to deploy (an archive refused at load, say).
 EXIT_DEPLOY_FAILED = 3
+#: The servicer function Ray's gRPC proxy registers (deploy/ray_grpc.py; named here, imported only by the proxy).
+GRPC_SERVICER = "deploy.ray_grpc.add_inference_servicer"
 #: A drain's calls to the ingress (through a Serve handle) and Serve's own shutdown, each bounded.
 CONTROL_TIMEOUT_S = 10.0
 SHUTDOWN_TIMEOUT_S = 30.0
@@ -63,6 +65,7 @@ class RayServe(Engine):
         num_cpus: int = 2,
         app: str = DEFAULT_APP,
         app_args: dict[str, Any] | None = None,
+        grpc_port: int | None = None,
     ) -> None:
         super().__init__(
             model_store,
@@ -79,6 +82,8 @@ class RayServe(Engine):
         #: Extra arguments for the application builder, as JSON (e.g. per-deployment `deployments` overrides).
         self.app_args = dict(app_args or {})
         self.ray_dir: Path | None = None
+        #: OIP v2 gRPC through Ray's gRPC proxy on this port (0: a free one; None: no gRPC).
+        self.grpc_port = (grpc_port or free_port()) if grpc_port is not None else None
 
     @property
     def token(self) -> str | None:
@@ -96,16 +101,33 @@ class RayServe(Engine):
             "--ray-dir", str(self.ray_dir), "--cache-dir", str(self.workdir / "cache"), "--num-cpus", str(self.num_cpus),
             "--max-request-bytes", str(self.max_request_bytes), "--app", self.app, "--app-args", json.dumps(self._app_args()),
             "--drain-window-s", str(self.drain_window_s),
+            "--grpc-port", str(self.grpc_port or 0),
         ]  # fmt: skip
         # The token travels in the environment, never on a command line that `ps` shows.
         env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         return cmd, env
 
+    @property
+    def grpc_address(self) -> str | None:
+        """host:port of the OIP v2 gRPC service (None without gRPC)."""
+        return f"127.0.0.1:{self.grpc_port}" if self.grpc_port else None
+
     def _ready(self, endpoint: str) -> bool:
         try:
-            return requests.get(f"{self.url}/v2/models/{endpoint}/ready", timeout=5).status_code == 200
+            ready = requests.get(f"{self.url}/v2/models/{endpoint}/ready", timeout=5).status_code == 200
         except requests.RequestException as exc:
             raise NotReady(str(exc)) from None
+        if not ready or self.grpc_address is None:
+            return ready
+        # gRPC goes through a proxy of its own: ready when it routes ModelReady to the app too.
+        import grpc  # type: ignore[import-untyped]
+
+        from deploy.ray_grpc import model_ready
+
+        try:
+            return model_ready(self.grpc_address, endpoint)
+        except grpc.RpcError as exc:
+            raise NotReady(f"gRPC: {exc.code()}") from None
 
     def _refusal(self) -> str | None:
         """The child prints a refusal once Ray gives up on the deployment (after 3 constructor attempts); Serve's
@@ -230,7 +252,8 @@ def serve_forever(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if args.grpc_port else None
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port}, grpc_options=grpc_options)
         app_args: dict[str, object] = {
             **json.loads(args.app_args),
             "model_store": args.model_store,
@@ -273,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-request-bytes", type=int, required=True, help="request body limit (JSON 413 above it)")
     parser.add_argument("--app", default=DEFAULT_APP, help="the application builder, module:function")
     parser.add_argument("--app-args", default="{}", help="more arguments for the builder, a JSON object")
+    parser.add_argument("--grpc-port", type=int, default=0, help="OIP v2 gRPC port (0: no gRPC)")
     parser.add_argument("--drain-window-s", type=float, default=DRAIN_WINDOW_S, help="on SIGTERM, answer this long first")
     return serve_forever(parser.parse_args(argv))
 

@@ -170,6 +170,7 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     import tempfile
 
     from engines import engine_class
+    from engines.ray import RayServe
     from engines.torchserve import TorchServe
     from handlers.names import TOKEN_ENV
 
@@ -177,7 +178,10 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     model_store = Path(args.model_store)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"torchship-{args.engine}-"))
     token = os.environ.get(TOKEN_ENV) or None
-    extra: dict[str, Any] = {"token": token} if args.engine == "ray" else {}
+    extra: dict[str, Any] = {"token": token, "grpc_port": args.grpc_port} if args.engine == "ray" else {}
+    if args.grpc_port is not None and args.engine != "ray":
+        err.print("[red]error:[/] --grpc-port serves OIP gRPC on the Ray app only (see docs/rest.md, gRPC)")
+        return EXIT_USAGE
     engine = engine_class(args.engine)(
         model_store,
         workdir,
@@ -197,6 +201,13 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
             out.print(f"inference token: {escape(str(engine.key_file))} (key 'inference'; send 'Authorization: Bearer <key>')")
         else:
             out.print(f"inference token: {'$' + TOKEN_ENV if token else f'none (set {TOKEN_ENV} to require one)'}")
+        if isinstance(engine, RayServe) and engine.grpc_port:
+            out.print(f"OIP gRPC (inference.GRPCInferenceService) on port {engine.grpc_port}")
+            # Ray 2.60's gRPC proxy binds [::]:<port>; its gRPCOptions has no host.
+            err.print(
+                "[yellow]note:[/] Ray's gRPC proxy listens on every interface, not only 127.0.0.1"
+                + ("" if token else f"; with no {TOKEN_ENV}, anyone who reaches the port can run inference")
+            )
         out.print("Ctrl-C or SIGTERM drains it (finishes what it accepted) and stops it; a second one stops it at once.")
         while engine.running():
             time.sleep(0.5)
@@ -457,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DRAIN_WINDOW_S,
         help=f"on SIGTERM / Ctrl-C, keep answering this long before refusing new requests (default {DRAIN_WINDOW_S:g})",
+    )
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="ray: also serve OIP v2 gRPC through Ray's gRPC proxy on this port (0: a free one; default: no gRPC)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -29,6 +29,8 @@ TOKEN = "ray-e2e-token"
 class RayServer:
     url: str
     workdir: Path
+    #: host:port of the OIP v2 gRPC service (Ray's gRPC proxy).
+    grpc_address: str = ""
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +49,13 @@ def ray_store(artifacts_dir: Path, ray_keys: tuple[Path, Path], tmp_path_factory
 @pytest.fixture(scope="module")
 def ray_server(ray_store: Path, ray_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
     workdir = Path(tmp_path_factory.mktemp("ray"))
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     args = ["ray", "--model-store", str(ray_store), "--port", str(port), "--max-request-bytes", str(MAX_REQUEST_BYTES),
-            "--verify-key", str(ray_keys[1])]  # fmt: skip
+            "--verify-key", str(ray_keys[1]), "--grpc-port", str(grpc_port)]  # fmt: skip
     with serve_command(args, workdir=workdir, env={TOKEN_ENV: TOKEN}) as text:
         assert f"Ray Serve ready at http://127.0.0.1:{port}" in text, text[-3000:]
-        yield RayServer(f"http://127.0.0.1:{port}", workdir)
+        assert f"OIP gRPC (inference.GRPCInferenceService) on port {grpc_port}" in text, text[-3000:]
+        yield RayServer(f"http://127.0.0.1:{port}", workdir, f"127.0.0.1:{grpc_port}")
 
 
 def _post(server: RayServer, endpoint: str, body: bytes, headers: dict[str, str]) -> requests.Response:
@@ -189,3 +192,114 @@ def test_verify_all_starts_both_engines_and_compares_them(artifacts_dir: Path, t
     assert all(r["engines_max_abs"] == 0 for r in doc["rows"])  # integer tokens: the engines agree exactly
     for engine in ("torchserve", "ray"):
         assert json.loads((tmp_path / "reports" / f"verify-{engine}.json").read_text())["passed"] is True
+
+
+# -- OIP v2 gRPC: deploy/ray_grpc.py through Ray's gRPC proxy (docs/rest.md, gRPC) -----------------------------------
+
+
+def _grpc_auth() -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {TOKEN}")]
+
+
+def test_grpc_stock_client_tritonclient(ray_server: RayServer) -> None:
+    """tritonclient.grpc, not our client: live, ready, model ready, metadata, and inference with raw contents equal
+    to eager."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url=ray_server.grpc_address)
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("dynamic_router_pt2")
+    assert client.is_model_ready("simple_cnn", "1.0")
+    meta = client.get_model_metadata("simple_cnn_pt2")
+    assert (meta.name, list(meta.versions), meta.platform) == ("simple_cnn_pt2", ["1.0"], "pytorch_pt2")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 3, -1, -1])]
+    spec = ZOO["dynamic_router"]
+    x = spec.make_inputs(4, seed_offset=78)["x"]
+    infer_input = grpcclient.InferInput("x", list(x.shape), "FP32")
+    infer_input.set_data_from_numpy(x.numpy())
+    result = client.infer("dynamic_router_pt2", [infer_input], headers=dict(_grpc_auth()), request_id="g-1")
+    assert result.get_response().id == "g-1"
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(result.as_numpy("y").copy()), spec.factory()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_grpc_typed_contents_and_parameters_equal_eager(ray_server: RayServer) -> None:
+    """Typed `contents` (fp32_contents) and a request parameter (top_k): the classifier's logits equal eager and its
+    top-k equals the scripted post-processing on them; the reply's trailing metadata carries the handler's phases."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from models.process_outputs import process_outputs
+
+    spec = ZOO["simple_cnn"]
+    x = spec.make_inputs(2, seed_offset=79)["x"]
+    request = service_pb2.ModelInferRequest(model_name="simple_cnn")
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape)).contents.fp32_contents.extend(x.flatten().tolist())
+    request.parameters["top_k"].int64_param = 3
+    with grpc.insecure_channel(ray_server.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response, call = stub.ModelInfer.with_call(request, metadata=_grpc_auth(), timeout=60)
+    dtypes = {"FP32": np.float32, "INT64": np.int64}
+    out = {
+        o.name: torch.from_numpy(np.frombuffer(raw, dtype=dtypes[o.datatype]).reshape(list(o.shape)).copy())
+        for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+    with torch.no_grad():
+        logits = spec.factory()(x)
+    probabilities, classes = process_outputs(logits, 3)
+    assert torch.allclose(out["logits"], logits, atol=1e-4, rtol=1e-3)
+    assert torch.equal(out["classes"], classes)
+    assert torch.allclose(out["probabilities"], probabilities, atol=1e-5, rtol=1e-4)
+    trailing = dict(call.trailing_metadata())
+    assert {"decode", "model", "encode", "handler", "ingress"} <= set(parse_server_timing(trailing["server-timing"]))
+
+
+def test_grpc_and_rest_requests_share_the_endpoint_batches(ray_server: RayServer) -> None:
+    """gRPC goes through the same endpoint deployment and @serve.batch as REST: sent together, a gRPC request is
+    answered from a batch holding more requests than there were gRPC ones."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    from reliability.grpc_corpus import health_inputs, infer_request
+
+    spec = ZOO["dynamic_router"]
+    n_grpc, n_rest = 4, 12
+    bodies = [encode_request({"x": spec.make_inputs(2, seed_offset=400 + i)["x"]}) for i in range(n_rest)]
+
+    def send_rest(i: int) -> requests.Response:
+        return _post(ray_server, "dynamic_router", bodies[i][0], {**_auth(), **bodies[i][1]})
+
+    with grpc.insecure_channel(ray_server.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for attempt in range(3):
+            seeds = [attempt * 100 + i for i in range(n_grpc)]
+            futures = [stub.ModelInfer.future(infer_request(2, seed=s), metadata=_grpc_auth(), timeout=60) for s in seeds]
+            assert all(r.status_code == 200 for r in _concurrently(send_rest, n_rest))
+            batched = []
+            for seed, future in zip(seeds, futures, strict=True):
+                response = future.result()
+                y = torch.from_numpy(np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(2, 256).copy())
+                with torch.no_grad():
+                    assert torch.allclose(y, spec.factory()(health_inputs(2, seed)), atol=1e-5, rtol=1e-4)
+                batched.append(int(dict(future.trailing_metadata())["x-torchship-batch-requests"]))
+            if max(batched) > n_grpc:
+                return
+    pytest.fail(f"no gRPC request shared a batch with REST requests in 3 attempts (batch sizes {batched})")
+
+
+def test_grpc_hostile_requests_get_their_status_codes_and_crash_nothing(ray_server: RayServer) -> None:
+    """reliability/grpc_corpus.py's cases (malformed protobuf, wrong datatypes, lying raw sizes, unknown models,
+    missing or wrong tokens, a message over the limit): each gets its gRPC code, no replica restarts, and valid
+    requests still get eager outputs on both protocols."""
+    from engines.ray import replica_pids
+    from reliability.grpc_corpus import run_grpc_corpus
+
+    before = {name: replica_pids(name) for name in ("ingress", "dynamic_router")}
+    # A health check per group, not per case: each valid request waits out this suite's 200 ms batch delay.
+    results = run_grpc_corpus(ray_server.grpc_address, TOKEN, limit_bytes=MAX_REQUEST_BYTES, health_every_case=False)
+    failed = [r for r in results if not r.passed]
+    assert not failed, failed
+    assert {r.group for r in results} >= {"malformed protobuf", "datatype", "raw sizes", "routing", "token", "size"}
+    assert {name: replica_pids(name) for name in before} == before
+    assert_router_answers(ray_server.url, TOKEN)
