@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,23 +61,36 @@ class CliServer:
             return ""
 
     def kill(self) -> None:
+        """SIGKILL the CLI and every process under it: the engine runs in a process group of its own, which a kill
+        of the CLI's group alone would leave running."""
+        import psutil
+
+        with contextlib.suppress(psutil.Error, OSError):
+            groups = {os.getpgid(p.pid) for p in psutil.Process(self.process.pid).children(recursive=True)}
+            for pgid in groups | {self.process.pid}:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=30)
 
 
-def start_cli_server(engine: str, model_store: Path, workdir: Path, *, ready_timeout_s: float = 300.0) -> CliServer:
+def start_cli_server(
+    engine: str, model_store: Path, workdir: Path, *, ready_timeout_s: float = 300.0, env: dict[str, str] | None = None
+) -> CliServer:
     """Start `torchship serve` and wait for its 'ready at' line; the caller kills it (CliServer.kill) in a finally."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / "cli.log"
     cmd = [sys.executable, "-m", "torchship.cli", "serve", engine, "--model-store", str(model_store), "--port", str(port)]
     cmd += ["--workdir", str(workdir / "engine")]
-    env = {**os.environ, TOKEN_ENV: CLI_TOKEN} if engine == "ray" else dict(os.environ)
-    env.pop(TOKEN_ENV, None) if engine != "ray" else None
+    # Ray takes the shared token; TorchServe makes its own (key_file.json), so no shared one reaches its handler.
+    full_env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | (env or {})
+    if engine == "ray":
+        full_env[TOKEN_ENV] = CLI_TOKEN
     with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     server = CliServer(engine, process, f"http://127.0.0.1:{port}", workdir / "engine", log_path)
     deadline = time.monotonic() + ready_timeout_s
     while "ready at" not in server.log_tail(200):
@@ -175,8 +188,50 @@ def judge_drain(shots: Sequence[DrainShot], signal_at: float) -> tuple[dict[str,
     return counts, violations
 
 
+@dataclass
+class Stoppable:
+    """What a drain run needs of a server: its target, a way to start the graceful stop, and its exit."""
+
+    target: Target
+    #: starts the graceful stop and returns at once (SIGTERM to the CLI, or Engine.drain() in a thread)
+    begin_stop: Callable[[], None]
+    #: waits up to the given seconds for the server to exit: its exit code, or None when it has not exited
+    wait_exit: Callable[[float], int | None]
+    #: kills whatever is left, whatever happened
+    kill: Callable[[], None]
+
+
+def cli_stoppable(server: CliServer, sig: signal.Signals = signal.SIGTERM) -> Stoppable:
+    """`torchship serve` as a user stops it: a signal to the CLI process (SIGKILL to its group drops everything)."""
+
+    def begin() -> None:
+        if sig == signal.SIGKILL:
+            os.killpg(server.process.pid, sig)
+        else:
+            server.process.send_signal(sig)
+
+    def wait(timeout_s: float) -> int | None:
+        try:
+            return server.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    return Stoppable(server.target(), begin, wait, server.kill)
+
+
+def engine_stoppable(engine: Any, target: Target) -> Stoppable:
+    """An `Engine` drained the way `torchship serve` drains it on SIGTERM (Engine.drain(), in a thread)."""
+    thread = threading.Thread(target=engine.drain, name="drain", daemon=True)
+
+    def wait(timeout_s: float) -> int | None:
+        thread.join(timeout_s)
+        return None if thread.is_alive() or engine.process is None else int(engine.process.returncode)
+
+    return Stoppable(target, thread.start, wait, engine.stop)
+
+
 def run_drain(
-    server: CliServer,
+    server: Stoppable,
     pool: Sequence[PoolEntry],
     oracle: Oracle,
     *,
@@ -184,14 +239,15 @@ def run_drain(
     signal_after_s: float = 3.0,
     bound_s: float = DRAIN_BOUND_S,
 ) -> DrainResult:
-    """Clients send checked requests; SIGTERM goes to the CLI after `signal_after_s`; each client stops at its first
-    refusal after the signal (or when the server has exited). The server is killed afterwards whatever happened."""
-    target = server.target()
+    """Clients send checked requests; the graceful stop begins after `signal_after_s`; each client stops at its first
+    refusal after it (or once the server has exited). The server is killed afterwards whatever happened."""
+    target = server.target
     auth = auth_headers(target)
     checker = _CheckedOracle(oracle)
     shots: list[DrainShot] = []
     lock = threading.Lock()
     signalled = threading.Event()
+    exited = threading.Event()
     give_up = threading.Event()
 
     def client(n: int) -> None:
@@ -204,23 +260,23 @@ def run_drain(
             status, outcome, detail = send_checked(session, target, entry, checker, auth)
             with lock:
                 shots.append(DrainShot(start, time.monotonic(), status, outcome, detail))
-            if signalled.is_set() and (outcome == "refused" or server.process.poll() is not None):
+            if signalled.is_set() and (outcome == "refused" or exited.is_set()):
                 return
 
     threads = [threading.Thread(target=client, args=(n,), name=f"drain-{n}", daemon=True) for n in range(clients)]
+    exit_code: int | None = None
+    exit_s: float | None = None
     try:
         for t in threads:
             t.start()
         time.sleep(signal_after_s)
         signal_at = time.monotonic()
         signalled.set()
-        server.process.send_signal(signal.SIGTERM)
-        exit_code: int | None
-        try:
-            exit_code = server.process.wait(timeout=bound_s * 2)
-            exit_s: float | None = time.monotonic() - signal_at
-        except subprocess.TimeoutExpired:
-            exit_code, exit_s = None, None
+        server.begin_stop()
+        exit_code = server.wait_exit(bound_s * 2)
+        if exit_code is not None:
+            exit_s = time.monotonic() - signal_at
+            exited.set()
         for t in threads:
             t.join(timeout=REQUEST_TIMEOUT_S + 5)
     finally:
@@ -231,7 +287,7 @@ def run_drain(
     counts, violations = judge_drain(taken, signal_at)
     if any(t.is_alive() for t in threads):
         violations.append("a client was still waiting for an answer after the server was killed")
-    return DrainResult(server.engine, clients, signal_after_s, exit_code, exit_s, bound_s, **counts, violations=violations)
+    return DrainResult(target.engine, clients, signal_after_s, exit_code, exit_s, bound_s, **counts, violations=violations)
 
 
 # -- soak -----------------------------------------------------------------------------------------------------------
@@ -345,8 +401,8 @@ def run_soak(
     )
 
 
-def plot_soak(results: Sequence[SoakResult], out: Path) -> Path:
-    """Resident memory over time, one line per engine, warm-up marked."""
+def plot_soak(results: Sequence[dict[str, Any]], out: Path) -> Path:
+    """Resident memory over time, one line per engine (SoakResult.as_dict() each), warm-up marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,8 +410,9 @@ def plot_soak(results: Sequence[SoakResult], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for r in results:
-        (line,) = ax.plot([t for t, _ in r.samples], [m for _, m in r.samples], label=f"{r.engine} ({r.requests} requests)")
-        ax.axvline(r.warm_at_s, color=line.get_color(), linestyle=":", linewidth=1)
+        times, mib = [t for t, _ in r["samples"]], [m for _, m in r["samples"]]
+        (line,) = ax.plot(times, mib, label=f"{r['engine']} ({r['requests']} requests, {r['growth']:+.1%} after warm-up)")
+        ax.axvline(r["warm_at_s"], color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel("seconds (dotted: end of warm-up)")
     ax.set_ylabel("resident memory of the server tree, MiB")
     ax.set_title("Soak: checked requests at steady concurrency")
@@ -467,6 +524,7 @@ def run_slow_clients(
     idle_connections: int = 200,
     slow_senders: int = 20,
     byte_interval_s: float = 0.1,
+    linger_s: float = 0.0,
 ) -> SlowClientsResult:
     """Normal clients alone, then again while `idle_connections` sockets sit open and `slow_senders` clients trickle
     their bodies; the normal clients' p99 is compared across the two runs."""
@@ -496,6 +554,10 @@ def run_slow_clients(
         time.sleep(1.0)  # every slow sender has started its body
         shots = run_load(target, pool, oracle, requests_total=requests_total, concurrency=concurrency, seed=1)
         noisy = summarize(target.engine, shots, concurrency)
+        # Time for the server's body timeout to cut the slow senders (they stop early once cut).
+        deadline = time.monotonic() + linger_s
+        while time.monotonic() < deadline and any(t.is_alive() for t in senders):
+            time.sleep(0.2)
     finally:
         stop.set()
         for t in senders:
@@ -518,3 +580,114 @@ def run_slow_clients(
         sender_cut_after_s=sorted(r.seconds for r in records if r.ended == "cut"),
         idle_still_open=still_open,
     )
+
+
+# -- all of it, on one engine ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpsCounts:
+    soak_requests: int
+    slow_requests: int
+    idle_connections: int = 200
+    slow_senders: int = 20
+    drain_clients: int = 16
+    #: the Ray app's request-body timeout for this run (TORCHSHIP_BODY_TIMEOUT_S), short enough to watch it cut
+    body_timeout_s: float = 10.0
+
+
+OPS_FULL = OpsCounts(soak_requests=30_000, slow_requests=1_000)
+OPS_QUICK = OpsCounts(soak_requests=2_000, slow_requests=300)
+#: Soak traffic: small batches, so the count is requests rather than rows.
+SOAK_BATCHES = (1, 2)
+
+
+def run_operations(
+    engine: str, model_store: Path, workdir: Path, *, oracle: Oracle, endpoints: Sequence[str], counts: OpsCounts, say: Any
+) -> tuple[dict[str, Any], SoakResult]:
+    """On one `torchship serve <engine>`, started as a user starts it: slow and flooding clients, a soak, then a drain
+    (SIGTERM) that ends it."""
+    from reliability.traffic import make_pool
+
+    pool = make_pool(oracle, endpoints)
+    env = {"TORCHSHIP_BODY_TIMEOUT_S": str(counts.body_timeout_s)}
+    say(f"{engine}: starting `torchship serve {engine}` for the operations checks")
+    server = start_cli_server(engine, model_store, workdir, env=env)
+    try:
+        target = server.target()
+        say(f"{engine}: {counts.idle_connections} idle connections + {counts.slow_senders} slow senders vs normal clients")
+        slow = run_slow_clients(
+            target, pool, oracle, requests_total=counts.slow_requests, idle_connections=counts.idle_connections,
+            slow_senders=counts.slow_senders, linger_s=counts.body_timeout_s + 2,
+        )  # fmt: skip
+        say(f"{engine}: soak, {counts.soak_requests} checked requests, server memory sampled")
+        soak = run_soak(target, server.process.pid, make_pool(oracle, endpoints, batches=SOAK_BATCHES), oracle,
+                        requests_total=counts.soak_requests)  # fmt: skip
+        say(f"{engine}: SIGTERM under {counts.drain_clients} clients (drain)")
+        drained = run_drain(cli_stoppable(server), pool, oracle, clients=counts.drain_clients)
+    finally:
+        server.kill()
+    doc = {"slow_clients": slow.as_dict(), "soak": soak.as_dict(), "drain": drained.as_dict()}
+    return doc, soak
+
+
+def ops_problems(engine: str, doc: dict[str, Any]) -> list[str]:
+    """What failed in one engine's operations checks, as sentences."""
+    problems: list[str] = []
+    slow, soak, drained = doc["slow_clients"], doc["soak"], doc["drain"]
+    if not slow["passed"]:
+        problems.append(
+            f"{engine}: with slow/idle clients normal clients' p99 was {slow['p99_ratio']}x the clean run's "
+            f"(limit {slow['p99_limit']}x), failed {slow['noisy_failed']}, wrong {slow['wrong_answers']}"
+        )
+    if not soak["passed"]:
+        problems.append(
+            f"{engine}: soak: memory grew {soak['growth']:.1%} after warm-up (limit {soak['growth_limit']:.0%}), "
+            f"failed {soak['failed']}, wrong {soak['wrong_answers']}"
+        )
+    if not drained["passed"]:
+        problems.append(
+            f"{engine}: drain: exit {drained['exit_code']} after {drained['exit_s']} s (bound {drained['bound_s']} s), "
+            f"{len(drained['violations'])} requests broke the rule: {drained['violations'][:3]}"
+        )
+    return problems
+
+
+def ops_markdown(operations: dict[str, dict[str, Any]]) -> str:
+    """The operations checks as three small tables (the report's markdown)."""
+    lines = [
+        "Slow and flooding clients (normal clients' p99, clean run vs with idle connections and byte-per-interval senders):",
+        "",
+        "| engine | idle conns | slow senders | clean p99 ms | noisy p99 ms | ratio | failed | wrong | senders cut (after s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, doc in operations.items():
+        s = doc["slow_clients"]
+        after = s["sender_cut_after_s"]
+        cut = f"{s['senders_cut']} of {s['slow_senders']}" + (f" ({min(after)}-{max(after)})" if after else "")
+        lines.append(
+            f"| {name} | {s['idle_connections']} | {s['slow_senders']} | {s['clean_p99_ms']} | {s['noisy_p99_ms']} | "
+            f"{s['p99_ratio']}x | {s['clean_failed'] + s['noisy_failed']} | {s['wrong_answers']} | {cut} |"
+        )
+    lines += ["", "Soak (server-tree resident memory, see soak.png):", "",
+              "| engine | requests | ok | failed | wrong | seconds | MiB after warm-up | MiB at end | growth |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, doc in operations.items():
+        k = doc["soak"]
+        lines.append(
+            f"| {name} | {k['requests']} | {k['ok']} | {k['failed']} | {k['wrong_answers']} | {k['duration_s']} | "
+            f"{k['warm_rss_mib']} | {k['end_rss_mib']} | {k['growth']:+.1%} |"
+        )
+    lines += ["", "Drain (SIGTERM to `torchship serve` under load):", "",
+              "| engine | clients | sent before | answered ok | sent after | after: ok | after: 503 | after: refused conn "
+              "| exit | exit s | broke the rule |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, doc in operations.items():
+        d = doc["drain"]
+        exit_s = f"{d['exit_s']:.1f}" if d["exit_s"] is not None else "none"
+        lines.append(
+            f"| {name} | {d['clients']} | {d['sent_before_signal']} | {d['answered_before_signal_ok']} | "
+            f"{d['sent_after_signal']} | {d['after_ok']} | {d['after_refused_503']} | {d['after_refused_connection']} | "
+            f"{d['exit_code']} | {exit_s} | {len(d['violations'])} |"
+        )
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ from handlers.codec import Signature, decode_response, encode_request
 from handlers.errors import UnsafeArchive
 from handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, MANIFEST_FILE, REFERENCE_FILE, bearer
 from reliability.corpus import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
+from reliability.ops import OpsCounts, ops_markdown, ops_problems, plot_soak, run_operations
 from reliability.traffic import FaultResult, make_pool, run_fault, run_load, summarize
 from torchship.errors import EngineError, ReliabilityError, SignatureRefused
 from torchship.spec import Tolerance
@@ -477,8 +478,11 @@ def summary_row(engine: str, doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) -> dict[str, Any]:
-    """Everything, on both engines, one after the other (2 cores: never both at once)."""
+def run_reliability(
+    model_store: Path, workdir: Path, counts: Counts, say: Say, ops_counts: OpsCounts | None = None
+) -> dict[str, Any]:
+    """Everything, on both engines, one after the other (2 cores: never both at once); with `ops_counts`, also the
+    operations checks (slow and flooding clients, soak, drain) on `torchship serve` of each engine."""
     engines: dict[str, dict[str, Any]] = {}
     access: dict[str, Any] = {}
     for name in ENGINE_NAMES:
@@ -501,6 +505,13 @@ def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) 
         access["torchserve"] = torchserve_access(server, model_store, workdir / "outside")
     integrity = [asdict(r) for r in integrity_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "integrity", say)]
     signatures = [asdict(c) for c in signature_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "signatures", say)]
+    operations: dict[str, Any] = {}
+    if ops_counts is not None:
+        oracle, sigs = oracle_for(model_store)
+        for name in ENGINE_NAMES:
+            operations[name], _ = run_operations(
+                name, model_store, workdir / f"{name}-ops", oracle=oracle, endpoints=sorted(sigs), counts=ops_counts, say=say
+            )
     traversal = unpack_refuses_traversal(workdir / "traversal")
     pickles = unpickling_calls(PROJECT_CODE)
     return {
@@ -515,6 +526,7 @@ def run_reliability(model_store: Path, workdir: Path, counts: Counts, say: Say) 
         "traversal": traversal,
         "unpickling_calls": pickles,
         "access": access,
+        "operations": operations,
     }
 
 
@@ -560,6 +572,8 @@ def problems(report: dict[str, Any]) -> list[str]:
         ]
         if not ts["all_loopback"]:
             problems.append(f"torchserve listens beyond loopback: {ts['listening']}")
+    for name, doc in (report.get("operations") or {}).items():
+        problems += ops_problems(name, doc)
     ray = report["access"].get("ray") or {}
     if ray and (not ray["http_loopback_only"] or ray["inference_with_token"] != 200 or ray["inference_without_token"] < 400):
         problems.append(f"ray access: {ray}")
@@ -585,6 +599,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"builder): {verdict}; the signed control "
               f"{'accepted' if all(not c['refused'] for c in report['signatures'] if c['case'] == 'signed') else 'REFUSED'}.",
               f"Unpickling calls in the project: {len(report['unpickling_calls'])}."]  # fmt: skip
+    if report.get("operations"):
+        lines += ["", ops_markdown(report["operations"])]
     return "\n".join(lines) + "\n"
 
 
@@ -593,6 +609,8 @@ def write_reliability_report(report: dict[str, Any], out_dir: Path) -> tuple[Pat
     js, md = out_dir / "reliability.json", out_dir / "reliability.md"
     js.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     md.write_text(markdown(report), encoding="utf-8")
+    if report.get("operations"):
+        plot_soak([doc["soak"] for doc in report["operations"].values()], out_dir / "soak.png")
     return js, md
 
 

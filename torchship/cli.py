@@ -369,7 +369,9 @@ def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int
     def say(line: str) -> None:
         err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(line)}")
 
-    report = rel.run_reliability(store, workdir, counts, say)
+    from reliability.ops import OPS_FULL, OPS_QUICK
+
+    report = rel.run_reliability(store, workdir, counts, say, ops_counts=OPS_QUICK if args.quick else OPS_FULL)
     json_path, md_path = rel.write_reliability_report(report, Path(args.out))
     out.print(rel.markdown(report))
     problems = rel.problems(report)

@@ -10,15 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from deploy.ray_app import BODY_TIMEOUT_ENV
 from engines.base import Engine
 from engines.ray import replica_pids
 from engines.torchserve import TorchServe
 from handlers.codec import Signature
 from reliability import run as rel
 from reliability.corpus import Oracle, healthy, load_corpus, run_corpus, run_fuzz
+from reliability.ops import SOAK_GROWTH_LIMIT, engine_stoppable, run_drain, run_slow_clients, run_soak
 from reliability.traffic import make_pool, run_fault, run_load, summarize
 
 LOAD_REQUESTS = 400
+SOAK_REQUESTS = 400
+SLOW_REQUESTS = 120
+BODY_TIMEOUT_S = 2.0
 FUZZ_REQUESTS = 120
 FAULT_REQUESTS = 300
 CONCURRENCY = 16
@@ -36,8 +41,10 @@ def oracle(store: Path) -> tuple[Oracle, dict[str, Signature]]:
 
 @pytest.fixture(scope="module")
 def engines(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Engine]]:
-    """Both engines on the same store, for the whole module (the restart tests at the end stop them)."""
-    with contextlib.ExitStack() as stack:
+    """Both engines on the same store, for the whole module (the drain and restart tests at the end stop them). The
+    Ray app's body timeout is short here, so the slow-client test sees it cut."""
+    with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
+        mp.setenv(BODY_TIMEOUT_ENV, str(BODY_TIMEOUT_S))
         ts = stack.enter_context(rel.engine_for("torchserve", store, tmp_path_factory.mktemp("ts")))
         ray = stack.enter_context(rel.engine_for("ray", store, tmp_path_factory.mktemp("ray")))
         yield {"torchserve": ts, "ray": ray}
@@ -110,7 +117,34 @@ def test_ray_serve_is_on_loopback_and_enforces_the_token(engines: dict[str, Engi
 
 
 @pytest.mark.parametrize("engine", ["torchserve", "ray"])
-def test_a_restart_on_the_same_store_gives_identical_outputs(
+def test_slow_and_idle_clients_do_not_stop_normal_clients(
+    engines: dict[str, Engine], oracle: tuple[Oracle, dict[str, Signature]], engine: str
+) -> None:
+    pool = make_pool(oracle[0], sorted(oracle[1]), batches=(1, 2))
+    linger = BODY_TIMEOUT_S + 2 if engine == "ray" else 0.0  # TorchServe 0.12 has no body timeout to wait for
+    r = run_slow_clients(
+        rel.target_of(engines[engine]), pool, oracle[0], requests_total=SLOW_REQUESTS, idle_connections=50, slow_senders=5,
+        linger_s=linger,
+    )  # fmt: skip
+    # Served, all of them, and correctly (the p99 ratio is measured by `make reliability`, not asserted here).
+    assert r.clean_failed == 0 and r.noisy_failed == 0 and r.wrong_answers == 0, r
+    if engine == "ray":
+        assert r.senders_cut == 5 and max(r.sender_cut_after_s) < BODY_TIMEOUT_S + 2, r
+
+
+@pytest.mark.parametrize("engine", ["torchserve", "ray"])
+def test_a_short_soak_checks_every_answer_and_samples_memory(
+    engines: dict[str, Engine], oracle: tuple[Oracle, dict[str, Signature]], engine: str
+) -> None:
+    pool = make_pool(oracle[0], sorted(oracle[1]), batches=(1, 2))
+    r = run_soak(rel.target_of(engines[engine]), engines[engine].pid, pool, oracle[0], requests_total=SOAK_REQUESTS)
+    assert r.requests == SOAK_REQUESTS and r.failed == 0 and r.wrong_answers == 0
+    assert len(r.samples) >= 3 and min(m for _, m in r.samples) > 100  # the whole server tree, workers included
+    assert r.growth < SOAK_GROWTH_LIMIT, r.as_dict() | {"samples": r.samples[-5:]}
+
+
+@pytest.mark.parametrize("engine", ["torchserve", "ray"])
+def test_a_drain_under_load_loses_nothing_and_a_restart_gives_identical_outputs(
     engines: dict[str, Engine],
     oracle: tuple[Oracle, dict[str, Signature]],
     store: Path,
@@ -118,8 +152,15 @@ def test_a_restart_on_the_same_store_gives_identical_outputs(
     engine: str,
 ) -> None:
     endpoints = sorted(oracle[1])
-    before = rel.fixed_outputs(rel.target_of(engines[engine]), oracle[0], endpoints)
-    engines[engine].stop()
+    target = rel.target_of(engines[engine])
+    before = rel.fixed_outputs(target, oracle[0], endpoints)
+    # The graceful stop `torchship serve` runs on SIGTERM, under 16 clients sending checked requests.
+    pool = make_pool(oracle[0], endpoints, batches=(1, 2))
+    drained = run_drain(engine_stoppable(engines[engine], target), pool, oracle[0], clients=CONCURRENCY, signal_after_s=1.0)
+    assert not drained.violations, drained.violations[:5]
+    assert drained.sent_before_signal > 0 and drained.answered_before_signal_ok == drained.sent_before_signal
+    assert drained.exit_s is not None and drained.exit_s <= drained.bound_s, drained
+    assert not engines[engine].running()
     with rel.engine_for(engine, store, tmp_path / "again") as again:
         after = rel.fixed_outputs(rel.target_of(again), oracle[0], endpoints)
     assert len(before) == len(endpoints) * 4
