@@ -303,3 +303,32 @@ def test_grpc_hostile_requests_get_their_status_codes_and_crash_nothing(ray_serv
     assert {r.group for r in results} >= {"malformed protobuf", "datatype", "raw sizes", "routing", "token", "size"}
     assert {name: replica_pids(name) for name in before} == before
     assert_router_answers(ray_server.url, TOKEN)
+
+
+def test_grpc_kserve_sdk_client(ray_server: RayServer) -> None:
+    """kserve's InferenceGRPCClient, run as a script (kserve and tritonclient.grpc cannot share a process): live,
+    ready, model ready, and inference with raw and with typed contents equal to eager."""
+    import subprocess
+    import sys
+
+    spec = ZOO["dynamic_router"]
+    x = spec.make_inputs(3, seed_offset=81)["x"]
+    doc = {
+        "address": ray_server.grpc_address,
+        "endpoint": "dynamic_router",
+        "metadata": _grpc_auth(),
+        "inputs": {"x": {"shape": list(x.shape), "datatype": "FP32", "data": x.flatten().tolist()}},
+    }
+    script = Path(__file__).with_name("kserve_grpc_client.py")
+    proc = subprocess.run(
+        [sys.executable, str(script)], input=json.dumps(doc), capture_output=True, text=True, timeout=180, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert (out["live"], out["ready"], out["model_ready"]) == (True, True, True), out
+    with torch.no_grad():
+        eager = spec.factory()(x)
+    for kind in ("raw", "typed"):
+        y = out[kind]["y"]
+        assert (y["shape"], y["datatype"]) == ([3, 256], "FP32"), out[kind]
+        assert torch.allclose(torch.tensor(y["data"]).reshape(3, 256), eager, atol=1e-5, rtol=1e-4), kind
