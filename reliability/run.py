@@ -33,6 +33,7 @@ from handlers.errors import UnsafeArchive
 from handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, MANIFEST_FILE, REFERENCE_FILE, bearer
 from reliability.corpus import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
 from reliability.ops import OpsCounts, ops_markdown, ops_problems, plot_soak, run_operations
+from reliability.rollout import ROLLOUT_MODEL, rollout_checks, rollout_markdown, summarize_rollouts
 from reliability.traffic import FaultResult, make_pool, run_fault, run_load, summarize
 from torchship.errors import EngineError, ReliabilityError, SignatureRefused
 from torchship.spec import Tolerance
@@ -503,6 +504,8 @@ def run_reliability(
     with engine_for("torchserve", model_store, workdir / "access", overrides={"enable_model_api": "true"}) as server:
         assert isinstance(server, TorchServe)
         access["torchserve"] = torchserve_access(server, model_store, workdir / "outside")
+        tolerance = oracle_for(model_store)[0].tolerances[ROLLOUT_MODEL]
+        rollouts = rollout_checks(server, workdir / "rollout", tolerance, say)
     integrity = [asdict(r) for r in integrity_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "integrity", say)]
     signatures = [asdict(c) for c in signature_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "signatures", say)]
     operations: dict[str, Any] = {}
@@ -527,6 +530,7 @@ def run_reliability(
         "unpickling_calls": pickles,
         "access": access,
         "operations": operations,
+        "rollouts": rollouts,
     }
 
 
@@ -574,6 +578,7 @@ def problems(report: dict[str, Any]) -> list[str]:
             problems.append(f"torchserve listens beyond loopback: {ts['listening']}")
     for name, doc in (report.get("operations") or {}).items():
         problems += ops_problems(name, doc)
+    problems += summarize_rollouts(report.get("rollouts") or [])
     ray = report["access"].get("ray") or {}
     if ray and (not ray["http_loopback_only"] or ray["inference_with_token"] != 200 or ray["inference_without_token"] < 400):
         problems.append(f"ray access: {ray}")
@@ -601,6 +606,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"Unpickling calls in the project: {len(report['unpickling_calls'])}."]  # fmt: skip
     if report.get("operations"):
         lines += ["", ops_markdown(report["operations"])]
+    if report.get("rollouts"):
+        lines += ["", rollout_markdown(report["rollouts"])]
     return "\n".join(lines) + "\n"
 
 

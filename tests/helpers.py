@@ -36,7 +36,7 @@ def run_cli(
     return proc
 
 
-READY_MARKER = "Ctrl-C or SIGTERM stops it"
+READY_MARKER = "Ctrl-C or SIGTERM"
 
 
 def torchserve_context(

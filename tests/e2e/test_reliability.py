@@ -18,6 +18,7 @@ from handlers.codec import Signature
 from reliability import run as rel
 from reliability.corpus import Oracle, healthy, load_corpus, run_corpus, run_fuzz
 from reliability.ops import SOAK_GROWTH_LIMIT, engine_stoppable, run_drain, run_slow_clients, run_soak
+from reliability.rollout import NEW_VERSION, ROLLOUT_MODEL, rollout_checks
 from reliability.traffic import make_pool, run_fault, run_load, summarize
 
 LOAD_REQUESTS = 400
@@ -169,10 +170,16 @@ def test_a_drain_under_load_loses_nothing_and_a_restart_gives_identical_outputs(
         assert replica_pids(rel.FAULT_ENDPOINT) == []  # the restarted Ray is gone too
 
 
-def test_torchserve_tokens_loopback_and_allowed_urls(store: Path, tmp_path: Path) -> None:
-    with rel.engine_for("torchserve", store, tmp_path / "ts", overrides={"enable_model_api": "true"}) as engine:
-        assert isinstance(engine, TorchServe)
-        access = rel.torchserve_access(engine, store, tmp_path / "outside")
+@pytest.fixture(scope="module")
+def model_api_server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    """A TorchServe with its management API able to register models (from the store only)."""
+    with rel.engine_for("torchserve", store, tmp_path_factory.mktemp("ts_api"), overrides={"enable_model_api": "true"}) as ts:
+        assert isinstance(ts, TorchServe)
+        yield ts
+
+
+def test_torchserve_tokens_loopback_and_allowed_urls(model_api_server: TorchServe, store: Path, tmp_path: Path) -> None:
+    access = rel.torchserve_access(model_api_server, store, tmp_path / "outside")
     assert access["inference_with_token"] == 200 and access["management_with_token"] == 200
     for key in (
         "inference_without_token", "inference_with_management_key", "management_without_token",
@@ -201,3 +208,19 @@ def test_the_ray_unpacker_refuses_path_traversal(tmp_path: Path) -> None:
     results = rel.unpack_refuses_traversal(tmp_path)
     assert len(results) == 3
     assert all(r["refused"] and not r["written_outside"] for r in results.values()), results
+
+
+def test_a_version_rollout_under_load_is_gated_and_loses_nothing(
+    model_api_server: TorchServe, oracle: tuple[Oracle, dict[str, Signature]], tmp_path: Path
+) -> None:
+    """Version 2 registered beside version 1 while 16 clients send checked requests: one that fails its parity gate
+    is never made the default; one that passes is, and version 1 is unregistered without a lost request."""
+    rows = rollout_checks(model_api_server, tmp_path, oracle[0].tolerances[ROLLOUT_MODEL], lambda _: None)
+    refused, switched = rows
+    assert refused["outcome"] == "refused" and not refused["gate_passed"]
+    assert set(refused["answered_by"]) == {"1.0"}
+    assert switched["outcome"] == "switched" and switched["gate_passed"]
+    assert switched["answered_by"].get(NEW_VERSION, 0) > 0
+    for row in rows:
+        assert row["passed"], row
+        assert row["failed"] == 0 and row["wrong_answers"] == 0 and row["header_mismatch"] == 0 and row["old_after_switch"] == 0

@@ -13,6 +13,7 @@ from reliability.ops import (
     memory_growth,
     ops_problems,
 )
+from reliability.rollout import RolloutResult, summarize_rollouts
 
 SIGNAL = 100.0
 
@@ -80,3 +81,19 @@ def test_each_failed_operations_check_is_named() -> None:
     found = ops_problems("ray", doc)
     assert len(found) == 3
     assert "p99" in found[0] and "memory grew" in found[1] and "drain" in found[2]
+
+
+def _rollout(outcome: str, gate_passed: bool, old_after_switch: int = 0, failed: int = 0) -> RolloutResult:
+    by = {"1.0": 500, "2.0": 200}
+    return RolloutResult("torchserve", "dynamic_router", outcome, gate_passed, 700, failed, 0, 0, by, old_after_switch, 3.0, [])
+
+
+def test_a_switch_without_a_passed_gate_fails_the_rollout_check() -> None:
+    assert _rollout("switched", gate_passed=True).passed
+    assert _rollout("refused", gate_passed=False).passed
+    assert not _rollout("switched", gate_passed=False).passed  # switched although the gate failed
+    assert not _rollout("refused", gate_passed=True).passed
+    assert not _rollout("switched", gate_passed=True, old_after_switch=3).passed  # the old version still answering
+    assert not _rollout("switched", gate_passed=True, failed=1).passed
+    rows = [_rollout("switched", gate_passed=False).as_dict() | {"case": "x"}]
+    assert len(summarize_rollouts(rows)) == 1
