@@ -35,6 +35,7 @@ from handlers.errors import ArtifactError, HandlerMismatch, TokenRefused
 from handlers.names import (
     AUTHORIZATION_HEADER,
     DRAINING_MESSAGE,
+    EXPLAIN_HEADER,
     HANDLER_PACKAGE,
     HANDLER_PACKAGE_FILES,
     MAX_REQUEST_BYTES_ENV,
@@ -162,29 +163,31 @@ class Ingress:
             parts = parts[:-1]
         method = request.method
         if parts in (["ping"], ["v2", "health", "live"], ["v2", "health", "ready"]):
-            if method != "GET":
-                return _error(405, f"{method} is not allowed on {request.url.path}; use GET")
+            # TorchServe answers these whatever the method, and its ready body has no "live" (nor has KServe's).
             if parts == ["v2", "health", "ready"]:
                 ready = not self.draining and all([await self._ready(name) for name in sorted(self.endpoints)])
-                return _json(200 if ready else 503, {"live": True, "ready": ready})
+                return _json(200 if ready else 503, {"ready": ready})
             return _json(200, {"status": "Healthy"} if parts == ["ping"] else {"live": True})
         if len(parts) in (2, 3) and parts[0] == "predictions" and all(parts):
             # TorchServe hands /predictions/<model>[/<version>] to the handler whatever the method (a GET has no body
             # and gets 400); this app does the same, so both engines answer every request alike.
             return await self._infer(request, parts[1], version=parts[2] if len(parts) == 3 else None)
+        if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] in ("infer", "explain"):
+            # OIP's infer and explain as TorchServe routes them: any method, the name cut at its first ":" (KServe
+            # v1's `<m>:predict` heritage), and the explain header set (the handler refuses explain requests).
+            return await self._infer(request, parts[2].split(":")[0], explain=parts[3] == "explain")
         if len(parts) == 3 and parts[:2] == ["v2", "models"]:
             return await self._metadata(request, parts[2])
-        if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] in ("ready", "infer"):
-            if parts[3] == "infer":
-                if method != "POST":
-                    return _error(405, f"{method} is not allowed; use POST")
-                return await self._infer(request, parts[2])
+        if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "ready":
             if method != "GET":
                 return _error(405, "use GET")
             if parts[2] not in self.endpoints:
                 return _error(404, f"unknown endpoint {parts[2]!r}")
             ready = await self._ready(parts[2])
             return _json(200 if ready else 503, {"name": parts[2], "ready": ready})
+        if len(parts) > 4 and "/versions" in "/" + "/".join(parts):
+            # TorchServe's OIP handler answers any longer path that names versions with this 501 (its very body).
+            return _error(501, "Model versioning is not yet supported.")
         return _error(404, f"no route for {request.url.path}")
 
     async def _ready(self, name: str) -> bool:
@@ -203,7 +206,7 @@ class Ingress:
             return _error(404, f"unknown endpoint {name!r}")
         return _json(200, await self.endpoints[name].metadata.remote())
 
-    async def _infer(self, request: Request, name: str, version: str | None = None) -> Response:
+    async def _infer(self, request: Request, name: str, *, version: str | None = None, explain: bool | None = None) -> Response:
         if self.draining == "refusing":
             return Response(
                 encode_error(DRAINING_MESSAGE),
@@ -213,11 +216,11 @@ class Ingress:
             )
         self.accepted += 1
         try:
-            return await self._accepted(request, name, version)
+            return await self._accepted(request, name, version, explain)
         finally:
             self.accepted -= 1
 
-    async def _accepted(self, request: Request, name: str, version: str | None) -> Response:
+    async def _accepted(self, request: Request, name: str, version: str | None, explain: bool | None) -> Response:
         started = time.perf_counter()
         if not self._authorized(request):
             # The same status and wording TorchServe uses, so both engines have one access rule.
@@ -233,6 +236,8 @@ class Ingress:
         if len(body) > self.max_request_bytes:
             return _error(413, f"body is {len(body)} bytes; the limit is {self.max_request_bytes}")
         headers = {k.lower(): v for k, v in request.headers.items()}
+        if explain is not None:
+            headers[EXPLAIN_HEADER] = str(explain)  # "True" / "False", as TorchServe sets it on its OIP routes
         try:
             reply: Reply = await self.endpoints[name].infer.remote(body, headers)
         except BackPressureError:

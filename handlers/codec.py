@@ -34,7 +34,9 @@ DATATYPES: Mapping[str, torch.dtype] = {
 }
 DATATYPE_OF: Mapping[torch.dtype, str] = {v: k for k, v in DATATYPES.items()}
 EMPTY_BODY = "body is empty; POST an OIP v2 inference request"
-REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
+#: OIP's request fields, plus the `model_name` the KServe SDK's clients always send (a string; the path names the
+#: endpoint, as on KServe's own server).
+REQUEST_KEYS = frozenset({"id", "model_name", "inputs", "outputs", "parameters"})
 INPUT_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
 INPUT_PARAMETERS = frozenset({"binary_data_size"})
 OUTPUT_KEYS = frozenset({"name", "parameters"})
@@ -251,6 +253,7 @@ def decode_request(
     _expect("inputs" in doc, "missing field 'inputs'")
     request_id = doc.get("id")
     _expect(request_id is None or isinstance(request_id, str), "id must be a string")
+    _expect(isinstance(doc.get("model_name", ""), str), "model_name must be a string")
     params = _check_parameters(doc.get("parameters"), sig)
     inputs = doc["inputs"]
     _expect(isinstance(inputs, list) and len(inputs) > 0, "inputs must be a non-empty array")

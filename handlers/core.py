@@ -33,7 +33,7 @@ from handlers.codec import (
     inference_token,
     token_matches,
 )
-from handlers.errors import ArtifactError, BadRequest, ClientError, TokenRefused
+from handlers.errors import ArtifactError, BadRequest, ClientError, NotFound, TokenRefused
 from handlers.names import (
     AUTHORIZATION_HEADER,
     BATCH_REQUESTS_HEADER,
@@ -41,6 +41,7 @@ from handlers.names import (
     BINARY_HEADER,
     CHECKSUMS_FILE,
     ENDPOINT_FILE,
+    EXPLAIN_HEADER,
     MANIFEST_FILE,
     MAX_REQUEST_BYTES_ENV,
     TIMING_HEADER,
@@ -290,6 +291,8 @@ class EndpointCore:
     def _decode(self, request: Request) -> InferRequest:
         if self.token and not token_matches(request.headers.get(AUTHORIZATION_HEADER), self.token):
             raise TokenRefused()
+        if request.headers.get(EXPLAIN_HEADER, "").lower() == "true":
+            raise NotFound(f"{self.endpoint} serves no explanations; POST /v2/models/{self.endpoint}/infer for its outputs")
         check_content_type(request.headers.get("content-type"))
         if request.body is None:
             raise BadRequest(EMPTY_BODY)

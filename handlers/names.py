@@ -35,6 +35,9 @@ TIMING_HEADER = "Server-Timing"
 #: Which Ray node answered (the Ray app only).
 NODE_HEADER = "X-Torchship-Node"
 AUTHORIZATION_HEADER = "authorization"
+#: Set by TorchServe on the OIP routes it hands the handler: "True" on `/v2/models/<m>/explain`, "False" on `/infer`
+#: (the Ray app sets it the same way). torchship endpoints serve no explanations.
+EXPLAIN_HEADER = "explain"
 BEARER_PREFIX = "Bearer "
 
 # -- environment -------------------------------------------------------------------------------------------------------

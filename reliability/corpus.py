@@ -33,6 +33,9 @@ CORPUS = Path(__file__).resolve().with_name("corpus.yaml")
 #: The request sent after every hostile case: the server must still answer it with the eager outputs.
 HEALTH_ENDPOINT = "dynamic_router"
 AuthKind = Literal["valid", "none", "wrong", "basic", "lowercase", "empty"]
+#: The two inference paths a case can be sent to when it names no `path`: TorchServe's and OIP v2's.
+ROUTES = {"predictions": "/predictions/{endpoint}", "oip": "/v2/models/{endpoint}/infer"}
+RouteKind = Literal["predictions", "oip"]
 
 
 class _Strict(BaseModel):
@@ -83,8 +86,9 @@ class Case(_Strict):
     status: int
     endpoint: str = HEALTH_ENDPOINT
     method: str = "POST"
-    #: The request path exactly as sent; default /predictions/<endpoint>.
+    #: The request path exactly as sent; default the `route`'s path for the endpoint.
     path: str | None = None
+    route: RouteKind = "predictions"
     #: Extra headers; a null value removes a default one (Content-Type).
     headers: dict[str, str | None] = Field(default_factory=dict)
     auth: AuthKind = "valid"
@@ -231,7 +235,7 @@ def case_request(
     body, headers = build_body(case, make_inputs, limit_bytes)
     merged: dict[str, str | None] = {**headers, **_auth_header(case.auth, target.token), **case.headers}
     final = {k: v for k, v in merged.items() if v is not None}
-    return case.method, case.path or f"/predictions/{case.endpoint}", body, final
+    return case.method, case.path or ROUTES[case.route].format(endpoint=case.endpoint), body, final
 
 
 def error_message(reply: HttpReply) -> str | None:

@@ -19,6 +19,7 @@ from handlers.codec import decode_response, encode_request
 from handlers.core import parse_server_timing
 from handlers.names import TOKEN_ENV
 from models import ZOO
+from tests.e2e import oip
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
 from tests.helpers import assert_router_answers, run_cli, serve_command
 
@@ -148,36 +149,15 @@ def test_concurrent_requests_are_batched_and_one_malformed_fails_alone(ray_serve
 def test_oip_routes_health_metadata_and_methods(ray_server: RayServer) -> None:
     assert requests.get(f"{ray_server.url}/v2/health/live", timeout=10).json() == {"live": True}
     ready = requests.get(f"{ray_server.url}/v2/health/ready", timeout=10)
-    assert ready.status_code == 200 and ready.json() == {"live": True, "ready": True}
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
     assert requests.get(f"{ray_server.url}/ping", timeout=10).status_code == 200
     meta = requests.get(f"{ray_server.url}/v2/models/simple_cnn_pt2", timeout=10).json()
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3, -1, -1]}]
     assert requests.get(f"{ray_server.url}/v2/models/nope/ready", timeout=10).status_code == 404
-    # TorchServe hands a GET on /predictions to the handler (no body: 400); the Ray app answers the same.
+    # TorchServe hands a GET on /predictions and on /v2/models/<m>/infer to the handler (no body: 400); so does the app.
     assert requests.get(f"{ray_server.url}/predictions/simple_cnn", timeout=10).status_code == 400
-    assert requests.get(f"{ray_server.url}/v2/models/simple_cnn/infer", timeout=10).status_code == 405
+    assert requests.get(f"{ray_server.url}/v2/models/simple_cnn/infer", timeout=10).status_code == 400
     assert requests.get(f"{ray_server.url}/../etc/passwd", timeout=10).status_code == 404
-
-
-def test_stock_oip_client_tritonclient(ray_server: RayServer) -> None:
-    """tritonclient[http], not our client: health, metadata, and an inference equal to the eager reference."""
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(url=ray_server.url.removeprefix("http://"))
-    assert client.is_server_live()
-    assert client.is_server_ready()
-    assert client.is_model_ready("simple_cnn")
-    meta = client.get_model_metadata("dynamic_router_pt2")
-    assert meta["inputs"][0]["name"] == "x" and meta["outputs"][0]["name"] == "y"
-    spec = ZOO["dynamic_router"]
-    x = spec.make_inputs(4, seed_offset=77)["x"]
-    for binary in (True, False):
-        infer_input = httpclient.InferInput("x", list(x.shape), "FP32")
-        infer_input.set_data_from_numpy(x.numpy().astype(np.float32), binary_data=binary)
-        result = client.infer("dynamic_router_pt2", [infer_input], headers=_auth())
-        y = torch.from_numpy(result.as_numpy("y").copy())
-        with torch.no_grad():
-            assert torch.allclose(y, spec.factory()(x), atol=1e-5, rtol=1e-4), binary
 
 
 def test_verify_all_starts_both_engines_and_compares_them(artifacts_dir: Path, tmp_path: Path) -> None:
@@ -332,3 +312,27 @@ def test_grpc_kserve_sdk_client(ray_server: RayServer) -> None:
         y = out[kind]["y"]
         assert (y["shape"], y["datatype"]) == ([3, 256], "FP32"), out[kind]
         assert torch.allclose(torch.tensor(y["data"]).reshape(3, 256), eager, atol=1e-5, rtol=1e-4), kind
+
+
+# -- OIP v2 REST (docs/rest.md, "OIP v2 REST"): the same table and stock clients run on TorchServe in test_torchserve.py
+
+
+def test_oip_routes_answer_as_the_contract_says(ray_server: RayServer, ray_store: Path) -> None:
+    assert oip.route_mismatches(ray_server.url, _auth(), oip.BOTH + oip.RAY_ONLY) == []
+    meta = requests.get(f"{ray_server.url}/v2/models/{oip.ENDPOINT}", headers=_auth(), timeout=10)
+    assert meta.status_code == 200 and meta.json() == oip.expected_metadata(ray_store)
+
+
+def test_stock_oip_clients_tritonclient_and_kserve(ray_server: RayServer, ray_store: Path) -> None:
+    """tritonclient[http] and the kserve SDK: health, model readiness, metadata, JSON and binary inference."""
+    x = oip.inputs(3, seed=41)
+    triton = oip.run_tritonclient(ray_server.url, _auth(), x)
+    assert (triton["live"], triton["ready"], triton["model_ready"]) == (True, True, True)
+    assert triton["metadata"] == oip.expected_metadata(ray_store)
+    for kind in ("json", "binary"):
+        oip.assert_eager(triton[kind], x, ray_store, f"tritonclient {kind}")
+    ks = oip.run_kserve_client(ray_server.url, _auth(), x)
+    assert (ks["live"], ks["ready"], ks["model_ready"]) == (True, True, True), ks
+    for kind in ("json", "binary"):
+        assert ks[kind]["y"]["shape"] == [3, 256], ks[kind]
+        oip.assert_eager(ks[kind]["y"]["data"], x, ray_store, f"kserve {kind}")

@@ -18,6 +18,7 @@ from engines.torchserve import TorchServe
 from handlers.codec import decode_response, encode_request
 from handlers.core import parse_server_timing
 from models import ZOO
+from tests.e2e import oip
 from tests.helpers import assert_router_answers, run_cli, serve_command
 from verify.client import Client
 
@@ -210,3 +211,27 @@ def test_serve_command_prints_url_and_token_and_stops_on_sigterm(artifacts_dir: 
         token = json.loads((workdir / "key_file.json").read_text())["inference"]["key"]
         y = Client(url, token=token).infer("dynamic_router", {"x": torch.randn(2, 256)}).outputs["y"]
         assert y.shape == (2, 256)
+
+
+# -- OIP v2 REST (docs/rest.md, "OIP v2 REST"): the same table and stock clients run on the Ray app in test_ray.py -------
+
+
+def test_oip_routes_answer_as_the_contract_says(server: TorchServe) -> None:
+    assert oip.route_mismatches(server.url, _auth(server), oip.BOTH + oip.TORCHSERVE_ONLY) == []
+
+
+def test_stock_oip_clients_tritonclient_and_kserve(server: TorchServe, store: Path) -> None:
+    """tritonclient[http] and the kserve SDK: health, model readiness, metadata, JSON and binary inference."""
+    x = oip.inputs(3, seed=41)
+    triton = oip.run_tritonclient(server.url, _auth(server), x)
+    assert (triton["live"], triton["ready"]) == (True, True)
+    # TorchServe 0.12 routes neither model readiness nor metadata (docs/rest.md): both clients see its 404.
+    assert triton["model_ready"] is False
+    assert triton["metadata"]["error_status"] == "404", triton["metadata"]
+    for kind in ("json", "binary"):
+        oip.assert_eager(triton[kind], x, store, f"tritonclient {kind}")
+    ks = oip.run_kserve_client(server.url, _auth(server), x)
+    assert (ks["live"], ks["ready"], ks["model_ready"]) == (True, True, False), ks
+    for kind in ("json", "binary"):
+        assert ks[kind]["y"]["shape"] == [3, 256], ks[kind]
+        oip.assert_eager(ks[kind]["y"]["data"], x, store, f"kserve {kind}")
