@@ -11,6 +11,7 @@ REST. A replica imports only the handler package, the archive reader, Ray and St
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import tempfile
@@ -55,6 +56,9 @@ ONGOING_BATCHES = 2
 DEPLOYMENT_OVERRIDES = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
 #: Seconds a client is told to wait after a 503 for a full queue.
 RETRY_AFTER_S = 1
+#: A request body must arrive within this (408 and the connection closed otherwise); TORCHSHIP_BODY_TIMEOUT_S sets it.
+BODY_TIMEOUT_S = 30.0
+BODY_TIMEOUT_ENV = "TORCHSHIP_BODY_TIMEOUT_S"
 #: Where unpacked archives are cached (one folder per archive sha256).
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "torchship-ray-cache"
 
@@ -79,8 +83,19 @@ class EndpointDeployment:
     """One endpoint (one .mar) as a Ray Serve deployment: Ray's adapter over `EndpointCore`."""
 
     def __init__(
-        self, mar: str, cache_dir: str, max_batch_size: int, batch_wait_timeout_s: float, verify_key_file: str | None = None
+        self,
+        mar: str,
+        cache_dir: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        *,
+        verify_key_file: str | None = None,
+        archive_sha256: str | None = None,
     ) -> None:
+        # The builder's digest of the archive: a file replaced since (a rollout in progress, a hand edit) is refused
+        # here rather than served under the old deployment's name. It is also what makes Ray redeploy a replaced file.
+        if archive_sha256 and hashlib.sha256(Path(mar).read_bytes()).hexdigest() != archive_sha256:
+            raise ArtifactError(f"{Path(mar).name} changed after the app was built; redeploy the app to serve it")
         if verify_key_file:
             # Again here, not only in the builder: the replica reads the file itself, maybe long after the build.
             from archive.signing import load_verify_key, verify_archive
@@ -145,6 +160,7 @@ class Ingress:
         #: a JSON 503 while accepted ones finish); set by engines.ray.drain_app on SIGTERM.
         self.draining = ""
         self.accepted = 0
+        self.body_timeout_s = float(os.environ.get(BODY_TIMEOUT_ENV) or BODY_TIMEOUT_S)
 
     def drain(self, stage: str) -> None:
         self.draining = stage
@@ -158,7 +174,11 @@ class Ingress:
 
     async def __call__(self, request: Request) -> Response:
         # Empty segments are kept ("//predictions//x" is no route, as on TorchServe); one trailing slash is allowed.
-        parts = request.url.path.split("/")[1:]
+        path = request.url.path
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root + "/"):  # an app under a route prefix (a rollout's candidate) routes below it
+            path = path[len(root) :]
+        parts = path.split("/")[1:]
         if len(parts) > 1 and parts[-1] == "":
             parts = parts[:-1]
         method = request.method
@@ -232,7 +252,14 @@ class Ingress:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
             return _error(413, f"body is {declared} bytes; the limit is {self.max_request_bytes}")
-        body = await request.body()
+        try:
+            body = await asyncio.wait_for(request.body(), timeout=self.body_timeout_s)
+        except TimeoutError:
+            # A body trickling in (slowloris) is cut: Ray's proxy and uvicorn have no body timeout of their own.
+            message = f"request body not received within {self.body_timeout_s:g} s"
+            return Response(
+                encode_error(message), status_code=408, headers={"Connection": "close"}, media_type="application/json"
+            )
         if len(body) > self.max_request_bytes:
             return _error(413, f"body is {len(body)} bytes; the limit is {self.max_request_bytes}")
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -329,7 +356,10 @@ def app(args: dict[str, Any]) -> serve.Application:
             ray_actor_options=actor_options,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         )
-        handles[mar.path.stem] = deployment.bind(str(mar.path), cache_dir, batch, wait_s, verify_key_file)
+        digest = hashlib.sha256(mar.path.read_bytes()).hexdigest()
+        handles[mar.path.stem] = deployment.bind(
+            str(mar.path), cache_dir, batch, wait_s, verify_key_file=verify_key_file, archive_sha256=digest
+        )
     ingress_cpus = float(args.get("ingress_num_cpus", num_cpus))
     ingress = serve.deployment(Ingress).options(
         name="ingress",

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +37,9 @@ EXIT_DEPLOY_FAILED = 3
 GRPC_SERVICER = "deploy.ray_grpc.add_inference_servicer"
 #: A drain's calls to the ingress (through a Serve handle) and Serve's own shutdown, each bounded.
 CONTROL_TIMEOUT_S = 10.0
+#: The candidate application a rollout (SIGHUP) deploys and gates before the serving app is redeployed.
+CANDIDATE_APP = "candidate"
+ROLLOUT_DEPLOY_TIMEOUT_S = 300.0
 SHUTDOWN_TIMEOUT_S = 30.0
 
 
@@ -187,9 +191,9 @@ def replica_pids(endpoint: str) -> list[int]:
 # -- the child process ------------------------------------------------------------------------------------------------
 
 
-def deploy_failure(status: Any) -> str | None:
+def deploy_failure(status: Any, name: str = APP_NAME) -> str | None:
     """Each failed deployment's reason when the app is DEPLOY_FAILED, else None."""
-    app = status.applications.get(APP_NAME)
+    app = status.applications.get(name)
     if app is None or app.status != "DEPLOY_FAILED":
         return None
     failed = [
@@ -225,6 +229,60 @@ def drain_app(window_s: float, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while ingress.in_flight.remote().result(timeout_s=CONTROL_TIMEOUT_S) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def _app_status(name: str) -> str:
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    return str(app.status) if app is not None else "MISSING"
+
+
+def _wait_running(name: str, timeout_s: float = ROLLOUT_DEPLOY_TIMEOUT_S) -> str:
+    """'' once the application is RUNNING, else why not (failed, or not running in time)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _app_status(name)
+        if status.endswith("RUNNING"):
+            return ""
+        if "FAIL" in status:
+            return deploy_failure(serve.status(), name) or status
+        time.sleep(0.5)
+    return f"{name} not running after {timeout_s:.0f} s ({_app_status(name)})"
+
+
+def rollout_app(build: Any, app_args: dict[str, object], url: str) -> str:
+    """SIGHUP: a gated rollout of the model store as it is now. The store is deployed beside the serving app as a
+    candidate (route /candidate), every archive's reference cases are sent to it and compared with the eager outputs
+    recorded at export; only when all pass is the serving app redeployed from the store (Ray replaces its replicas,
+    new ones first, old ones finishing what they took). The candidate is deleted either way; a refused store leaves
+    the serving app as it was."""
+    from ray import serve
+
+    from deploy.rollout import gate
+
+    try:
+        serve.run(build(app_args), name=CANDIDATE_APP, route_prefix=f"/{CANDIDATE_APP}", blocking=False)
+        if problem := _wait_running(CANDIDATE_APP):
+            return f"refused: the candidate did not deploy: {problem}"
+        token = app_args.get("token")
+        result = gate(
+            f"{url}/{CANDIDATE_APP}", token=str(token) if token else None, model_store=Path(str(app_args["model_store"]))
+        )
+        if not result.passed:
+            failed = sorted({r.endpoint for r in result.failed})
+            return f"refused: the candidate failed its parity gate on {failed}; the serving app is unchanged"
+        serve.run(build(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+        if problem := _wait_running(APP_NAME):
+            return f"failed: the serving app did not redeploy: {problem}"
+        return f"switched: {len(result.rows)} reference checks passed on the candidate; the serving app now runs the store"
+    except Exception as exc:  # a broken store must not take the serving app down
+        return f"refused: {type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            serve.delete(CANDIDATE_APP)
 
 
 def serve_forever(args: argparse.Namespace) -> int:
@@ -266,11 +324,16 @@ def serve_forever(args: argparse.Namespace) -> int:
         except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
             print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(serve.status()) or exc}", flush=True)
             return EXIT_DEPLOY_FAILED
+        reload_requested = threading.Event()
+        signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+        url = f"http://127.0.0.1:{args.port}"
         while True:
             if failure := deploy_failure(serve.status()):
                 print(f"Ray Serve: the torchship app failed to deploy: {failure}", flush=True)
                 return EXIT_DEPLOY_FAILED
-            time.sleep(1.0)
+            if reload_requested.wait(1.0):
+                reload_requested.clear()
+                print(f"rollout: {rollout_app(app, app_args, url)}", flush=True)
     except DrainRequested:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         with contextlib.suppress(Exception):  # a failed drain still ends in the shutdown below

@@ -46,6 +46,7 @@ from handlers.names import (
     MAX_REQUEST_BYTES_ENV,
     TIMING_HEADER,
     TOPK_FILE,
+    VERSION_HEADER,
 )
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,8 @@ class EndpointCore:
             )
         except ClientError as exc:
             return Reply.error(exc)
-        return Reply(200, body, {"content-type": BINARY_TYPE if headers else JSON_TYPE, **headers})
+        content_type = BINARY_TYPE if headers else JSON_TYPE
+        return Reply(200, body, {"content-type": content_type, VERSION_HEADER: self.signature.version, **headers})
 
     def _postprocess(self, request: InferRequest, result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         k = request.parameters.get("top_k")

@@ -32,6 +32,8 @@ BATCH_ROWS_HEADER = "X-Torchship-Batch-Rows"
 #: Where the request's time went on the server, in milliseconds (W3C Server-Timing): the handler's decode, model
 #: and encode, its whole batch call, and on the Ray app the ingress's total.
 TIMING_HEADER = "Server-Timing"
+#: The model version that answered (the archive's manifest version): during a version rollout, which one it was.
+VERSION_HEADER = "X-Torchship-Model-Version"
 #: Which Ray node answered (the Ray app only).
 NODE_HEADER = "X-Torchship-Node"
 AUTHORIZATION_HEADER = "authorization"

@@ -27,7 +27,7 @@ from handlers.errors import ClientError
 from handlers.names import bearer
 from torchship.errors import CorpusError
 from torchship.parity import compare_all
-from torchship.spec import Tolerance
+from torchship.spec import ModelSpec, Tolerance
 
 CORPUS = Path(__file__).resolve().with_name("corpus.yaml")
 #: The request sent after every hostile case: the server must still answer it with the eager outputs.
@@ -253,13 +253,16 @@ def error_message(reply: HttpReply) -> str | None:
 class Oracle:
     """Seeded inputs for every served endpoint and the eager outputs they must produce."""
 
-    def __init__(self, models: Mapping[str, str], tolerances: Mapping[str, Tolerance]) -> None:
+    def __init__(
+        self, models: Mapping[str, str], tolerances: Mapping[str, Tolerance], specs: Mapping[str, ModelSpec] | None = None
+    ) -> None:
         from models import ZOO
 
+        zoo = {**ZOO, **(specs or {})}  # `specs`: other versions of zoo models, by model name
         self.models = dict(models)
         self.tolerances = dict(tolerances)
-        self._specs = {ep: ZOO[m] for ep, m in models.items()}
-        self._eager = {m: ZOO[m].factory() for m in set(models.values())}
+        self._specs = {ep: zoo[m] for ep, m in models.items()}
+        self._eager = {m: zoo[m].factory() for m in set(models.values())}
 
     def inputs(self, endpoint: str, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
         return self._specs[endpoint].make_inputs(batch, seed_offset=10_000 + seed)

@@ -42,8 +42,10 @@ class CliServer:
     engine: str
     process: subprocess.Popen[bytes]
     url: str
+    #: the engine's work folder (its own log, TorchServe's key file)
     workdir: Path
     log_path: Path
+    model_store: Path
 
     def token(self) -> str | None:
         if self.engine == "ray":
@@ -91,7 +93,7 @@ def start_cli_server(
         full_env[TOKEN_ENV] = CLI_TOKEN
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-    server = CliServer(engine, process, f"http://127.0.0.1:{port}", workdir / "engine", log_path)
+    server = CliServer(engine, process, f"http://127.0.0.1:{port}", workdir / "engine", log_path, model_store)
     deadline = time.monotonic() + ready_timeout_s
     while "ready at" not in server.log_tail(200):
         if process.poll() is not None or time.monotonic() > deadline:

@@ -13,7 +13,7 @@ import dataclasses
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ NEW_VERSION = "2.0"
 #: How long the clients keep sending after the switch is complete (only version 2 may answer then).
 AFTER_SWITCH_S = 1.5
 GATE_REQUESTS = 8
+#: How long a Ray rollout (candidate deploy, gate, redeploy) may take.
+RAY_ROLLOUT_TIMEOUT_S = 300.0
 
 
 def retrained(spec: ModelSpec, version: str, seed: int) -> ModelSpec:
@@ -109,23 +111,13 @@ def _management(url: str, key: str | None, method: str, path: str) -> requests.R
     return requests.request(method, f"{url.rstrip('/')}{path}", headers=bearer(key), timeout=120)
 
 
-def run_rollout(
-    server: Any,
-    candidate_mar: Path,
-    *,
-    endpoint: str,
-    tolerance: Tolerance,
-    versions: dict[str, ModelSpec],
-    clients: int = 16,
+def run_under_load(
+    target: Target, endpoint: str, oracle: _Versions, switch: Callable[[], bool], *, clients: int = 16
 ) -> RolloutResult:
-    """Roll `candidate_mar` (version NEW_VERSION) onto a running TorchServe (`engines.torchserve.TorchServe` with the
-    model API on) under `clients` checked clients. `versions` maps each version to the spec whose eager outputs it
-    must give: a candidate whose archive does not match versions[NEW_VERSION] fails its gate."""
-    target = Target(server.name, server.url, server.token)
-    key = server.management_key()
-    oracle = _Versions(endpoint, tolerance, versions)
-    pool = [(oracle.inputs(b, seed), b) for b in (1, 2) for seed in range(4)]
-    bodies = [(inputs, *encode_request(inputs)) for inputs, _ in pool]
+    """`clients` send checked requests to /predictions/<endpoint> while `switch()` runs the engine's rollout steps
+    (it returns whether the new version passed its gate, i.e. whether it was switched to)."""
+    pool = [oracle.inputs(b, seed) for b in (1, 2) for seed in range(4)]
+    bodies = [(inputs, *encode_request(inputs)) for inputs in pool]
     auth = auth_headers(target)
     records: list[tuple[float, str, str]] = []  # (sent at, version that answered or "", problem)
     lock = threading.Lock()
@@ -154,30 +146,19 @@ def run_rollout(
             with lock:
                 records.append((sent, version, problem))
 
-    # The archive goes into the store TorchServe may register from (allowed_urls); the user's step 0.
-    staged = server.model_store / f"{endpoint}-v{NEW_VERSION}.mar"
-    shutil.copyfile(candidate_mar, staged)
     threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
     for t in threads:
         t.start()
     try:
         time.sleep(1.0)
         started = time.monotonic()
-        reg = _management(server.management_url, key, "POST", f"/models?url={staged.name}&initial_workers=1&synchronous=true")
-        if reg.status_code != 200:
-            raise RuntimeError(f"registering {staged.name} failed: HTTP {reg.status_code} {reg.text[:200]}")
-        gate_passed = _gate(target, endpoint, NEW_VERSION, oracle)
-        if gate_passed:
-            _switch(server, key, target, endpoint, oracle)
-        else:
-            _management(server.management_url, key, "DELETE", f"/models/{endpoint}/{NEW_VERSION}")
+        gate_passed = switch()
         switched_at = time.monotonic()
         time.sleep(AFTER_SWITCH_S)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=70)
-        staged.unlink(missing_ok=True)
     expected_after = NEW_VERSION if gate_passed else "1.0"
     answered: dict[str, int] = {}
     for _, version, problem in records:
@@ -197,6 +178,84 @@ def run_rollout(
         switch_s=round(switched_at - started, 2),
         failures=[p for _, _, p in records if p][:10],
     )
+
+
+def run_rollout(
+    server: Any,
+    candidate_mar: Path,
+    *,
+    endpoint: str,
+    tolerance: Tolerance,
+    versions: dict[str, ModelSpec],
+    clients: int = 16,
+) -> RolloutResult:
+    """Roll `candidate_mar` (version NEW_VERSION) onto a running TorchServe (`engines.torchserve.TorchServe` with the
+    model API on) under `clients` checked clients. `versions` maps each version to the spec whose eager outputs it
+    must give: a candidate whose archive does not match versions[NEW_VERSION] fails its gate."""
+    target = Target(server.name, server.url, server.token)
+    key = server.management_key()
+    oracle = _Versions(endpoint, tolerance, versions)
+    # The archive goes into the store TorchServe may register from (allowed_urls); the user's step 0.
+    staged = server.model_store / f"{endpoint}-v{NEW_VERSION}.mar"
+
+    def switch() -> bool:
+        url = f"/models?url={staged.name}&initial_workers=1&synchronous=true"
+        reg = _management(server.management_url, key, "POST", url)
+        if reg.status_code != 200:
+            raise RuntimeError(f"registering {staged.name} failed: HTTP {reg.status_code} {reg.text[:200]}")
+        if not _gate(target, endpoint, NEW_VERSION, oracle):
+            _management(server.management_url, key, "DELETE", f"/models/{endpoint}/{NEW_VERSION}")
+            return False
+        _switch(server, key, target, endpoint, oracle)
+        return True
+
+    shutil.copyfile(candidate_mar, staged)
+    try:
+        return run_under_load(target, endpoint, oracle, switch, clients=clients)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def run_ray_rollout(
+    server: Any,
+    candidate_mar: Path,
+    *,
+    endpoint: str,
+    tolerance: Tolerance,
+    versions: dict[str, ModelSpec],
+    clients: int = 16,
+) -> RolloutResult:
+    """Roll `candidate_mar` onto a running `torchship serve ray` (reliability.ops.CliServer) the way a user does:
+    replace the endpoint's archive in the store, send SIGHUP; the app deploys the store as a candidate, gates it and
+    redeploys only if it passed (engines.ray.rollout_app). The outcome is read from the engine's log."""
+    import signal
+
+    target = server.target()
+    oracle = _Versions(endpoint, tolerance, versions)
+    store = Path(server.model_store)
+    live = store / f"{endpoint}.mar"
+    kept = store.parent / f"{endpoint}.mar.previous"
+    log = server.workdir / "ray.log"
+
+    def switch() -> bool:
+        seen = log.read_text(encoding="utf-8", errors="replace").count("rollout: ")
+        shutil.copyfile(live, kept)
+        staging = store / f".{endpoint}.mar.new"
+        shutil.copyfile(candidate_mar, staging)
+        staging.replace(live)
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + RAY_ROLLOUT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if "rollout: " in ln]
+            if len(lines) > seen:
+                switched: bool = lines[-1].split("rollout: ", 1)[1].startswith("switched")
+                if not switched:
+                    kept.replace(live)  # the user puts the serving version back
+                return switched
+            time.sleep(0.5)
+        raise RuntimeError(f"no rollout outcome in {log} after {RAY_ROLLOUT_TIMEOUT_S:.0f} s")
+
+    return run_under_load(target, endpoint, oracle, switch, clients=clients)
 
 
 def _switch(server: Any, key: str | None, target: Target, endpoint: str, oracle: _Versions) -> None:
@@ -231,6 +290,64 @@ def rollout_specs(base: ModelSpec) -> tuple[ModelSpec, ModelSpec]:
     return retrained(base, NEW_VERSION, seed=2), retrained(base, NEW_VERSION, seed=3)
 
 
+def mismatched_archive(model_mar: Path, references_mar: Path, out: Path) -> Path:
+    """`model_mar` carrying `references_mar`'s recorded eager outputs, its checksum listing made to match: a valid
+    archive whose model does not reproduce its references (a build that mixed up two trainings). Its gate must fail."""
+    import hashlib
+    import json
+
+    from archive.mar import MarArchive
+    from handlers.names import CHECKSUMS_FILE, MANIFEST_FILE, REFERENCE_FILE
+    from reliability.run import write_entries
+
+    model, refs = MarArchive(model_mar), MarArchive(references_mar)
+    members = dict(model.entries)
+    members[REFERENCE_FILE] = refs.entries[REFERENCE_FILE]
+    manifest = model.manifest
+    manifest["reference"] = refs.manifest["reference"]
+    members[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode("utf-8")
+    listing = json.loads(members[CHECKSUMS_FILE])
+    for name in (REFERENCE_FILE, MANIFEST_FILE):
+        listing[name] = hashlib.sha256(members[name]).hexdigest()
+    members[CHECKSUMS_FILE] = json.dumps(listing, indent=2).encode("utf-8")
+    return write_entries(members, out)
+
+
+def ray_rollout_checks(server: Any, workdir: Path, tolerance: Tolerance, say: Any) -> list[dict[str, Any]]:
+    """Both rollouts on one running `torchship serve ray` whose store holds ROLLOUT_MODEL's default endpoint: an
+    archive that does not reproduce its references (refused at the gate), then a good one (switched)."""
+    from models import ZOO
+
+    base = ZOO[ROLLOUT_MODEL]
+    good, impostor = rollout_specs(base)
+    say(f"ray: building version {NEW_VERSION} of {ROLLOUT_MODEL} and a mismatched build of it (export + archive)")
+    mar = build_version(good, workdir / "v2")
+    bad = mismatched_archive(mar, build_version(impostor, workdir / "impostor"), workdir / "mismatched" / mar.name)
+    results: list[dict[str, Any]] = []
+    versions = {"1.0": base, NEW_VERSION: good}
+    for label, candidate in (("a version that fails its gate", bad), ("a version that passes its gate", mar)):
+        say(f"ray: rollout under 16 clients (store replaced, SIGHUP): {label}")
+        r = run_ray_rollout(server, candidate, endpoint=ROLLOUT_MODEL, tolerance=tolerance, versions=versions)
+        results.append(r.as_dict() | {"case": label})
+    return results
+
+
+def ray_rollouts(model_store: Path, workdir: Path, tolerance: Tolerance, say: Any) -> list[dict[str, Any]]:
+    """ray_rollout_checks on a `torchship serve ray` of its own, over a copy of ROLLOUT_MODEL's archive (a rollout
+    replaces the file in the store it serves)."""
+    from reliability.ops import start_cli_server
+
+    store = workdir / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_store / f"{ROLLOUT_MODEL}.mar", store / f"{ROLLOUT_MODEL}.mar")
+    say("ray: starting `torchship serve ray` for the version rollouts")
+    server = start_cli_server("ray", store, workdir / "server")
+    try:
+        return ray_rollout_checks(server, workdir, tolerance, say)
+    finally:
+        server.kill()
+
+
 def rollout_checks(server: Any, workdir: Path, tolerance: Tolerance, say: Any) -> list[dict[str, Any]]:
     """Both rollouts on one running TorchServe: a version that fails its gate (refused, v1 keeps serving), then a
     good one (switched)."""
@@ -260,16 +377,16 @@ def summarize_rollouts(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def rollout_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        f"Version rollout under 16 clients (TorchServe management API: register {NEW_VERSION}, gate, set-default, "
-        "unregister 1.0):",
+        f"Version rollout under 16 clients (TorchServe: management API, register {NEW_VERSION}, gate, set-default, "
+        "unregister 1.0; Ray: archive replaced in the store, SIGHUP, candidate app gated, redeploy):",
         "",
-        "| case | outcome | requests | failed | wrong | answered by | old version after the switch | switch s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | case | outcome | requests | failed | wrong | answered by | old version after the switch | switch s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         by = ", ".join(f"{v}: {n}" for v, n in r["answered_by"].items())
         lines.append(
-            f"| {r['case']} | {r['outcome']} | {r['requests']} | {r['failed']} | {r['wrong_answers']} | {by} | "
+            f"| {r['engine']} | {r['case']} | {r['outcome']} | {r['requests']} | {r['failed']} | {r['wrong_answers']} | {by} | "
             f"{r['old_after_switch']} | {r['switch_s']} |"
         )
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from handlers.errors import UnsafeArchive
 from handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, MANIFEST_FILE, REFERENCE_FILE, bearer
 from reliability.corpus import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
 from reliability.ops import OpsCounts, ops_markdown, ops_problems, plot_soak, run_operations
-from reliability.rollout import ROLLOUT_MODEL, rollout_checks, rollout_markdown, summarize_rollouts
+from reliability.rollout import ROLLOUT_MODEL, ray_rollouts, rollout_checks, rollout_markdown, summarize_rollouts
 from reliability.traffic import FaultResult, make_pool, run_fault, run_load, summarize
 from torchship.errors import EngineError, ReliabilityError, SignatureRefused
 from torchship.spec import Tolerance
@@ -506,6 +506,7 @@ def run_reliability(
         access["torchserve"] = torchserve_access(server, model_store, workdir / "outside")
         tolerance = oracle_for(model_store)[0].tolerances[ROLLOUT_MODEL]
         rollouts = rollout_checks(server, workdir / "rollout", tolerance, say)
+    rollouts += ray_rollouts(model_store, workdir / "ray-rollout", tolerance, say)
     integrity = [asdict(r) for r in integrity_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "integrity", say)]
     signatures = [asdict(c) for c in signature_checks(model_store / f"{FAULT_ENDPOINT}.mar", workdir / "signatures", say)]
     operations: dict[str, Any] = {}

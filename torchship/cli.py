@@ -193,6 +193,16 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         **extra,
     )
     label = {"torchserve": "TorchServe", "ray": "Ray Serve"}[args.engine]
+
+    def reload(_signum: int, _frame: object) -> None:
+        """SIGHUP: a gated rollout of the store as it now is (Ray); TorchServe rolls versions through its own API."""
+        if engine.name == "ray" and engine.running():
+            err.print("SIGHUP: rolling the model store out (candidate, parity gate, then the switch); see the engine log")
+            os.kill(engine.pid, signal.SIGHUP)
+        else:
+            err.print("SIGHUP: TorchServe rolls a new version out through its management API (docs/reliability.md)")
+
+    signal.signal(signal.SIGHUP, reload)
     try:
         err.print(f"starting {label} with {len(engine.endpoints)} endpoints; log: {escape(str(engine.log_path))}")
         engine.start()
