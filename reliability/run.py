@@ -27,11 +27,13 @@ import torch
 from archive.mar import MarArchive, store_archives, write_archive
 from engines import engine_class
 from engines.base import Engine
+from engines.ray import RayServe
 from engines.torchserve import TorchServe
 from handlers.codec import Signature, decode_response, encode_request
 from handlers.errors import UnsafeArchive
 from handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, MANIFEST_FILE, REFERENCE_FILE, bearer
 from reliability.corpus import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
+from reliability.grpc_corpus import run_grpc_corpus
 from reliability.ops import OpsCounts, ops_markdown, ops_problems, plot_soak, run_operations
 from reliability.rollout import ROLLOUT_MODEL, ray_rollouts, rollout_checks, rollout_markdown, summarize_rollouts
 from reliability.traffic import FaultResult, make_pool, run_fault, run_load, summarize
@@ -488,9 +490,14 @@ def run_reliability(
     access: dict[str, Any] = {}
     for name in ENGINE_NAMES:
         say(f"starting {name} on {model_store}")
-        with engine_for(name, model_store, workdir / name) as engine:
+        options = {"grpc_port": 0} if name == "ray" else {}  # the Ray app's OIP gRPC, on a free port
+        with engine_for(name, model_store, workdir / name, **options) as engine:
             doc = engine_checks(engine, model_store, counts, say)
             access[name] = ray_access(engine) if name == "ray" else None
+            if isinstance(engine, RayServe) and engine.grpc_address:
+                say("ray: hostile gRPC cases (OIP GRPCInferenceService)")
+                cases = run_grpc_corpus(engine.grpc_address, engine.token, limit_bytes=LIMIT_BYTES)
+                doc["grpc_corpus"] = [asdict(c) | {"passed": c.passed} for c in cases]
         say(f"{name}: restarting on the same model store")
         with engine_for(name, model_store, workdir / f"{name}-restart") as engine:
             oracle, sigs = oracle_for(model_store)
@@ -577,6 +584,12 @@ def problems(report: dict[str, Any]) -> list[str]:
         ]
         if not ts["all_loopback"]:
             problems.append(f"torchserve listens beyond loopback: {ts['listening']}")
+    for name, doc in report["engines"].items():
+        problems += [
+            f"{name}: gRPC case {c['case']} answered {c['code']} (expected {c['expected']}; healthy after: {c['healthy_after']})"
+            for c in doc.get("grpc_corpus") or []
+            if not c["passed"]
+        ]
     for name, doc in (report.get("operations") or {}).items():
         problems += ops_problems(name, doc)
     problems += summarize_rollouts(report.get("rollouts") or [])
@@ -605,6 +618,10 @@ def markdown(report: dict[str, Any]) -> str:
               f"builder): {verdict}; the signed control "
               f"{'accepted' if all(not c['refused'] for c in report['signatures'] if c['case'] == 'signed') else 'REFUSED'}.",
               f"Unpickling calls in the project: {len(report['unpickling_calls'])}."]  # fmt: skip
+    grpc = [c for doc in report["engines"].values() for c in doc.get("grpc_corpus") or []]
+    if grpc:
+        lines.append(f"Hostile gRPC cases (the Ray app's OIP gRPC): {sum(c['passed'] for c in grpc)} of {len(grpc)} got "
+                     "their status code and left the server healthy.")  # fmt: skip
     if report.get("operations"):
         lines += ["", ops_markdown(report["operations"])]
     if report.get("rollouts"):
