@@ -22,8 +22,8 @@ from reliability.rollout import NEW_VERSION, ROLLOUT_MODEL, rollout_checks
 from reliability.traffic import make_pool, run_fault, run_load, summarize
 
 LOAD_REQUESTS = 400
-SOAK_REQUESTS = 400
-SLOW_REQUESTS = 120
+SOAK_REQUESTS = 250
+SLOW_REQUESTS = 80
 BODY_TIMEOUT_S = 2.0
 FUZZ_REQUESTS = 120
 FAULT_REQUESTS = 300
