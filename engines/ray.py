@@ -183,7 +183,9 @@ def replica_pids(endpoint: str) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if cmdline.split(b"\0", 1)[0].decode(errors="replace").strip() == title:
+        name = cmdline.split(b"\0", 1)[0].decode(errors="replace").strip()
+        # While it runs a task Ray may append the method (`...:ingress.handle_request`): the same process.
+        if name == title or name.startswith(title + "."):
             pids.append(int(proc.name))
     return sorted(pids)
 

@@ -57,7 +57,8 @@ def build_version(spec: ModelSpec, workdir: Path) -> Path:
     from export.exporter import export_model
 
     artifacts = workdir / "artifacts"
-    export_model(spec, out_dir=artifacts, default_format="torchscript")
+    # TorchScript only: the rolled-out endpoint is the model's default one, and the version is what is under test.
+    export_model(dataclasses.replace(spec, formats=("torchscript",)), out_dir=artifacts, default_format="torchscript")
     built = archive_models([spec.name], artifacts=artifacts, out_dir=workdir / "store", model_config=load_model_config())
     return next(e.mar for e in built if e.name == spec.name)
 

@@ -24,7 +24,7 @@ from reliability.traffic import make_pool, run_fault, run_load, summarize
 LOAD_REQUESTS = 400
 SOAK_REQUESTS = 250
 SLOW_REQUESTS = 80
-BODY_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 1.5
 FUZZ_REQUESTS = 120
 FAULT_REQUESTS = 300
 CONCURRENCY = 16
@@ -46,8 +46,9 @@ def engines(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     Ray app's body timeout is short here, so the slow-client test sees it cut."""
     with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
         mp.setenv(BODY_TIMEOUT_ENV, str(BODY_TIMEOUT_S))
-        ts = stack.enter_context(rel.engine_for("torchserve", store, tmp_path_factory.mktemp("ts")))
-        ray = stack.enter_context(rel.engine_for("ray", store, tmp_path_factory.mktemp("ray")))
+        # A short drain window: the drain test needs the sequence, not a load balancer's time.
+        ts = stack.enter_context(rel.engine_for("torchserve", store, tmp_path_factory.mktemp("ts"), drain_window_s=0.5))
+        ray = stack.enter_context(rel.engine_for("ray", store, tmp_path_factory.mktemp("ray"), drain_window_s=0.5))
         yield {"torchserve": ts, "ray": ray}
 
 
@@ -157,7 +158,7 @@ def test_a_drain_under_load_loses_nothing_and_a_restart_gives_identical_outputs(
     before = rel.fixed_outputs(target, oracle[0], endpoints)
     # The graceful stop `torchship serve` runs on SIGTERM, under 16 clients sending checked requests.
     pool = make_pool(oracle[0], endpoints, batches=(1, 2))
-    drained = run_drain(engine_stoppable(engines[engine], target), pool, oracle[0], clients=CONCURRENCY, signal_after_s=1.0)
+    drained = run_drain(engine_stoppable(engines[engine], target), pool, oracle[0], clients=CONCURRENCY, signal_after_s=0.5)
     assert not drained.violations, drained.violations[:5]
     assert drained.sent_before_signal > 0 and drained.answered_before_signal_ok == drained.sent_before_signal
     assert drained.exit_s is not None and drained.exit_s <= drained.bound_s, drained
