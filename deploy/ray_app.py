@@ -92,10 +92,6 @@ class EndpointDeployment:
         verify_key_file: str | None = None,
         archive_sha256: str | None = None,
     ) -> None:
-        # The builder's digest of the archive: a file replaced since (a rollout in progress, a hand edit) is refused
-        # here rather than served under the old deployment's name. It is also what makes Ray redeploy a replaced file.
-        if archive_sha256 and hashlib.sha256(Path(mar).read_bytes()).hexdigest() != archive_sha256:
-            raise ArtifactError(f"{Path(mar).name} changed after the app was built; redeploy the app to serve it")
         if verify_key_file:
             # Again here, not only in the builder: the replica reads the file itself, maybe long after the build.
             from archive.signing import load_verify_key, verify_archive
@@ -107,6 +103,11 @@ class EndpointDeployment:
                 raise ArtifactError(str(exc)) from None
         archive = MarArchive(Path(mar))
         self.model_dir = archive.unpack_cached(Path(cache_dir))
+        # The builder's digest of the archive (the cache folder is named by the file's own): a file replaced since (a
+        # rollout in progress, a hand edit) is refused here, before its model loads, rather than served under the old
+        # deployment's name. The digest is also what makes Ray redeploy a replaced file.
+        if archive_sha256 and self.model_dir.name != archive_sha256:
+            raise ArtifactError(f"{Path(mar).name} changed after the app was built; redeploy the app to serve it")
         check_same_handler(self.model_dir)
         # Ray sets CUDA_VISIBLE_DEVICES for a replica that asked for a GPU; the core falls back to the CPU without one.
         gpu_id = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else None

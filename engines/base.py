@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
 
+from deploy.drain import FLUSH_TIMEOUT_S
 from handlers.names import LOAD_REFUSED_MARKER, VERIFY_KEY_ENV, bearer
 from torchship.errors import ArchiveError, EngineError, NotReady
 
@@ -30,7 +31,7 @@ CONFIG_PROPERTIES = REPO / "configs" / "config.properties"
 #: to stop sending (a pod's preStop sleep does the same in Kubernetes). Then new requests get a JSON 503.
 DRAIN_WINDOW_S = 2.0
 #: After the window, how long a drain waits for accepted requests to finish before the engine is stopped anyway.
-DRAIN_TIMEOUT_S = 20.0
+DRAIN_TIMEOUT_S = FLUSH_TIMEOUT_S
 
 
 def free_port() -> int:
