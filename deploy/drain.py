@@ -2,10 +2,11 @@
 preStop hook runs (`python -m deploy.drain`) before Kubernetes sends SIGTERM.
 
 TorchServe closes its listeners and stops its workers at once on SIGTERM: requests it had accepted are reset. So the
-drain happens before the signal: keep answering for a window (a load balancer's time to stop sending), then create
-the drain file (the torchship handler then answers whatever it is handed with a JSON 503), then send one probe
-request per endpoint; the probe queues behind every request TorchServe already took, so its 503 comes back once
-they have all been answered (exact with one worker per model; with more, another worker may still be finishing a
+drain happens before the signal: keep answering for a window (a load balancer's time to stop sending), then write a
+random marker into the handler's drain file and send every endpoint one request carrying it (X-Torchship-Drain).
+TorchServe queues the marker behind every request it already took for that endpoint; the handler answers those as
+usual and the marker, and anything behind it, with a JSON 503. So the marker's 503 coming back means the endpoint
+has nothing accepted left (exact with one worker per model; with more, another worker may still be finishing a
 batch it took earlier). stdlib only and quick to start, like deploy.probe.
 
 Exit status: 0 drained, 1 an endpoint's probe did not come back in time (the engine is stopped anyway).
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from handlers.names import DRAIN_FILE_ENV, DRAINING_MESSAGE, TOKEN_ENV, TOKEN_FILE_ENV, bearer
+from handlers.names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE, TOKEN_ENV, TOKEN_FILE_ENV, bearer
 
 #: The pods' preStop window: the time Kubernetes takes to take a terminating pod out of its Services' endpoints.
 POD_WINDOW_S = 5.0
@@ -30,12 +33,12 @@ POD_WINDOW_S = 5.0
 FLUSH_TIMEOUT_S = 20.0
 
 
-def _probe(url: str, endpoint: str, token: str | None, timeout_s: float) -> bool:
-    """True when the endpoint answered the probe with the handler's drain 503."""
+def _marker_answered(url: str, endpoint: str, marker: str, token: str | None, timeout_s: float) -> bool:
+    """True when the endpoint answered the marker request with the handler's drain 503."""
     request = urllib.request.Request(
         f"{url.rstrip('/')}/predictions/{endpoint}",
         data=b"{}",
-        headers={"Content-Type": "application/json", **bearer(token)},
+        headers={"Content-Type": "application/json", DRAIN_HEADER: marker, **bearer(token)},
         method="POST",
     )
     try:
@@ -57,17 +60,29 @@ def drain(
     window_s: float,
     timeout_s: float = FLUSH_TIMEOUT_S,
 ) -> list[str]:
-    """Run the drain; return the endpoints whose probe did not come back within `timeout_s` (none when drained)."""
+    """Run the drain; return the endpoints whose marker did not come back within `timeout_s` (none when drained)."""
     time.sleep(window_s)
-    drain_file.touch()
+    marker = secrets.token_hex(16)
+    written = drain_file.with_name(f".{drain_file.name}.{os.getpid()}")
+    written.write_text(marker, encoding="utf-8")
+    written.replace(drain_file)  # the handler never reads half a marker
     deadline = time.monotonic() + timeout_s
-    pending = list(endpoints)
-    while pending and time.monotonic() < deadline:
-        if _probe(url, pending[0], token, max(0.1, deadline - time.monotonic())):
-            pending.pop(0)
-        else:
+    pending: list[str] = []
+
+    def flush(endpoint: str) -> None:
+        while time.monotonic() < deadline:
+            if _marker_answered(url, endpoint, marker, token, max(0.1, deadline - time.monotonic())):
+                return
             time.sleep(0.05)
-    return pending
+        pending.append(endpoint)
+
+    # Every endpoint at once: one that is still flushing must not keep another one answering new requests.
+    threads = [threading.Thread(target=flush, args=(e,), name=f"drain-{e}", daemon=True) for e in endpoints]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(pending)
 
 
 def _token_from_env() -> str | None:

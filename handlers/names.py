@@ -48,10 +48,13 @@ TOKEN_ENV = "TORCHSHIP_INFERENCE_TOKEN"
 TOKEN_FILE_ENV = "TORCHSHIP_INFERENCE_TOKEN_FILE"
 #: The body limit the handler enforces with a JSON 413 (the launchers set it from configs/config.properties).
 MAX_REQUEST_BYTES_ENV = "TORCHSHIP_MAX_REQUEST_BYTES"
-#: A file whose existence means "draining": the handler answers every request it is handed with a JSON 503
-#: (DRAINING_MESSAGE) so that queued work flushes out before the engine stops (the launcher or a pod's preStop
-#: creates it; see the README's graceful drain).
+#: Graceful drain of a TorchServe (deploy/drain.py, run by the launcher or a pod's preStop): the drain writes a
+#: random marker into this file and sends each endpoint one request carrying it in DRAIN_HEADER. Requests queued
+#: ahead of the marker are answered as usual; the marker and everything behind it get a JSON 503
+#: (DRAINING_MESSAGE), so the marker's 503 means the endpoint holds no accepted work. Without a marker the file
+#: does nothing (a stale one left in a pod's emptyDir cannot turn a restarted server away).
 DRAIN_FILE_ENV = "TORCHSHIP_DRAIN_FILE"
+DRAIN_HEADER = "X-Torchship-Drain"
 DRAINING_MESSAGE = "server is shutting down; retry on another replica"
 
 #: Every refusal to load an archive (tampered, wrong handler code, unsafe entry) starts with this marker, in the

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from handlers.core import EndpointCore, Reply, Request, pick_device
-from handlers.names import DRAIN_FILE_ENV, DRAINING_MESSAGE
+from handlers.names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE
 
 
 class Context(Protocol):
@@ -51,9 +52,14 @@ class TorchshipHandler:
         self.core: EndpointCore | None = None
         drain_file = os.environ.get(DRAIN_FILE_ENV)
         self.drain_file = Path(drain_file) if drain_file else None
+        self.draining = False
+        self.started = time.time()
+        self.model_name = ""
 
     def initialize(self, context: Context) -> None:
         props = context.system_properties
+        self.started = time.time()
+        self.model_name = str(getattr(context, "model_name", "") or Path(props["model_dir"]).name)
         self.core = EndpointCore(
             Path(props["model_dir"]),
             device=pick_device(props.get("gpu_id")),
@@ -66,11 +72,11 @@ class TorchshipHandler:
     def handle(self, data: Sequence[Mapping[str, Any]], context: Context) -> list[bytes]:
         if self.core is None:
             raise RuntimeError("handle() before initialize()")
-        if self.drain_file is not None and self.drain_file.exists():
-            # Draining: what is still queued is answered at once, so the engine can stop with nothing in flight.
-            replies = [Reply.error(DRAINING_MESSAGE, 503) for _ in data]
-        else:
-            replies = self.core.infer_batch([Request.of(_body(item), _headers(context, idx)) for idx, item in enumerate(data)])
+        served = self._served_before_drain(data, context)
+        requests = [Request.of(_body(item), _headers(context, idx)) for idx, item in enumerate(data[:served])]
+        replies = self.core.infer_batch(requests) if requests else []
+        # Draining: the drain marker and whatever was queued behind it get the 503 at once.
+        replies += [Reply.error(DRAINING_MESSAGE, 503) for _ in data[served:]]
         for idx, reply in enumerate(replies):
             if reply.status != 200:
                 context.set_response_status(code=reply.status, phrase=_phrase(reply.body), idx=idx)
@@ -79,6 +85,42 @@ class TorchshipHandler:
                 if key != "content-type":
                     context.set_response_header(idx, key, value)
         return [reply.body for reply in replies]
+
+    def _served_before_drain(self, data: Sequence[Mapping[str, Any]], context: Context) -> int:
+        """How many of the batch's requests to serve: all of them, unless a drain marker is among them or was seen."""
+        if self.drain_file is None:
+            return len(data)
+        seen = self.drain_file.with_name(f"{self.drain_file.name}.{self.model_name}")
+        if self.draining or _touched_since(seen, self.started):
+            # This worker saw the marker, or another worker of this endpoint did after this one started.
+            self.draining = True
+            return 0
+        for idx in range(len(data)):
+            marker = _header(_headers(context, idx), DRAIN_HEADER)
+            if marker and marker == _read_marker(self.drain_file):
+                self.draining = True
+                seen.touch()
+                return idx
+        return len(data)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    wanted = name.lower()
+    return next((str(v) for k, v in headers.items() if k.lower() == wanted), None)
+
+
+def _read_marker(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _touched_since(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
 
 
 def _phrase(body: bytes) -> str:

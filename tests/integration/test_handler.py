@@ -15,7 +15,7 @@ from archive.build import Endpoint
 from handlers.codec import decode_response, encode_request
 from handlers.core import parse_server_timing
 from handlers.errors import TOKEN_FAILED, ArtifactError
-from handlers.names import TOKEN_ENV, TOKEN_FILE_ENV
+from handlers.names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE, TOKEN_ENV, TOKEN_FILE_ENV
 from handlers.service import TorchshipHandler
 from tests.conftest import unpack
 from tests.helpers import torchserve_context
@@ -305,6 +305,35 @@ def test_no_token_configured_means_no_token_check(
     monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
     handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
     _, ctx = _run(handler, model_dir, [_request({"x": torch.randn(1, 256)})])
+    assert _status(ctx, 0) == 200
+
+
+def test_the_drain_marker_flushes_what_was_queued_ahead_and_refuses_what_follows(
+    archives: dict[str, Endpoint], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drain_file = tmp_path / "draining"
+    monkeypatch.setenv(DRAIN_FILE_ENV, str(drain_file))
+    handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
+    sibling = TorchshipHandler()  # a second worker of the same endpoint
+    sibling.initialize(torchserve_context(model_dir))
+    request, headers = _request({"x": torch.randn(1, 256)})
+    drain_file.write_text("m4rker")
+    # A stale file, or a header without the file's marker, changes nothing.
+    out, ctx = _run(handler, model_dir, [(request, headers), (request, {**headers, DRAIN_HEADER: "guess"})])
+    assert [_status(ctx, i) for i in (0, 1)] == [200, 200]
+    # Queued ahead of the marker: answered; the marker and what is behind it: the JSON 503.
+    marker = ({"body": bytearray(b"{}")}, {DRAIN_HEADER.lower(): "m4rker"})
+    out, ctx = _run(handler, model_dir, [(request, headers), marker, (request, headers)])
+    assert [_status(ctx, i) for i in range(3)] == [200, 503, 503]
+    assert json.loads(out[1])["error"] == json.loads(out[2])["error"] == DRAINING_MESSAGE
+    # Later batches, on this worker and on the endpoint's other worker, are refused too.
+    for worker in (handler, sibling):
+        out, ctx = _run(worker, model_dir, [(request, headers)])
+        assert _status(ctx, 0) == 503
+    # A worker started after the drain (a restarted container with the old files in its emptyDir) serves.
+    restarted, _ = _handler(archives, "dynamic_router", tmp_path / "restarted")
+    restarted.model_name = handler.model_name
+    out, ctx = _run(restarted, model_dir, [(request, headers)])
     assert _status(ctx, 0) == 200
 
 
