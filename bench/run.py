@@ -75,6 +75,9 @@ class Settings:
     ray_sweep: dict[str, dict[str, int]]
     #: Seconds of py-spy sampling per engine under sequential batch-1 traffic (0: no profile).
     profile_seconds: float
+    #: Run the ray_sweep in an engine start of its own (its extra replicas stay out of the memory comparison);
+    #: otherwise its endpoints join the bench store, for both engines, and the sweep runs in the main Ray start.
+    ray_sweep_apart: bool
 
 
 FULL = Settings(
@@ -94,6 +97,7 @@ FULL = Settings(
     },
     sweep_clients=(1, 16), peer_clients=16, cpp_repeat=10, served_models=("dynamic_router", "seq_decoder"),
     ray_sweep={"simple_cnn_r2": {"num_replicas": 2}, "simple_cnn_mo64": {"max_ongoing_requests": 64}}, profile_seconds=6.0,
+    ray_sweep_apart=True,
 )  # fmt: skip
 QUICK = Settings(
     quick=True,
@@ -103,6 +107,7 @@ QUICK = Settings(
     sweep={"simple_cnn_b8_d5": {"batchSize": 8, "maxBatchDelay": 5}, "simple_cnn_q1": {"batchSize": 1, "maxBatchDelay": 0,
            "jobQueueSize": 1}}, sweep_clients=(1, 4), peer_clients=4, cpp_repeat=0,
     served_models=("dynamic_router",), ray_sweep={"simple_cnn_mo4": {"max_ongoing_requests": 4}}, profile_seconds=1.0,
+    ray_sweep_apart=False,  # one Ray start fewer (about 20 s of make test)
 )  # fmt: skip
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224
@@ -183,7 +188,7 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
         sweep_store = Path(tmp) / "store-ray-sweep"
         sweep_store.mkdir()
         shutil.copyfile(store / f"{BATCHED}.mar", sweep_store / f"{BATCHED}.mar")
-        for variant in ray_only:
+        for variant in ray_only if settings.ray_sweep_apart else ():
             shutil.move(store / f"{variant}.mar", sweep_store / f"{variant}.mar")
         extra = add_default_endpoints(settings.served_models, artifacts, store, model_config)
         # What the endpoint serves, loaded as its handler loads it (the manifest's load options included).
@@ -222,9 +227,11 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
         endpoints = len(list(store.glob("*.mar")))
         # Both engines serve the very same store, so that their memory compares; each stock peer and Ray's deployment
         # sweep run in engine starts of their own afterwards.
+        sweep_options = {"app_args": {"deployments": settings.ray_sweep}}
         for name in ENGINES:
             say(f"{name}: starting on the bench store ({endpoints} endpoints; {BATCHED}: batching on, {UNBATCHED}: batchSize 1)")
-            with engine(name, store, Path(tmp) / name) as (running, footprint):
+            options = sweep_options if name == "ray" and not settings.ray_sweep_apart else {}
+            with engine(name, store, Path(tmp) / name, **options) as (running, footprint):
                 e = doc["engines"][name] = measure_engine(run, running, footprint, say)
                 e["endpoints"] = endpoints
                 e["rss_per_endpoint_mib"] = e["rss_mib"] / endpoints
@@ -234,11 +241,12 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                     say(f"{name}: py-spy on every Python process, {settings.profile_seconds:.0f} s of sequential requests")
                     e["profile"] = profile(running, f"{running.url}/predictions/{UNBATCHED}", run.small, run.tol,
                                            seconds=settings.profile_seconds)  # fmt: skip
+                if options:
+                    e["ray_sweep"] = ray_sweep(run, running, lambda text: say(f"ray: sweep {text}"))
             e["peer"] = peer_runs(run, name, model_file, Path(tmp), say)
-        if settings.ray_sweep:
+        if settings.ray_sweep and settings.ray_sweep_apart:
             say(f"ray: starting again for the deployment-settings sweep ({', '.join(settings.ray_sweep)})")
-            options = {"app_args": {"deployments": settings.ray_sweep}}
-            with engine("ray", sweep_store, Path(tmp) / "ray-sweep", **options) as (running, _):
+            with engine("ray", sweep_store, Path(tmp) / "ray-sweep", **sweep_options) as (running, _):
                 doc["engines"]["ray"]["ray_sweep"] = ray_sweep(run, running, lambda text: say(f"ray: sweep {text}"))
         return doc
 
