@@ -6,9 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.torchship-setup
 ARTIFACTS ?= artifacts
-# Quiet pip; the machine's extra local indexes print one warning per package otherwise. No .pyc at install time
-# (measured: torch alone installs in 17 s instead of 27 s); Python writes them for the modules that get imported.
-PIP_FLAGS := -q --disable-pip-version-check --no-compile
+# Quiet pip; the machine's extra local indexes print one warning per package otherwise. pip compiles the .pyc
+# files: where PYTHONDONTWRITEBYTECODE is set, Python would otherwise recompile every import in every process.
+PIP_FLAGS := -q --disable-pip-version-check
 PIP := $(BIN)/python -m pip install $(PIP_FLAGS)
 NOISE := grep -v 'is ignored: it is neither' >&2
 export PYTHONUNBUFFERED := 1

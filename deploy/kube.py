@@ -6,6 +6,7 @@ with `kubectl kustomize` and checked offline — schemas, CRDs, ports, lint and 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,9 +24,10 @@ import yaml
 
 from deploy import kserve
 from deploy.crds import CRD_SCHEMAS, crd_problems, where
+from deploy.drain import FLUSH_TIMEOUT_S, POD_WINDOW_S, STOP_ALLOWANCE_S
 from deploy.pod_config import IMAGE_MODEL_STORE, frontend_limit_bytes, pod_properties, properties_text
 from engines.base import default_body_limit_bytes, read_properties
-from handlers.names import MAX_REQUEST_BYTES_ENV, TOKEN_FILE_ENV
+from handlers.names import DRAIN_FILE_ENV, MAX_REQUEST_BYTES_ENV, TOKEN_FILE_ENV
 from torchship.errors import DeployError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,15 +178,22 @@ def validate_object(obj: dict[str, Any], version: str, schema_dir: Path = SCHEMA
 
 
 def _builtin(obj: dict[str, Any], version: str) -> list[str]:
+    # The overlays share most objects (and each validation loads its schema, ~20 ms): each distinct one is checked once.
+    return list(_builtin_once(json.dumps(obj, sort_keys=True), version))
+
+
+@functools.lru_cache(maxsize=4096)
+def _builtin_once(obj_json: str, version: str) -> tuple[str, ...]:
     import kubernetes_validate  # type: ignore[import-untyped]
 
+    obj = json.loads(obj_json)
     try:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.SchemaNotFoundError:
-        return [f"{obj.get('apiVersion')}/{obj.get('kind')} is not a kind Kubernetes {version} serves"]
+        return (f"{obj.get('apiVersion')}/{obj.get('kind')} is not a kind Kubernetes {version} serves",)
     except kubernetes_validate.ValidationError as exc:
-        return [f"{where(exc)}: {exc.message}"]
-    return []
+        return (f"{where(exc)}: {exc.message}",)
+    return ()
 
 
 # -- conformance of the manifests with the config files -----------------------------------------------------------
@@ -288,14 +297,18 @@ def _torchserve_containers(objs: list[dict[str, Any]]) -> Iterator[tuple[str, di
                 yield f"{name} container {wanted}", pod, c
 
 
-def _ts_config_arg(container: dict[str, Any]) -> str | None:
-    args = [*container.get("command", []), *container.get("args", [])]
+def _flag(args: list[str], name: str) -> str | None:
+    """The value of `name` in an argument list, as `name value` or `name=value`."""
     for i, arg in enumerate(args):
-        if arg == "--ts-config" and i + 1 < len(args):
-            return str(args[i + 1])
-        if arg.startswith("--ts-config="):
-            return str(arg.split("=", 1)[1])
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
     return None
+
+
+def _ts_config_arg(container: dict[str, Any]) -> str | None:
+    return _flag([*container.get("command", []), *container.get("args", [])], "--ts-config")
 
 
 def _mounted_config(pod: dict[str, Any], container: dict[str, Any], objs: list[dict[str, Any]]) -> tuple[str, str] | None:
@@ -352,6 +365,63 @@ def body_limits(objs: list[dict[str, Any]]) -> list[str]:
                 )
     if not found:
         problems.append(f"no TorchServe container (a Deployment's 'torchserve', a runtime's {kserve.CONTAINER_NAME!r}) found")
+    return problems
+
+
+# -- graceful drain in every TorchServe pod -----------------------------------------------------------------------
+
+#: Kubernetes' terminationGracePeriodSeconds when a pod does not set one.
+DEFAULT_GRACE_S = 30
+
+
+def _grace_periods(label: str, pod: dict[str, Any], objs: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(object, seconds) of every grace period a TorchServe container stops under: the Deployment's pod, or for a
+    KServe runtime each InferenceService predictor that uses it."""
+    owner = label.split(" ", maxsplit=1)[0]
+    kind, name = owner.split("/", 1)
+    if kind not in RUNTIME_KINDS:
+        return [(owner, int(pod.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)))]
+    return [
+        (f"InferenceService/{o['metadata']['name']}", int(predictor.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)))
+        for o in objs
+        if o["kind"] == "InferenceService"
+        for predictor in [o["spec"].get("predictor", {})]
+        if predictor.get("model", {}).get("runtime") in (None, name)
+    ]
+
+
+def graceful_drain(objs: list[dict[str, Any]]) -> list[str]:
+    """Every TorchServe container drains before it stops, as `torchship serve` does and `make reliability` measured:
+    a preStop hook runs deploy.drain on the store TorchServe serves, the handler's drain file sits on a writable
+    volume, and the grace period covers the drain's window, its flush and TorchServe's stop."""
+    problems: list[str] = []
+    for label, pod, container in _torchserve_containers(objs):
+        env = _env(container, DRAIN_FILE_ENV)
+        if env is None or not env.get("value"):
+            problems.append(f"{label}: env {DRAIN_FILE_ENV} is not set: the handler cannot take part in the drain")
+        else:
+            folder = str(env["value"]).rpartition("/")[0]
+            mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"].rstrip("/") == folder]
+            if not mounts or any(m.get("readOnly") for m in mounts):
+                problems.append(f"{label}: {DRAIN_FILE_ENV} {env['value']} is not on a writable volume mounted at {folder}")
+        hook = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        if "deploy.drain" not in hook:
+            problems.append(
+                f"{label}: no preStop hook runs `python -m deploy.drain`: TorchServe resets every accepted request on SIGTERM"
+            )
+            continue
+        store = _flag([*container.get("command", []), *container.get("args", [])], "--model-store")
+        drained = _flag(hook, "--model-store")
+        if store != drained:
+            problems.append(f"{label}: the preStop drain's --model-store is {drained}, TorchServe serves {store}")
+        window = float(_flag(hook, "--window-s") or POD_WINDOW_S)
+        needed = window + FLUSH_TIMEOUT_S + STOP_ALLOWANCE_S
+        for owner, grace in _grace_periods(label, pod, objs):
+            if grace < needed:
+                problems.append(
+                    f"{owner}: terminationGracePeriodSeconds {grace} is shorter than the drain's window {window:g} s + flush "
+                    f"{FLUSH_TIMEOUT_S:g} s + stop {STOP_ALLOWANCE_S:g} s = {needed:g} s"
+                )
     return problems
 
 
@@ -558,6 +628,10 @@ def check(
         problems = [f"{overlay}: {p}" for overlay, objs in rendered.items() for p in body_limits(objs)]
         detail = f"{MAX_REQUEST_BYTES_ENV}={limit} in every TorchServe pod, TorchServe's own cut at {frontend_limit_bytes(limit)}"
         record("body limit", problems, detail)
+    if rendered:
+        problems = [f"{overlay}: {p}" for overlay, objs in rendered.items() for p in graceful_drain(objs)]
+        detail = f"every TorchServe container: preStop deploy.drain, {DRAIN_FILE_ENV} writable, grace period covers the drain"
+        record("graceful drain", problems, detail)
     for overlay, gpu in (("kserve", False), ("kserve-gpu", True)):
         if overlay in rendered:
             problems = kserve_runtime(rendered[overlay], kserve.store_properties(gpu))

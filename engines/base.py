@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -34,12 +35,23 @@ DRAIN_WINDOW_S = 2.0
 DRAIN_TIMEOUT_S = FLUSH_TIMEOUT_S
 
 
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A port the OS just handed out on 127.0.0.1 (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port the OS just handed out on 127.0.0.1 (bind to port 0), never one this process handed out before: an
+    engine takes several at once (TorchServe five), and the OS may give a port it just closed again (seen: the
+    metrics and a gRPC port of one TorchServe got the same number, and it failed to bind)."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        with _HANDED_OUT_LOCK:
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    raise EngineError("no free port on 127.0.0.1 that this process has not handed out already")
 
 
 def read_properties(path: Path) -> dict[str, str]:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tests.helpers import run_cli
 
 
-def test_quick_bench_writes_a_complete_report_with_every_answer_verified(tmp_path: Path) -> None:
-    """From an empty artifacts folder: the bench exports what it measures and serves, nothing else first."""
+def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifacts_dir: Path, tmp_path: Path) -> None:
+    """From an artifacts folder holding simple_cnn only (the session's export): the bench uses it and exports what
+    else it measures and serves (dynamic_router), nothing more."""
     out, artifacts = tmp_path / "reports", tmp_path / "artifacts"
+    shutil.copytree(artifacts_dir / "simple_cnn", artifacts / "simple_cnn")
     proc = run_cli("bench", "--quick", "--artifacts", str(artifacts), "--out", str(out), timeout_s=900)
+    said = proc.stdout + proc.stderr
+    assert "exporting dynamic_router" in said and "exporting simple_cnn" not in said, said[-2000:]
     assert sorted(p.name for p in artifacts.iterdir()) == ["dynamic_router", "simple_cnn"]
     doc = json.loads((out / "bench.json").read_text())
     assert doc["schema"] == 1 and doc["quick"] is True

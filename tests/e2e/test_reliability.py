@@ -21,7 +21,7 @@ from reliability.ops import SOAK_GROWTH_LIMIT, engine_stoppable, run_drain, run_
 from reliability.rollout import NEW_VERSION, ROLLOUT_MODEL, rollout_checks
 from reliability.traffic import make_pool, run_fault, run_load, summarize
 
-LOAD_REQUESTS = 400
+LOAD_REQUESTS = 250
 SOAK_REQUESTS = 250
 SLOW_REQUESTS = 80
 BODY_TIMEOUT_S = 1.5

@@ -23,8 +23,8 @@ def test_deploy_check_passes_on_the_repository() -> None:
     proc = run_cli("deploy", "check", timeout_s=900)
     assert "checks passed" in proc.stdout and "failed:" not in proc.stdout
     for step in ("validate cpu", "validate gpu", "validate staging", "validate candidate", "validate kserve",
-                 "validate kserve-gpu", "ports and probes", "body limit", "kserve runtime", "kserve-gpu runtime",
-                 "yamllint", "hadolint", "checkov"):  # fmt: skip
+                 "validate kserve-gpu", "ports and probes", "body limit", "graceful drain", "kserve runtime",
+                 "kserve-gpu runtime", "yamllint", "hadolint", "checkov"):  # fmt: skip
         assert step in proc.stdout
 
 
@@ -242,6 +242,49 @@ def test_a_pod_without_the_handlers_body_limit_fails(k8s_copy: Path, path: str, 
     steps = {s.name: s for s in check(k8s_copy, lint=False, versions=NEWEST)}
     assert not steps["body limit"].passed
     assert expected in steps["body limit"].detail, steps["body limit"].detail
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "expected"),
+    [
+        (
+            "base/torchserve/deployment.yaml",
+            "command: [python, -m, deploy.drain,",
+            "command: [python, -m, deploy.probe,",
+            "Deployment/torchserve container torchserve: no preStop hook runs `python -m deploy.drain`",
+        ),
+        (
+            "base/torchserve/deployment.yaml",
+            "deploy.drain, --model-store, /opt/torchship/model_store,",
+            "deploy.drain, --model-store, /opt/torchship/other_store,",
+            "the preStop drain's --model-store is /opt/torchship/other_store, TorchServe serves /opt/torchship/model_store",
+        ),
+        (
+            "base/torchserve/deployment.yaml",
+            "terminationGracePeriodSeconds: 60",
+            "terminationGracePeriodSeconds: 30",
+            "Deployment/torchserve: terminationGracePeriodSeconds 30 is shorter than the drain's window 5 s",
+        ),
+        (
+            "overlays/kserve/inferenceservice.yaml",
+            "terminationGracePeriodSeconds: 60",
+            "terminationGracePeriodSeconds: 20",
+            "terminationGracePeriodSeconds 20 is shorter than the drain's window 5 s + flush 20 s + stop 10 s = 35 s",
+        ),
+        (
+            "overlays/kserve/servingruntime.yaml",
+            "- name: TORCHSHIP_DRAIN_FILE",
+            "- name: TORCHSHIP_DRAIN_FILE_UNUSED",
+            "ServingRuntime/torchship-torchserve container kserve-container: env TORCHSHIP_DRAIN_FILE is not set",
+        ),
+    ],
+    ids=["deployment-no-drain", "deployment-other-store", "deployment-short-grace", "kserve-short-grace", "runtime-no-file"],
+)
+def test_a_pod_that_would_drop_requests_when_it_stops_fails(k8s_copy: Path, path: str, old: str, new: str, expected: str) -> None:
+    _edit(k8s_copy / path, old, new)
+    steps = {s.name: s for s in check(k8s_copy, lint=False, versions=NEWEST)}
+    assert not steps["graceful drain"].passed
+    assert expected in steps["graceful drain"].detail, steps["graceful drain"].detail
 
 
 def test_every_torchserve_pod_sets_the_handlers_body_limit_like_the_local_launcher() -> None:
