@@ -6,28 +6,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.torchship-setup
 ARTIFACTS ?= artifacts
-# Quiet pip; the machine's extra local indexes print one warning per package otherwise. pip compiles the .pyc
-# files: where PYTHONDONTWRITEBYTECODE is set, Python would otherwise recompile every import in every process.
-PIP_FLAGS := -q --disable-pip-version-check
-PIP := $(BIN)/python -m pip install $(PIP_FLAGS)
-NOISE := grep -v 'is ignored: it is neither' >&2
-export PYTHONUNBUFFERED := 1
+# Quiet pip; the machine's extra local indexes print one warning per package otherwise.
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+# uv installs everything after torch, .pyc files compiled (measured on 2 cores: the project's dependencies in 30 s,
+# against about 95 s with pip; checkov in 7 s, against 46 s). torch itself comes from pip, which takes this machine's
+# local CPU wheel; uv then keeps the installed torch, which satisfies every requirement.
+UV := $(BIN)/uv pip install -q --compile-bytecode
 
 .PHONY: setup lint typecheck pytest test pipeline export cpp bench reliability clean
 
 setup: $(STAMP)
 
 # torch first, pinned exactly: a range or a bare `torch` would pull the CUDA build (several GB). checkov (the
-# manifests' policy check) has a venv of its own, its pins clash with ours; it installs while the project does.
+# manifests' policy check) has a venv of its own: its pins clash with ours.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0 uv==0.13.9 2> >(grep -v 'is ignored: it is neither' >&2)
+	$(UV) --python $(BIN)/python -e '.[dev,deploy,bench]'
+	$(BIN)/python -m engines.java --ensure
 	@test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
-	$(VENV)/checkov/bin/python -m pip install $(PIP_FLAGS) checkov==3.3.30 > $(VENV)/checkov-install.log 2>&1 & checkov=$$!; \
-	  status=0; \
-	  { $(PIP) torch==2.13.0 2> >($(NOISE)) && $(PIP) -e '.[dev,deploy,bench]' 2> >($(NOISE)) \
-	    && $(BIN)/python -m engines.java --ensure; } || status=$$?; \
-	  wait $$checkov || { grep -v 'is ignored: it is neither' $(VENV)/checkov-install.log >&2; status=1; }; \
-	  exit $$status
+	$(UV) --python $(VENV)/checkov/bin/python checkov==3.3.30
 	@touch $@
 
 lint: setup
