@@ -8,6 +8,7 @@ STAMP := $(VENV)/.torchship-setup
 ARTIFACTS ?= artifacts
 # Quiet pip; the machine's extra local indexes print one warning per package otherwise.
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+export PYTHONUNBUFFERED := 1
 # uv installs everything after torch, .pyc files compiled (measured on 2 cores: the project's dependencies in 30 s,
 # against about 95 s with pip; checkov in 7 s, against 46 s). torch itself comes from pip, which takes this machine's
 # local CPU wheel; uv then keeps the installed torch, which satisfies every requirement.
