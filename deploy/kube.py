@@ -280,9 +280,11 @@ def ray_ports(objs: list[dict[str, Any]], expected_serve: dict[str, Any]) -> lis
 # -- the handler's body limit in every TorchServe pod -------------------------------------------------------------
 
 
-def _torchserve_containers(objs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """(label, pod spec, container) for every TorchServe container: a Deployment's `torchserve`, a KServe runtime's
-    `kserve-container`."""
+def _torchserve_containers(
+    objs: list[dict[str, Any]],
+) -> Iterator[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """(label, owning object, pod spec, container) for every TorchServe container: a Deployment's `torchserve`, a KServe
+    runtime's `kserve-container`."""
     for obj in objs:
         name = f"{obj['kind']}/{obj['metadata']['name']}"
         if obj["kind"] == "Deployment":
@@ -294,7 +296,7 @@ def _torchserve_containers(objs: list[dict[str, Any]]) -> Iterator[tuple[str, di
             continue
         for c in pod.get("containers", []):
             if c["name"] == wanted:
-                yield f"{name} container {wanted}", pod, c
+                yield f"{name} container {wanted}", obj, pod, c
 
 
 def _flag(args: list[str], name: str) -> str | None:
@@ -343,7 +345,7 @@ def body_limits(objs: list[dict[str, Any]]) -> list[str]:
     fix = f'set it to "{limit}", configs/config.properties max_request_size'
     problems: list[str] = []
     found = False
-    for label, pod, container in _torchserve_containers(objs):
+    for label, _, pod, container in _torchserve_containers(objs):
         found = True
         env = _env(container, MAX_REQUEST_BYTES_ENV)
         if env is None:
@@ -374,13 +376,13 @@ def body_limits(objs: list[dict[str, Any]]) -> list[str]:
 DEFAULT_GRACE_S = 30
 
 
-def _grace_periods(label: str, pod: dict[str, Any], objs: list[dict[str, Any]]) -> list[tuple[str, int]]:
-    """(object, seconds) of every grace period a TorchServe container stops under: the Deployment's pod, or for a
-    KServe runtime each InferenceService predictor that uses it."""
-    owner = label.split(" ", maxsplit=1)[0]
-    kind, name = owner.split("/", 1)
-    if kind not in RUNTIME_KINDS:
-        return [(owner, int(pod.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)))]
+def _grace_periods(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(object, seconds) of every grace period a TorchServe container of `owner` stops under: a Deployment's pod, or
+    for a KServe runtime each InferenceService predictor that uses it."""
+    name = owner["metadata"]["name"]
+    if owner["kind"] not in RUNTIME_KINDS:
+        pod = owner["spec"]["template"]["spec"]
+        return [(f"{owner['kind']}/{name}", int(pod.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)))]
     return [
         (f"InferenceService/{o['metadata']['name']}", int(predictor.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)))
         for o in objs
@@ -395,7 +397,7 @@ def graceful_drain(objs: list[dict[str, Any]]) -> list[str]:
     a preStop hook runs deploy.drain on the store TorchServe serves, the handler's drain file sits on a writable
     volume, and the grace period covers the drain's window, its flush and TorchServe's stop."""
     problems: list[str] = []
-    for label, pod, container in _torchserve_containers(objs):
+    for label, owner, _, container in _torchserve_containers(objs):
         env = _env(container, DRAIN_FILE_ENV)
         if env is None or not env.get("value"):
             problems.append(f"{label}: env {DRAIN_FILE_ENV} is not set: the handler cannot take part in the drain")
@@ -416,10 +418,10 @@ def graceful_drain(objs: list[dict[str, Any]]) -> list[str]:
             problems.append(f"{label}: the preStop drain's --model-store is {drained}, TorchServe serves {store}")
         window = float(_flag(hook, "--window-s") or POD_WINDOW_S)
         needed = window + FLUSH_TIMEOUT_S + STOP_ALLOWANCE_S
-        for owner, grace in _grace_periods(label, pod, objs):
+        for stopping, grace in _grace_periods(owner, objs):
             if grace < needed:
                 problems.append(
-                    f"{owner}: terminationGracePeriodSeconds {grace} is shorter than the drain's window {window:g} s + flush "
+                    f"{stopping}: terminationGracePeriodSeconds {grace} is shorter than the drain's window {window:g} s + flush "
                     f"{FLUSH_TIMEOUT_S:g} s + stop {STOP_ALLOWANCE_S:g} s = {needed:g} s"
                 )
     return problems

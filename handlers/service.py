@@ -58,7 +58,6 @@ class TorchshipHandler:
 
     def initialize(self, context: Context) -> None:
         props = context.system_properties
-        self.started = time.time()
         self.model_name = str(getattr(context, "model_name", "") or Path(props["model_dir"]).name)
         self.core = EndpointCore(
             Path(props["model_dir"]),
@@ -72,9 +71,9 @@ class TorchshipHandler:
     def handle(self, data: Sequence[Mapping[str, Any]], context: Context) -> list[bytes]:
         if self.core is None:
             raise RuntimeError("handle() before initialize()")
-        served = self._served_before_drain(data, context)
-        requests = [Request.of(_body(item), _headers(context, idx)) for idx, item in enumerate(data[:served])]
-        replies = self.core.infer_batch(requests) if requests else []
+        requests = [Request.of(_body(item), _headers(context, idx)) for idx, item in enumerate(data)]
+        served = self._served_before_drain(requests)
+        replies = self.core.infer_batch(requests[:served]) if served else []
         # Draining: the drain marker and whatever was queued behind it get the 503 at once.
         replies += [Reply.error(DRAINING_MESSAGE, 503) for _ in data[served:]]
         for idx, reply in enumerate(replies):
@@ -86,27 +85,22 @@ class TorchshipHandler:
                     context.set_response_header(idx, key, value)
         return [reply.body for reply in replies]
 
-    def _served_before_drain(self, data: Sequence[Mapping[str, Any]], context: Context) -> int:
+    def _served_before_drain(self, requests: Sequence[Request]) -> int:
         """How many of the batch's requests to serve: all of them, unless a drain marker is among them or was seen."""
         if self.drain_file is None:
-            return len(data)
+            return len(requests)
         seen = self.drain_file.with_name(f"{self.drain_file.name}.{self.model_name}")
         if self.draining or _touched_since(seen, self.started):
             # This worker saw the marker, or another worker of this endpoint did after this one started.
             self.draining = True
             return 0
-        for idx in range(len(data)):
-            marker = _header(_headers(context, idx), DRAIN_HEADER)
+        for idx, request in enumerate(requests):
+            marker = request.headers.get(DRAIN_HEADER.lower())  # Request.of lower-cases header names
             if marker and marker == _read_marker(self.drain_file):
                 self.draining = True
                 seen.touch()
                 return idx
-        return len(data)
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    wanted = name.lower()
-    return next((str(v) for k, v in headers.items() if k.lower() == wanted), None)
+        return len(requests)
 
 
 def _read_marker(path: Path) -> str | None:
