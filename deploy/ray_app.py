@@ -62,6 +62,10 @@ BODY_TIMEOUT_ENV = "TORCHSHIP_BODY_TIMEOUT_S"
 #: Where unpacked archives are cached (one folder per archive sha256).
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "torchship-ray-cache"
 
+#: The OIP v2 protocol extensions the app serves (Triton's binary tensor data on REST; gRPC's raw contents are the
+#: protocol's own), for the server metadata.
+EXTENSIONS = ("binary_tensor_data",)
+
 
 def check_same_handler(model_dir: Path) -> None:
     """Refuse an archive whose handler package differs from the code this app runs, byte for byte.
@@ -150,10 +154,17 @@ class Ingress:
     """Routes TorchServe's and OIP v2's REST paths to the endpoint deployments; enforces the inference token."""
 
     def __init__(
-        self, endpoints: dict[str, DeploymentHandle], versions: dict[str, str], token: str | None, max_request_bytes: int
+        self,
+        endpoints: dict[str, DeploymentHandle],
+        versions: dict[str, str],
+        token: str | None,
+        max_request_bytes: int,
+        server_version: str,
     ) -> None:
         self.endpoints = endpoints
         self.versions = versions
+        #: OIP v2 server metadata (`GET /v2`, gRPC ServerMetadata).
+        self.server_metadata: dict[str, Any] = {"name": "torchship", "version": server_version, "extensions": list(EXTENSIONS)}
         self.token = token
         self.max_request_bytes = max_request_bytes
         self._grpc_frontend: Any = None  # deploy.ray_grpc.GrpcFrontend, built at the first gRPC call
@@ -189,6 +200,8 @@ class Ingress:
                 ready = not self.draining and all([await self._ready(name) for name in sorted(self.endpoints)])
                 return _json(200 if ready else 503, {"ready": ready})
             return _json(200, {"status": "Healthy"} if parts == ["ping"] else {"live": True})
+        if parts == ["v2"]:
+            return _json(200, self.server_metadata) if method == "GET" else _error(405, "use GET")
         if len(parts) in (2, 3) and parts[0] == "predictions" and all(parts):
             # TorchServe hands /predictions/<model>[/<version>] to the handler whatever the method (a GET has no body
             # and gets 400); this app does the same, so both engines answer every request alike.
@@ -297,6 +310,9 @@ class Ingress:
     async def ServerReady(self, request: bytes, grpc_context: Any) -> Any:  # noqa: N802
         return await self._grpc("ServerReady", request, grpc_context)
 
+    async def ServerMetadata(self, request: bytes, grpc_context: Any) -> Any:  # noqa: N802
+        return await self._grpc("ServerMetadata", request, grpc_context)
+
     async def ModelReady(self, request: bytes, grpc_context: Any) -> Any:  # noqa: N802
         return await self._grpc("ModelReady", request, grpc_context)
 
@@ -368,7 +384,9 @@ def app(args: dict[str, Any]) -> serve.Application:
         ray_actor_options={"num_cpus": ingress_cpus},
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
     )
-    return ingress.bind(handles, versions, _token(args), _body_limit(args))
+    from torchship import __version__  # the builder runs where torchship is installed; replicas get the string
+
+    return ingress.bind(handles, versions, _token(args), _body_limit(args), __version__)
 
 
 def _body_limit(args: Mapping[str, Any]) -> int:

@@ -1,5 +1,5 @@
-"""OIP v2 gRPC for the Ray app (`inference.GRPCInferenceService`): ServerLive, ServerReady, ModelReady, ModelMetadata
-and ModelInfer, answered by the ingress through Ray Serve's gRPC proxy.
+"""OIP v2 gRPC for the Ray app (`inference.GRPCInferenceService`): ServerLive, ServerReady, ServerMetadata, ModelReady,
+ModelMetadata and ModelInfer, answered by the ingress through Ray Serve's gRPC proxy.
 
 A ModelInfer message becomes the OIP REST body (binary extension) the handler core decodes, so it meets the same
 validation, the same endpoint deployment and the same `@serve.batch` as a REST request; the core's reply becomes a
@@ -29,7 +29,7 @@ from handlers.names import AUTHORIZATION_HEADER, BINARY_HEADER, DRAINING_MESSAGE
 
 SERVICE = "inference.GRPCInferenceService"
 #: The RPCs the ingress answers, each by its method of the same name; the service's others answer UNIMPLEMENTED.
-METHODS = ("ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer")
+METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer")
 #: What a Serve config's `grpc_options.grpc_servicer_functions` names (configs/ray-serve.yaml, engines/ray.py).
 SERVICER_FUNCTION = "deploy.ray_grpc.add_inference_servicer"
 
@@ -226,6 +226,7 @@ class IngressState(Protocol):
     """What the frontend reads of the ingress (deploy/ray_app.py's `Ingress`)."""
 
     endpoints: dict[str, DeploymentHandle[Any]]
+    server_metadata: dict[str, Any]
     versions: dict[str, str]
     token: str | None
     max_request_bytes: int
@@ -246,6 +247,7 @@ class GrpcFrontend:
         self.rpcs: dict[str, tuple[Callable[[bytes, GrpcContext], Awaitable[Message]], type[Message]]] = {
             "ServerLive": (self.server_live, pb.ServerLiveResponse),
             "ServerReady": (self.server_ready, pb.ServerReadyResponse),
+            "ServerMetadata": (self.server_metadata, pb.ServerMetadataResponse),
             "ModelReady": (self.model_ready, pb.ModelReadyResponse),
             "ModelMetadata": (self.model_metadata, pb.ModelMetadataResponse),
             "ModelInfer": (self.model_infer, pb.ModelInferResponse),
@@ -272,6 +274,10 @@ class GrpcFrontend:
         parse(pb.ServerReadyRequest, raw)
         ready = not self.ingress.draining and all([await self.ingress._ready(name) for name in sorted(self.ingress.endpoints)])
         return pb.ServerReadyResponse(ready=ready)
+
+    async def server_metadata(self, raw: bytes, context: GrpcContext) -> Message:
+        parse(pb.ServerMetadataRequest, raw)
+        return pb.ServerMetadataResponse(**self.ingress.server_metadata)
 
     def _known(self, name: str, version: str) -> None:
         if name not in self.ingress.endpoints:

@@ -23,11 +23,13 @@ from handlers.codec import EMPTY_BODY, encode_request
 from handlers.errors import TOKEN_FAILED
 from models import ZOO
 from reliability.corpus import HttpReply, error_message
+from torchship import __version__
 
 #: The endpoint every OIP check uses (a 2-D FP32 input: cheap as JSON and as binary).
 ENDPOINT = "dynamic_router"
 KSERVE_CLIENT = Path(__file__).with_name("kserve_client.py")
 VERSIONS_501 = {"error": "Model versioning is not yet supported."}
+RAY_SERVER_METADATA = {"name": "torchship", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ RAY_ONLY = (
     Route("model ready, unknown", "GET", "/v2/models/nope/ready", 404, message="unknown endpoint 'nope'"),
     Route("metadata, unknown", "GET", "/v2/models/nope", 404, message="unknown endpoint 'nope'"),
     Route("live without the token", "GET", "/v2/health/live", 200, body={"live": True}, token=False),
-    Route("server metadata", "GET", "/v2", 404, message="no route for /v2"),
+    Route("server metadata", "GET", "/v2", 200, body=RAY_SERVER_METADATA),
+    Route("server metadata, not GET", "POST", "/v2", 405, message="use GET"),
 )
 
 
@@ -133,6 +136,7 @@ def run_tritonclient(url: str, headers: dict[str, str], x: torch.Tensor) -> dict
         "live": client.is_server_live(headers=headers),
         "ready": client.is_server_ready(headers=headers),
         "model_ready": client.is_model_ready(ENDPOINT, headers=headers),
+        "server": client.get_server_metadata(headers=headers),
     }
     try:
         out["metadata"] = client.get_model_metadata(ENDPOINT, headers=headers)

@@ -22,6 +22,7 @@ from models import ZOO
 from tests.e2e import oip
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
 from tests.helpers import assert_router_answers, run_cli, serve_command
+from torchship import __version__
 
 TOKEN = "ray-e2e-token"
 
@@ -182,13 +183,15 @@ def _grpc_auth() -> list[tuple[str, str]]:
 
 
 def test_grpc_stock_client_tritonclient(ray_server: RayServer) -> None:
-    """tritonclient.grpc, not our client: live, ready, model ready, metadata, and inference with raw contents equal
-    to eager."""
+    """tritonclient.grpc, not our client: live, ready, server and model metadata, model ready, and inference with raw
+    contents equal to eager."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url=ray_server.grpc_address)
     assert client.is_server_live()
     assert client.is_server_ready()
+    server = client.get_server_metadata()
+    assert (server.name, server.version, list(server.extensions)) == ("torchship", __version__, ["binary_tensor_data"])
     assert client.is_model_ready("dynamic_router_pt2")
     assert client.is_model_ready("simple_cnn", "1.0")
     meta = client.get_model_metadata("simple_cnn_pt2")
@@ -329,6 +332,7 @@ def test_stock_oip_clients_tritonclient_and_kserve(ray_server: RayServer, ray_st
     triton = oip.run_tritonclient(ray_server.url, _auth(), x)
     assert (triton["live"], triton["ready"], triton["model_ready"]) == (True, True, True)
     assert triton["metadata"] == oip.expected_metadata(ray_store)
+    assert triton["server"] == oip.RAY_SERVER_METADATA
     for kind in ("json", "binary"):
         oip.assert_eager(triton[kind], x, ray_store, f"tritonclient {kind}")
     ks = oip.run_kserve_client(ray_server.url, _auth(), x)

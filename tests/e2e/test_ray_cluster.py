@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -41,6 +42,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def _wait_for_port(port: int, node: subprocess.Popen[bytes], log: Path, timeout_s: float = 90.0) -> None:
+    """Until the head's GCS accepts connections on 127.0.0.1:port (the worker node and the driver join through it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert node.poll() is None, f"the head node exited:\n{log.read_text()[-3000:]}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"no GCS on port {port} after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.25)
+
+
 DRIVER = textwrap.dedent(
     """
     import json, sys, time
@@ -52,7 +66,9 @@ DRIVER = textwrap.dedent(
 
     address, store, cache, http_port = sys.argv[1:5]
     ray.init(address=address, log_to_driver=False)
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    deadline = time.monotonic() + 90
+    while len(nodes := sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the worker node joins a few seconds after `ray start` returns
     serve.start(http_options={"host": "127.0.0.1", "port": int(http_port)}, proxy_location="HeadOnly")
     # 0.6 CPU per replica on 1-CPU nodes: two replicas cannot share a node, so they must spread.
     serve.run(app({"model_store": store, "cache_dir": cache, "num_replicas": 2, "num_cpus": 0.6, "ingress_num_cpus": 0}),
@@ -95,9 +111,8 @@ def test_replicas_on_both_nodes_answer_correctly(artifacts_dir: Path, tmp_path: 
     )
     worker = None
     try:
-        time.sleep(8)
+        _wait_for_port(port, head, tmp_path / "head.log")
         worker = _start_node(["--address", f"127.0.0.1:{port}", *common], env, tmp_path / "worker.log")
-        time.sleep(8)
         proc = subprocess.run(
             [sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", str(store), str(tmp_path / "cache"), str(free_port())],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=420, check=False,

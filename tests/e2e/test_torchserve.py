@@ -225,6 +225,7 @@ def test_stock_oip_clients_tritonclient_and_kserve(server: TorchServe, store: Pa
     x = oip.inputs(3, seed=41)
     triton = oip.run_tritonclient(server.url, _auth(server), x)
     assert (triton["live"], triton["ready"]) == (True, True)
+    assert (triton["server"]["name"], triton["server"]["version"]) == ("Torchserve", "0.12.0"), triton["server"]
     # TorchServe 0.12 routes neither model readiness nor metadata (docs/rest.md): both clients see its 404.
     assert triton["model_ready"] is False
     assert triton["metadata"]["error_status"] == "404", triton["metadata"]
