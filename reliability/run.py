@@ -639,12 +639,17 @@ def write_reliability_report(report: dict[str, Any], out_dir: Path) -> tuple[Pat
     return js, md
 
 
-def build_store(artifacts: Path, out: Path) -> Path:
+def build_store(artifacts: Path, out: Path, *, defaults_only: bool = False) -> Path:
     """Archive RELIABILITY_MODELS from an export folder into a store of their own: each model's default endpoint
-    and its other TorchScript and .pt2 endpoints."""
+    and its other TorchScript and .pt2 endpoints (`defaults_only`: the default endpoints alone, four, which is what
+    make test's smaller run serves: every engine start loads half the models)."""
     from archive.build import archive_models, load_model_config
 
     archive_models(list(RELIABILITY_MODELS), artifacts=artifacts, out_dir=out, model_config=load_model_config())
+    if defaults_only:
+        for mar in out.glob("*.mar"):
+            if (archive := MarArchive(mar)).endpoint != archive.model:
+                mar.unlink()
     # AOTInductor only where it is a model's default endpoint (the corpus and the fault run address models by that
     # name): the packages are tied to the CPU they were built on and, being unchecked by the engine, are not what
     # this run is about (the handler validates shapes before any format runs).

@@ -32,7 +32,9 @@ CONCURRENCY = 16
 
 @pytest.fixture(scope="module")
 def store(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return rel.build_store(artifacts_dir, tmp_path_factory.mktemp("reliability_store"))
+    # The default endpoints only (make reliability serves their .pt2 and TorchScript siblings too; every format is
+    # served and verified on both engines by test_torchserve.py and test_ray.py).
+    return rel.build_store(artifacts_dir, tmp_path_factory.mktemp("reliability_store"), defaults_only=True)
 
 
 @pytest.fixture(scope="module")
