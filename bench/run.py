@@ -104,10 +104,9 @@ QUICK = Settings(
     workloads=(Workload("simple_cnn@32", "simple_cnn", (1, 8), hw=32),),
     variants=("eager", "frozen", "pt2"), min_time_s=0.0, min_iters=3, warmup=1,
     sequential_requests=5, clients=(1, 4), load_seconds=0.5, large_requests=1, breakdown_requests=5,
-    sweep={"simple_cnn_b8_d5": {"batchSize": 8, "maxBatchDelay": 5}, "simple_cnn_q1": {"batchSize": 1, "maxBatchDelay": 0,
-           "jobQueueSize": 1}}, sweep_clients=(1, 4), peer_clients=4, cpp_repeat=0,
-    served_models=("dynamic_router",), ray_sweep={"simple_cnn_mo4": {"max_ongoing_requests": 4}}, profile_seconds=1.0,
-    ray_sweep_apart=False,  # one Ray start fewer (about 20 s of make test)
+    sweep={"simple_cnn_q1": {"batchSize": 1, "maxBatchDelay": 0, "jobQueueSize": 1}}, sweep_clients=(1, 4), peer_clients=4,
+    cpp_repeat=0, served_models=("dynamic_router",), ray_sweep={"simple_cnn_mo4": {"max_ongoing_requests": 4}},
+    profile_seconds=1.0, ray_sweep_apart=False,  # one Ray start fewer (about 20 s of make test)
 )  # fmt: skip
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224

@@ -8,7 +8,7 @@ import pytest
 
 from archive.build import Endpoint, archive_models, load_model_config
 from archive.mar import MarArchive
-from export.exporter import ModelExport, export_model
+from export.exporter import ModelExport, export_isolated
 from models import ZOO
 
 USER_MODELS = Path(__file__).parent / "fixtures" / "user_models"
@@ -18,13 +18,12 @@ AOTI_MODEL = "simple_cnn"
 
 @pytest.fixture(scope="session")
 def zoo_export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelExport]:
-    """Every zoo model exported (TorchScript and .pt2; simple_cnn also as AOTInductor) into a fresh folder. The
-    default endpoint is pinned to TorchScript so that endpoint names do not depend on this machine's timings (the
-    measured choice is tested on its own in test_export and test_cli)."""
+    """Every zoo model exported (TorchScript and .pt2; simple_cnn also as AOTInductor) into a fresh folder, each in a
+    fresh process as `torchship export` does (so test_export can hold the CLI's bytes against these). The default
+    endpoint is pinned to TorchScript so that endpoint names do not depend on this machine's timings (the measured
+    choice is tested on its own in test_export and test_cli)."""
     out = tmp_path_factory.mktemp("artifacts")
-    return {
-        name: export_model(spec, out_dir=out, aoti=name == AOTI_MODEL, default_format="torchscript") for name, spec in ZOO.items()
-    }
+    return {name: export_isolated(name, out_dir=out, aoti=name == AOTI_MODEL, default_format="torchscript") for name in ZOO}
 
 
 @pytest.fixture(scope="session")

@@ -46,12 +46,13 @@ def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifac
             assert r["client_ms"] >= r["handler_ms"] >= r["model_ms"] > 0, (name, r)
         # The batching sweep: every swept model config at every swept client count, every answer checked.
         assert {(r["endpoint"], r["clients"]) for r in e["sweep"]} == {
-            (ep, c) for ep in ("simple_cnn", "simple_cnn_nobatch", "simple_cnn_b8_d5", "simple_cnn_q1") for c in (1, 4)
+            (ep, c) for ep in ("simple_cnn", "simple_cnn_nobatch", "simple_cnn_q1") for c in (1, 4)
         }
         assert all(r["verified"] + r["shed"] == r["requests"] > 0 and r["errors"] == r["wrong"] == 0 for r in e["sweep"]), e[
             "sweep"
         ]
-        assert {(r["batchSize"], r["maxBatchDelay"]) for r in e["sweep"]} == {(8, 1), (1, 0), (8, 5)}
+        swept = {(r["batchSize"], r["maxBatchDelay"], r["jobQueueSize"]) for r in e["sweep"]}
+        assert swept == {(8, 1, 100), (1, 0, 100), (1, 0, 1)}, swept
         # A queue of one: with 4 clients the excess is refused at once with a JSON 503 (counted as shed, the
         # body parsed), the rest answered and checked; nothing else sheds.
         shed = {(r["endpoint"], r["clients"]): r["shed"] for r in e["sweep"]}
