@@ -53,9 +53,9 @@ OPTIMIZE_MIN_SAVING_MS = 1.0
 #: portable format keeps it: TorchScript also runs in the C++ loader and is not tied to this CPU's vector ISA, and a
 #: margin keeps a noisy machine from renaming endpoints between two exports of the same model.
 DEFAULT_MIN_SPEEDUP = 1.2
-#: Export's speed measurements (the load step, the default format): untimed calls first, then timed ones until
-#: SPEED_MAX_ROUNDS, or SPEED_MIN_ROUNDS once SPEED_BUDGET_S of timed calls is spent (for the default format, a
-#: round is one call of every format). simple_cnn at 16x3x224x224 (0.2-0.7 s a call here) stops after 3-4 rounds; its
+#: Export's speed measurements (the load step, the default format): untimed rounds first, then timed ones until
+#: SPEED_MAX_ROUNDS, or SPEED_MIN_ROUNDS once SPEED_BUDGET_S of timed calls is spent (a round is one call of each
+#: thing compared: the frozen and the optimized file, or every format). simple_cnn at 16x3x224x224 (0.2-0.7 s a call here) stops after 3-4 rounds; its
 #: export took 29 s with 3 + 9 rounds everywhere, 18.6 s of it timing. The choice rules' margins (1.2x, 1.5x)
 #: are far wider than the spread of a median of 3-4 such calls.
 SPEED_WARMUP, SPEED_MIN_ROUNDS, SPEED_MAX_ROUNDS, SPEED_BUDGET_S = 2, 3, 9, 2.0
@@ -224,16 +224,22 @@ def _export_format(job: _Job, fmt: str, cases: list[Case], progress: Progress) -
     return entry, None
 
 
-def _p50_ms(runner: Callable[..., object], args: tuple[torch.Tensor, ...]) -> float:
-    samples: list[float] = []
+def _p50_ms(runners: dict[str, Callable[..., object]], args: tuple[torch.Tensor, ...]) -> tuple[dict[str, float], int]:
+    """Each runner's median ms per call on args, the calls interleaved round by round (so whatever else runs on the
+    machine meanwhile slows every runner alike instead of deciding a choice), and the timed rounds."""
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    rounds: list[float] = []  # seconds per timed round
     with torch.inference_mode():
         for _ in range(SPEED_WARMUP):
-            runner(*args)
-        while not _enough(samples):
-            start = time.perf_counter()
-            runner(*args)
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
+            for runner in runners.values():
+                runner(*args)
+        while runners and not _enough(rounds):
+            for name, runner in runners.items():
+                start = time.perf_counter()
+                runner(*args)
+                samples[name].append(time.perf_counter() - start)
+            rounds.append(sum(times[-1] for times in samples.values()))
+    return {name: statistics.median(times) * 1000 for name, times in samples.items()}, len(rounds)
 
 
 def _enough(seconds: list[float]) -> bool:
@@ -275,8 +281,8 @@ def choose_torchscript_load(
         return {}, plain
     batch, args = _speed_inputs(spec, cases)
     where = f"batch {batch}, " + ", ".join(f"{t.name}{list(v.shape)}" for t, v in zip(spec.inputs, args, strict=True))
-    plain_ms = _p50_ms(frozen, args)
-    optimized_ms = _p50_ms(optimized, args)
+    p50_ms, _ = _p50_ms({"frozen": frozen, "optimized": optimized}, args)
+    plain_ms, optimized_ms = p50_ms["frozen"], p50_ms["optimized"]
     speedup = plain_ms / optimized_ms
     used = speedup >= OPTIMIZE_MIN_SPEEDUP and plain_ms - optimized_ms >= OPTIMIZE_MIN_SAVING_MS
     verdict = "used" if used else f"not used (needs {OPTIMIZE_MIN_SPEEDUP}x and {OPTIMIZE_MIN_SAVING_MS:g} ms saved)"
@@ -290,28 +296,16 @@ def choose_torchscript_load(
 
 def measure_formats(spec: ModelSpec, staging: Path, entries: dict[str, FormatEntry], cases: list[Case]) -> dict[str, Any]:
     """Time every usable format, each loaded exactly as its endpoint will load it (load options included): the median
-    ms per call at the largest reference batch and the serving sizes. The calls are interleaved round by round, so
-    that whatever else runs on the machine meanwhile slows every format alike instead of deciding the choice."""
+    ms per call at the largest reference batch and the serving sizes, the formats' calls interleaved (_p50_ms)."""
     batch, args = _speed_inputs(spec, cases)
     usable = {f: e for f, e in entries.items() if e.usable}
     runners = {f: LOADERS[f](str(staging / e.file), torch.device("cpu"), e.options) for f, e in usable.items()}
-    samples: dict[str, list[float]] = {f: [] for f in runners}
-    rounds: list[float] = []  # seconds per timed round
-    with torch.inference_mode():
-        for _ in range(SPEED_WARMUP):
-            for runner in runners.values():
-                runner(*args)
-        while runners and not _enough(rounds):
-            for fmt, runner in runners.items():
-                start = time.perf_counter()
-                runner(*args)
-                samples[fmt].append(time.perf_counter() - start)
-            rounds.append(sum(times[-1] for times in samples.values()))
+    p50_ms, rounds = _p50_ms(runners, args)
     return {
         "batch_size": batch,
         "input_shapes": {t.name: list(a.shape) for t, a in zip(spec.inputs, args, strict=True)},
-        "rounds": len(rounds),
-        "p50_ms": {f: statistics.median(times) * 1000 for f, times in samples.items()},
+        "rounds": rounds,
+        "p50_ms": p50_ms,
     }
 
 

@@ -641,8 +641,8 @@ def write_reliability_report(report: dict[str, Any], out_dir: Path) -> tuple[Pat
 
 def build_store(artifacts: Path, out: Path, *, defaults_only: bool = False) -> Path:
     """Archive RELIABILITY_MODELS from an export folder into a store of their own: each model's default endpoint
-    and its other TorchScript and .pt2 endpoints (`defaults_only`: the default endpoints alone, four, which is what
-    make test's smaller run serves: every engine start loads half the models)."""
+    and its other TorchScript and .pt2 endpoints (`defaults_only`: the four default endpoints alone instead of seven,
+    which is what make test's smaller run serves: every engine start loads fewer workers or replicas)."""
     from archive.build import archive_models, load_model_config
 
     archive_models(list(RELIABILITY_MODELS), artifacts=artifacts, out_dir=out, model_config=load_model_config())

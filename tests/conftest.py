@@ -8,8 +8,10 @@ import pytest
 
 from archive.build import Endpoint, archive_models, load_model_config
 from archive.mar import MarArchive
-from export.exporter import ModelExport, export_isolated
+from export.exporter import ModelExport
 from models import ZOO
+from tests.helpers import run_cli
+from torchship.manifest import read_manifest
 
 USER_MODELS = Path(__file__).parent / "fixtures" / "user_models"
 #: The model whose AOTInductor package the suite builds (compiling one takes ~30 s on 2 cores).
@@ -18,12 +20,15 @@ AOTI_MODEL = "simple_cnn"
 
 @pytest.fixture(scope="session")
 def zoo_export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelExport]:
-    """Every zoo model exported (TorchScript and .pt2; simple_cnn also as AOTInductor) into a fresh folder, each in a
-    fresh process as `torchship export` does (so test_export can hold the CLI's bytes against these). The default
-    endpoint is pinned to TorchScript so that endpoint names do not depend on this machine's timings (the measured
-    choice is tested on its own in test_export and test_cli)."""
+    """Every zoo model exported by `torchship export` (TorchScript and .pt2; simple_cnn also as AOTInductor) into a
+    fresh folder: each model in a fresh process, as users run it (test_export holds another CLI export's bytes
+    against these; test_cli's AOTInductor test reads simple_cnn's). The default endpoint is pinned to TorchScript
+    so that endpoint names do not depend on this machine's timings (the measured choice is tested on its own)."""
     out = tmp_path_factory.mktemp("artifacts")
-    return {name: export_isolated(name, out_dir=out, aoti=name == AOTI_MODEL, default_format="torchscript") for name in ZOO}
+    rest = [name for name in ZOO if name != AOTI_MODEL]
+    run_cli("export", "--aoti", AOTI_MODEL, "--default-format", "torchscript", "--out", str(out))
+    run_cli("export", *rest, "--default-format", "torchscript", "--out", str(out))
+    return {name: ModelExport(spec, out / name, read_manifest(out / name), []) for name, spec in ZOO.items()}
 
 
 @pytest.fixture(scope="session")

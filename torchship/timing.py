@@ -1,5 +1,5 @@
-"""Wall-clock timing of a call, as median and 95th percentile: what `make bench` reports and what export measures
-when it chooses a format's load step."""
+"""Wall-clock timing of a call, as median and 95th percentile (what `make bench` reports), and the stop rule of
+export's measurements bounded in time."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def time_call(fn: Callable[[], Any], *, min_time_s: float, min_iters: int, warmu
     return Timing(statistics.median(samples), samples[min(len(samples) - 1, int(0.95 * len(samples)))], len(samples))
 
 
-def enough_samples(samples: int, spent_s: float, *, min_iters: int, max_iters: int, budget_s: float) -> bool:
+def enough_samples(count: int, spent_s: float, *, min_iters: int, max_iters: int, budget_s: float) -> bool:
     """The stop rule of a measurement bounded in time: max_iters timed calls, or fewer (min_iters at least) once the
     timed calls have taken budget_s. Slow calls (a 224x224 batch of 16: 0.2-0.7 s here) get a median of a few long
     samples, fast ones the full count."""
-    return samples >= max_iters or (samples >= min_iters and spent_s >= budget_s)
+    return count >= max_iters or (count >= min_iters and spent_s >= budget_s)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from archive.mar import MarArchive
+from export.exporter import ModelExport
 from handlers.core import load_aoti
 from tests.helpers import run_cli
 from torchship.cli import main
@@ -105,28 +107,27 @@ def test_models_lists_the_zoo() -> None:
 
 
 @pytest.mark.slow
-def test_aoti_package_for_simple_cnn_and_its_archives_from_an_empty_artifacts_folder(tmp_path: Path) -> None:
-    """The Done-when command: `torchship export --aoti simple_cnn` builds a package that reproduces eager. Then
-    `torchship archive simple_cnn` on that fresh folder: the classifier's top-k post-processing comes with its own
-    export, so no other model has to be exported first."""
-    artifacts, store = tmp_path / "artifacts", tmp_path / "store"
-    proc = run_cli("export", "--aoti", "simple_cnn", "--out", str(artifacts))
-    assert "aoti" in proc.stdout
-    assert sorted(p.name for p in artifacts.iterdir() if not p.name.startswith(".")) == ["simple_cnn"]
-    manifest = read_manifest(artifacts / "simple_cnn")
+def test_aoti_package_for_simple_cnn_and_its_archives(zoo_export: dict[str, ModelExport], tmp_path: Path) -> None:
+    """The Done-when command: `torchship export --aoti simple_cnn` (the session's export runs exactly that, into an
+    empty folder: tests/conftest.py) builds a package that reproduces eager. Then `torchship archive simple_cnn`:
+    the classifier's top-k post-processing comes with its own export, so no other model's folder is read."""
+    model_dir, store = zoo_export["simple_cnn"].model_dir, tmp_path / "store"
+    manifest = read_manifest(model_dir)
     assert manifest.usable_formats() == ["torchscript", "pt2", "aoti"]
     assert manifest.formats["aoti"].options == {"isa": "native"}
-    runner = load_aoti(str(artifacts / "simple_cnn" / "model.aoti.pt2"), torch.device("cpu"))
-    reference = torch.load(artifacts / "simple_cnn" / "reference.pt", weights_only=True)
-    tol = json.loads((artifacts / "simple_cnn" / "manifest.json").read_text())["tolerance"]["aoti"]
+    runner = load_aoti(str(model_dir / "model.aoti.pt2"), torch.device("cpu"))
+    reference = torch.load(model_dir / "reference.pt", weights_only=True)
+    tol = json.loads((model_dir / "manifest.json").read_text())["tolerance"]["aoti"]
     for case in reference["cases"]:
         got = runner(case["inputs"]["x"])
         got = got[0] if isinstance(got, (list, tuple)) else got
         assert torch.allclose(got, case["outputs"]["logits"], atol=tol["atol"], rtol=tol["rtol"])
 
+    artifacts = tmp_path / "artifacts"  # simple_cnn alone: archive reads no other model's folder
+    shutil.copytree(model_dir, artifacts / "simple_cnn")
     run_cli("archive", "simple_cnn", "--artifacts", str(artifacts), "--out", str(store))
-    # <simple_cnn> serves the format export measured fastest (TorchScript with optimize_for_inference, ~7x the .pt2
-    # here); each other keeps its own name.
+    # <simple_cnn> serves the default format (pinned to TorchScript in the session's export); each other keeps its
+    # own name.
     default = manifest.default_format
     others = {"torchscript": ["simple_cnn_pt2", "simple_cnn_aoti"], "pt2": ["simple_cnn_ts", "simple_cnn_aoti"],
               "aoti": ["simple_cnn_ts", "simple_cnn_pt2"]}[str(default)]  # fmt: skip

@@ -175,9 +175,24 @@ class _Ingress:
         self.max_request_bytes = 1024
         self.draining = draining
         self.accepted = 0
+        self.server_metadata: dict[str, Any] = {"name": "torchship", "version": "9.9", "extensions": ["binary_tensor_data"]}
 
     async def _ready(self, name: str) -> bool:
         return True
+
+
+def test_server_metadata_is_the_ingress_document_and_a_malformed_request_is_the_clients_mistake() -> None:
+    import asyncio
+
+    from deploy.ray_grpc import GrpcFrontend
+
+    context = _Context([])
+    answer = asyncio.run(GrpcFrontend(_Ingress("")).call("ServerMetadata", b"", context))
+    assert context.code is None
+    assert (answer.name, answer.version, list(answer.extensions)) == ("torchship", "9.9", ["binary_tensor_data"])
+    context = _Context([])
+    answer = asyncio.run(GrpcFrontend(_Ingress("")).call("ServerMetadata", b"\xff", context))
+    assert (context.code, answer) == (grpc.StatusCode.INVALID_ARGUMENT, pb.ServerMetadataResponse())
 
 
 @pytest.mark.parametrize(
