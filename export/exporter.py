@@ -55,9 +55,9 @@ OPTIMIZE_MIN_SAVING_MS = 1.0
 DEFAULT_MIN_SPEEDUP = 1.2
 #: Export's speed measurements (the load step, the default format): untimed rounds first, then timed ones until
 #: SPEED_MAX_ROUNDS, or SPEED_MIN_ROUNDS once SPEED_BUDGET_S of timed calls is spent (a round is one call of each
-#: thing compared: the frozen and the optimized file, or every format). simple_cnn at 16x3x224x224 (0.2-0.7 s a call here) stops after 3-4 rounds; its
-#: export took 29 s with 3 + 9 rounds everywhere, 18.6 s of it timing. The choice rules' margins (1.2x, 1.5x)
-#: are far wider than the spread of a median of 3-4 such calls.
+#: thing compared: the frozen and the optimized file, or every format). simple_cnn at 16x3x224x224 (0.2-0.7 s a
+#: call here) stops after 3-4 rounds; its export took 29 s with 3 + 9 rounds everywhere, 18.6 s of it timing. The
+#: choice rules' margins (1.2x, 1.5x) are far wider than the spread of a median of 3-4 such calls.
 SPEED_WARMUP, SPEED_MIN_ROUNDS, SPEED_MAX_ROUNDS, SPEED_BUDGET_S = 2, 3, 9, 2.0
 
 #: progress(model, format or stage, message)
