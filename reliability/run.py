@@ -646,16 +646,12 @@ def build_store(artifacts: Path, out: Path, *, defaults_only: bool = False) -> P
     from archive.build import archive_models, load_model_config
 
     archive_models(list(RELIABILITY_MODELS), artifacts=artifacts, out_dir=out, model_config=load_model_config())
-    if defaults_only:
-        for mar in out.glob("*.mar"):
-            if (archive := MarArchive(mar)).endpoint != archive.model:
-                mar.unlink()
     # AOTInductor only where it is a model's default endpoint (the corpus and the fault run address models by that
     # name): the packages are tied to the CPU they were built on and, being unchecked by the engine, are not what
     # this run is about (the handler validates shapes before any format runs).
     for mar in out.glob("*.mar"):
         archive = MarArchive(mar)
-        if archive.format == "aoti" and archive.endpoint != archive.model:
+        if archive.endpoint != archive.model and (defaults_only or archive.format == "aoti"):
             mar.unlink()
     return out
 
