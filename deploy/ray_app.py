@@ -216,7 +216,7 @@ class Ingress:
             if method != "GET":
                 return _error(405, "use GET")
             if parts[2] not in self.endpoints:
-                return _error(404, f"unknown endpoint {parts[2]!r}")
+                return _error(404, f"Model not found: {parts[2]}")
             ready = await self._ready(parts[2])
             return _json(200 if ready else 503, {"name": parts[2], "ready": ready})
         if len(parts) > 4 and "/versions" in "/" + "/".join(parts):
@@ -237,7 +237,7 @@ class Ingress:
         if request.method != "GET":
             return _error(405, "use GET")
         if name not in self.endpoints:
-            return _error(404, f"unknown endpoint {name!r}")
+            return _error(404, f"Model not found: {name}")
         return _json(200, await self.endpoints[name].metadata.remote())
 
     async def _infer(self, request: Request, name: str, *, version: str | None = None, explain: bool | None = None) -> Response:

@@ -34,6 +34,8 @@ RUN python -m venv /opt/venv \
     && java -version \
     && rm -rf /src
 
+# torchship's OIP agent for TorchServe's frontend (deploy/pod_config.py's vmargs load it; engines/oip_agent.py).
+COPY engines/torchserve_oip/torchship-oip.jar /opt/torchship/torchship-oip.jar
 COPY --chown=10001:10001 model_store /opt/torchship/model_store
 RUN groupadd --gid 10001 torchship && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin torchship
 USER 10001:10001

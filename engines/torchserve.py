@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from deploy.drain import drain
 from deploy.probe import model_ready, worker_pids
+from engines import oip_agent
 from engines.base import CONFIG_PROPERTIES, DRAIN_WINDOW_S, Engine, free_port, read_properties
 from engines.java import find_java, java_home
 from handlers.codec import inference_token
@@ -109,6 +110,7 @@ class TorchServe(Engine):
         tmpdir = self.workdir / "tmp"
         tmpdir.mkdir(parents=True, exist_ok=True)
         props = dict(self.props)
+        agent = oip_agent.vmarg(oip_agent.agent_jar())
         props.update(
             {
                 "inference_address": self.url,
@@ -118,8 +120,9 @@ class TorchServe(Engine):
                 "grpc_management_port": str(free_port()),
                 "model_store": str(self.model_store),
                 "allowed_urls": "file://" + re.escape(str(self.model_store)).replace("\\", "\\\\") + "/.*\\\\.mar",
-                # Two TorchServes sharing a temp dir collide: this one gets its own.
-                "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -Djava.io.tmpdir={tmpdir}",
+                # Two TorchServes sharing a temp dir collide: this one gets its own. The OIP agent answers model
+                # metadata and readiness on the inference port (engines/oip_agent.py).
+                "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -Djava.io.tmpdir={tmpdir} {agent}",
                 "max_request_size": str(self.max_request_bytes * FRONTEND_LIMIT_FACTOR),
             }
         )

@@ -86,6 +86,22 @@ class Signature:
         )
 
 
+def model_metadata(endpoint: str, fmt: str, signature: Signature) -> dict[str, Any]:
+    """OIP v2 model metadata (`GET /v2/models/<endpoint>`): what the handler answers on the Ray app and what
+    `torchship archive` writes into the archive for TorchServe's inference port."""
+
+    def tensors(ts: tuple[TensorSignature, ...]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
+
+    return {
+        "name": endpoint,
+        "versions": [signature.version],
+        "platform": f"pytorch_{fmt}",
+        "inputs": tensors(signature.inputs),
+        "outputs": tensors(signature.outputs),
+    }
+
+
 @dataclass
 class InferRequest:
     """A decoded, validated request: one tensor per signature input, in signature order."""

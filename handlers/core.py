@@ -24,13 +24,13 @@ from handlers.codec import (
     EMPTY_BODY,
     InferRequest,
     Signature,
-    TensorSignature,
     check_body_size,
     check_content_type,
     decode_request,
     encode_error,
     encode_response,
     inference_token,
+    model_metadata,
     token_matches,
 )
 from handlers.errors import ArtifactError, BadRequest, ClientError, NotFound, TokenRefused
@@ -394,14 +394,4 @@ class EndpointCore:
 
     def metadata(self) -> dict[str, Any]:
         """OIP v2 model metadata (`GET /v2/models/<endpoint>`), from the archive's manifest."""
-
-        def tensors(ts: tuple[TensorSignature, ...]) -> list[dict[str, Any]]:
-            return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
-
-        return {
-            "name": self.endpoint,
-            "versions": [self.signature.version],
-            "platform": f"pytorch_{self.format}",
-            "inputs": tensors(self.signature.inputs),
-            "outputs": tensors(self.signature.outputs),
-        }
+        return model_metadata(self.endpoint, self.format, self.signature)

@@ -9,6 +9,9 @@ REFERENCE_FILE = "reference.pt"
 ENDPOINT_FILE = "endpoint.json"
 MODEL_CONFIG_FILE = "model-config.yaml"
 MAR_MANIFEST_FILE = "MAR-INF/MANIFEST.json"
+#: The endpoint's OIP v2 model metadata (`GET /v2/models/<endpoint>`), written by `torchship archive` with the
+#: handler's own code (codec.model_metadata): TorchServe's inference port serves this file (engines/oip_agent.py).
+OIP_METADATA_FILE = "oip-metadata.json"
 #: sha256 of every other entry, written by `torchship archive`: a changed byte anywhere refuses the load.
 CHECKSUMS_FILE = "torchship-checksums.json"
 #: `torchship archive --sign`'s ed25519 signature of the checksum listing (not listed in it; archive/signing.py).

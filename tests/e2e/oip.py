@@ -63,19 +63,22 @@ BOTH = (
     Route("infer without the token", "POST", "/v2/models/{m}/infer", 400, message=TOKEN_FAILED, token=False, payload=True),
     Route("versions: metadata", "GET", "/v2/models/{m}/versions/1.0", 501, body=VERSIONS_501),
     Route("versions: infer", "POST", "/v2/models/{m}/versions/1.0/infer", 501, body=VERSIONS_501, payload=True),
+    Route("model ready", "GET", "/v2/models/{m}/ready", 200, body={"name": ENDPOINT, "ready": True}),
+    Route("model ready, unknown", "GET", "/v2/models/nope/ready", 404, message="Model not found: nope"),
+    Route("model ready, not GET", "POST", "/v2/models/{m}/ready", 405, message="use GET"),
+    Route("metadata, unknown", "GET", "/v2/models/nope", 404, message="Model not found: nope"),
+    Route("metadata, not GET", "PUT", "/v2/models/{m}", 405, message="use GET"),
+    Route("metadata, trailing slash", "GET", "/v2/models/{m}/", 200),
 )
-#: TorchServe 0.12 routes nothing to model metadata or readiness, and its frontend checks its key on every path.
+#: TorchServe's frontend checks its key on every path of its inference port.
 TORCHSERVE_ONLY = (
-    Route("metadata", "GET", "/v2/models/{m}", 404, message="Requested resource is not found"),
-    Route("model ready", "GET", "/v2/models/{m}/ready", 404, message="Requested resource is not found"),
     Route("live without the token", "GET", "/v2/health/live", 400, message=TOKEN_FAILED, token=False),
+    Route("metadata without the token", "GET", "/v2/models/{m}", 400, message=TOKEN_FAILED, token=False),
     Route("server metadata", "GET", "/v2", 200),
 )
 RAY_ONLY = (
-    Route("model ready", "GET", "/v2/models/{m}/ready", 200, body={"name": ENDPOINT, "ready": True}),
-    Route("model ready, unknown", "GET", "/v2/models/nope/ready", 404, message="unknown endpoint 'nope'"),
-    Route("metadata, unknown", "GET", "/v2/models/nope", 404, message="unknown endpoint 'nope'"),
     Route("live without the token", "GET", "/v2/health/live", 200, body={"live": True}, token=False),
+    Route("metadata without the token", "GET", "/v2/models/{m}", 200, token=False),
     Route("server metadata", "GET", "/v2", 200, body=RAY_SERVER_METADATA),
     Route("server metadata, not GET", "POST", "/v2", 405, message="use GET"),
 )
@@ -116,7 +119,8 @@ def route_mismatches(url: str, auth: dict[str, str], routes: tuple[Route, ...]) 
 
 
 def expected_metadata(store: Path) -> dict[str, Any]:
-    """GET /v2/models/<m> as the archive's manifest gives it (the Ray app's answer)."""
+    """GET /v2/models/<m> as the archive's manifest gives it (both engines' answer), written out here from the
+    manifest rather than read from the archive's oip-metadata.json, so the document itself is checked."""
     mar = MarArchive(store / f"{ENDPOINT}.mar")
 
     def tensors(key: str) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ own probe; answers equal to the eager references on both paths KServe's v2 proto
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -19,18 +20,21 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 
 from archive.build import Endpoint
 from archive.mar import MarArchive
 from deploy import kserve
 from deploy.kube import K8S_DIR, render
+from deploy.pod_config import IMAGE_OIP_AGENT_JAR
 from deploy.probe import check as probe_check
+from engines import oip_agent
 from engines.base import free_port, read_properties
 from engines.java import find_java, java_home
 from engines.torchserve import write_properties
 from handlers.codec import decode_response, encode_request
 from handlers.errors import TOKEN_FAILED
-from handlers.names import MAX_REQUEST_BYTES_ENV, bearer
+from handlers.names import MAX_REQUEST_BYTES_ENV, OIP_METADATA_FILE, bearer
 from tests.helpers import run_cli, run_readiness_probe
 from torchship.errors import NotReady
 from torchship.parity import compare_all
@@ -111,7 +115,9 @@ def pod(mount: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runti
             "model_store": here(props["model_store"]),
             # A regex in a Java properties file: the path escaped, its backslashes doubled (as the local launcher does).
             "allowed_urls": "file://" + re.escape(here(props["model_store"])).replace("\\", "\\\\") + "/.*\\\\.mar",
-            "vmargs": props["vmargs"].replace(f"-Djava.io.tmpdir={POD_TMP_DIR}", f"-Djava.io.tmpdir={local[POD_TMP_DIR]}"),
+            "vmargs": props["vmargs"]
+            .replace(f"-Djava.io.tmpdir={POD_TMP_DIR}", f"-Djava.io.tmpdir={local[POD_TMP_DIR]}")
+            .replace(oip_agent.vmarg(IMAGE_OIP_AGENT_JAR), oip_agent.vmarg(oip_agent.agent_jar())),
         }
     )
     write_properties(config, props)
@@ -199,3 +205,31 @@ def test_an_over_limit_body_gets_the_handlers_json_413(pod: RuntimePod) -> None:
         timeout=120,
     )
     assert r.status_code == 413 and f"the limit is {limit}" in r.json()["error"]
+
+
+def test_stock_tritonclient_reads_health_metadata_and_infers(pod: RuntimePod) -> None:
+    """What a KServe v2 client does against the runtime's pod: health, model readiness and metadata (the archive's
+    own document, answered by the OIP agent the pod's vmargs load), then a binary inference equal to eager."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    archive = MarArchive(pod.mount / kserve.STORE_DIR / "simple_cnn.mar")
+    case = archive.references()[0]
+    x = case["inputs"]["x"]
+    client = httpclient.InferenceServerClient(url=pod.url.removeprefix("http://"))
+    headers = bearer(TOKEN)
+    try:
+        assert client.is_server_live(headers=headers) and client.is_server_ready(headers=headers)
+        assert all(client.is_model_ready(name, headers=headers) for name in ENDPOINTS)
+        meta = client.get_model_metadata("simple_cnn", headers=headers)
+        assert meta == json.loads(archive.entries[OIP_METADATA_FILE]), meta
+        assert (meta["inputs"][0]["name"], meta["outputs"][0]["name"]) == ("x", archive.output_names[0])
+        infer_input = httpclient.InferInput("x", list(x.shape), "FP32")
+        infer_input.set_data_from_numpy(x.numpy().astype(np.float32), binary_data=True)
+        output = httpclient.InferRequestedOutput(archive.output_names[0], binary_data=True)
+        result = client.infer("simple_cnn", [infer_input], outputs=[output], headers=headers)
+    finally:
+        client.close()
+    served = torch.from_numpy(result.as_numpy(archive.output_names[0]))
+    comparison = compare_all((served,), (case["outputs"][archive.output_names[0]],), Tolerance(*archive.tolerance))
+    assert comparison.passed, comparison.reason

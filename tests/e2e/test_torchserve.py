@@ -14,6 +14,7 @@ import torch
 
 from archive.build import archive_models, load_model_config
 from archive.signing import write_key_pair
+from engines import oip_agent
 from engines.torchserve import TorchServe
 from handlers.codec import decode_response, encode_request
 from handlers.core import parse_server_timing
@@ -216,8 +217,12 @@ def test_serve_command_prints_url_and_token_and_stops_on_sigterm(artifacts_dir: 
 # -- OIP v2 REST (docs/rest.md, "OIP v2 REST"): the same table and stock clients run on the Ray app in test_ray.py -------
 
 
-def test_oip_routes_answer_as_the_contract_says(server: TorchServe) -> None:
+def test_oip_routes_answer_as_the_contract_says(server: TorchServe, store: Path) -> None:
     assert oip.route_mismatches(server.url, _auth(server), oip.BOTH + oip.TORCHSERVE_ONLY) == []
+    meta = requests.get(f"{server.url}/v2/models/{oip.ENDPOINT}", headers=_auth(server), timeout=10)
+    assert meta.status_code == 200 and meta.json() == oip.expected_metadata(store)
+    # Answered by torchship's OIP agent in TorchServe's frontend (engines/oip_agent.py): it says so when it loads.
+    assert oip_agent.LOADED_MESSAGE in server.log_text()
 
 
 def test_stock_oip_clients_tritonclient_and_kserve(server: TorchServe, store: Path) -> None:
@@ -226,13 +231,12 @@ def test_stock_oip_clients_tritonclient_and_kserve(server: TorchServe, store: Pa
     triton = oip.run_tritonclient(server.url, _auth(server), x)
     assert (triton["live"], triton["ready"]) == (True, True)
     assert (triton["server"]["name"], triton["server"]["version"]) == ("Torchserve", "0.12.0"), triton["server"]
-    # TorchServe 0.12 routes neither model readiness nor metadata (docs/rest.md): both clients see its 404.
-    assert triton["model_ready"] is False
-    assert triton["metadata"]["error_status"] == "404", triton["metadata"]
+    assert triton["model_ready"] is True
+    assert triton["metadata"] == oip.expected_metadata(store)
     for kind in ("json", "binary"):
         oip.assert_eager(triton[kind], x, store, f"tritonclient {kind}")
     ks = oip.run_kserve_client(server.url, _auth(server), x)
-    assert (ks["live"], ks["ready"], ks["model_ready"]) == (True, True, False), ks
+    assert (ks["live"], ks["ready"], ks["model_ready"]) == (True, True, True), ks
     for kind in ("json", "binary"):
         assert ks[kind]["y"]["shape"] == [3, 256], ks[kind]
         oip.assert_eager(ks[kind]["y"]["data"], x, store, f"kserve {kind}")
