@@ -230,6 +230,6 @@ def test_stock_tritonclient_reads_health_metadata_and_infers(pod: RuntimePod) ->
         result = client.infer("simple_cnn", [infer_input], outputs=[output], headers=headers)
     finally:
         client.close()
-    served = torch.from_numpy(result.as_numpy(archive.output_names[0]))
+    served = torch.from_numpy(np.array(result.as_numpy(archive.output_names[0])))
     comparison = compare_all((served,), (case["outputs"][archive.output_names[0]],), Tolerance(*archive.tolerance))
     assert comparison.passed, comparison.reason

@@ -225,6 +225,24 @@ def test_oip_routes_answer_as_the_contract_says(server: TorchServe, store: Path)
     assert oip_agent.LOADED_MESSAGE in server.log_text()
 
 
+def test_server_readiness_ends_when_a_drain_begins(server: TorchServe) -> None:
+    """TorchServe's /v2/health/ready is the OIP agent's: 503 once the drain file exists, like the Ray app's during a
+    drain. Only the frontend reads these paths (the handler, which would start refusing, sees none of them)."""
+
+    def get(path: str) -> requests.Response:
+        return requests.get(server.url + path, headers=_auth(server), timeout=10)
+
+    assert get("/v2/health/ready").json() == {"ready": True}
+    server.drain_file.write_text("not a marker any request carries", encoding="utf-8")
+    try:
+        draining = get("/v2/health/ready")
+        assert (draining.status_code, draining.json()) == (503, {"ready": False})
+        assert get(f"/v2/models/{oip.ENDPOINT}/ready").status_code == 200  # the model itself still answers
+    finally:
+        server.drain_file.unlink()
+    assert get("/v2/health/ready").status_code == 200
+
+
 def test_stock_oip_clients_tritonclient_and_kserve(server: TorchServe, store: Path) -> None:
     """tritonclient[http] and the kserve SDK: health, model readiness, metadata, JSON and binary inference."""
     x = oip.inputs(3, seed=41)
