@@ -50,6 +50,14 @@ def test_archive_contents(archives: dict[str, Endpoint]) -> None:
     assert mar_manifest["model"]["handler"] == "torchship_handler.py"
     assert mar_manifest["model"]["configFile"] == "model-config.yaml"
     assert endpoint == {"endpoint": "simple_cnn_pt2", "format": "pt2"}
+    # What GET /v2/models/simple_cnn_pt2 answers on TorchServe (the OIP agent serves this entry as it is).
+    assert json.loads(mar.entries["oip-metadata.json"]) == {
+        "name": "simple_cnn_pt2",
+        "versions": [mar.version],
+        "platform": "pytorch_pt2",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3, -1, -1]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+    }
 
 
 def test_same_inputs_give_a_byte_identical_mar(archives: dict[str, Endpoint], artifacts_dir: Path, tmp_path: Path) -> None:

@@ -35,7 +35,9 @@ def test_a_changed_model_byte_is_refused_by_the_checksums(archives: dict[str, En
         _initialize(bad, tmp_path / "bad")
 
 
-@pytest.mark.parametrize("member", ["handlers/codec.py", "endpoint.json", "model-config.yaml", "torchship_handler.py"])
+@pytest.mark.parametrize(
+    "member", ["handlers/codec.py", "endpoint.json", "model-config.yaml", "torchship_handler.py", "oip-metadata.json"]
+)
 def test_a_changed_byte_in_any_other_entry_is_refused(archives: dict[str, Endpoint], tmp_path: Path, member: str) -> None:
     members = dict(MarArchive(archives["simple_cnn_pt2"].mar).entries)
     members[member] = members[member] + b" "
