@@ -152,6 +152,17 @@ class Engine(ABC):
 
     def start(self) -> Self:
         """Launch in a new process group and wait until every endpoint is ready; stop and raise EngineError if not."""
+        self.launch()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> Self:
+        """Start the engine's process tree (a new process group) and return at once; wait_ready() waits for it to
+        serve. start() is both; a caller of launch() alone stops the engine itself (stop(), or a `with` block)."""
         if not self.endpoints:
             raise EngineError(f"no .mar files in {self.model_store}: run `torchship archive` first")
         if self.verify_key is not None:
@@ -163,11 +174,6 @@ class Engine(ABC):
             self.process = subprocess.Popen(
                 cmd, cwd=self.workdir, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _verify_signatures(self) -> None:
