@@ -20,7 +20,7 @@ from archive.build import archive_default_endpoint, load_model_config
 from archive.mar import MarArchive
 from bench.breakdown import CASES, inprocess_ms, measure
 from bench.inprocess import LABELS, VARIANTS, Workload, bench_workload
-from bench.peers import PEER, StockRayServe, stock_ray_store, stock_torchserve_archive
+from bench.peers import PEER, RAY_APP, StockRayServe, stock_ray_store, stock_torchserve_archive, wait_answering
 from bench.profile import profile
 from bench.served import (
     BATCHED,
@@ -78,6 +78,9 @@ class Settings:
     #: Run the ray_sweep in an engine start of its own (its extra replicas stay out of the memory comparison);
     #: otherwise its endpoints join the bench store, for both engines, and the sweep runs in the main Ray start.
     ray_sweep_apart: bool
+    #: Serve each stock peer in an engine start of its own (out of torchship's memory figure); otherwise it joins the
+    #: engine's main start (TorchServe: its archive beside torchship's; Ray: its app beside torchship's app).
+    peers_apart: bool
 
 
 FULL = Settings(
@@ -97,7 +100,7 @@ FULL = Settings(
     },
     sweep_clients=(1, 16), peer_clients=16, cpp_repeat=10, served_models=("dynamic_router", "seq_decoder"),
     ray_sweep={"simple_cnn_r2": {"num_replicas": 2}, "simple_cnn_mo64": {"max_ongoing_requests": 64}}, profile_seconds=6.0,
-    ray_sweep_apart=True,
+    ray_sweep_apart=True, peers_apart=True,
 )  # fmt: skip
 QUICK = Settings(
     quick=True,
@@ -107,6 +110,7 @@ QUICK = Settings(
     sweep={"simple_cnn_q1": {"batchSize": 1, "maxBatchDelay": 0, "jobQueueSize": 1}}, sweep_clients=(1, 4), peer_clients=4,
     cpp_repeat=0, served_models=("dynamic_router",), ray_sweep={"simple_cnn_mo4": {"max_ongoing_requests": 4}},
     profile_seconds=1.0, ray_sweep_apart=False,  # one Ray start fewer (about 20 s of make test)
+    peers_apart=False,  # two engine starts fewer (about 20 s): quick's memory figures include the peers
 )  # fmt: skip
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224
@@ -225,12 +229,22 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
         model_file = artifacts / "simple_cnn" / "model.torchscript.pt"
         endpoints = len(list(store.glob("*.mar")))
         # Both engines serve the very same store, so that their memory compares; each stock peer and Ray's deployment
-        # sweep run in engine starts of their own afterwards.
+        # sweep run in engine starts of their own afterwards (unless the settings join them to the main start).
         sweep_options = {"app_args": {"deployments": settings.ray_sweep}}
+        stores = {name: store for name in ENGINES}
+        peer_options: dict[str, dict[str, Any]] = {name: {} for name in ENGINES}
+        if not settings.peers_apart:
+            stores["torchserve"] = Path(tmp) / "store-with-peer"
+            shutil.copytree(store, stores["torchserve"])
+            stock_torchserve_archive(model_file, stores["torchserve"], model_config)
+            ray_peer = {"name": "stock", "app": RAY_APP, "route_prefix": f"/predictions/{PEER}",
+                        "args": {"model_store": str(stock_ray_store(model_file, Path(tmp) / "ray-peer-model"))}}  # fmt: skip
+            peer_options["ray"] = {"extra_apps": [ray_peer]}
         for name in ENGINES:
-            say(f"{name}: starting on the bench store ({endpoints} endpoints; {BATCHED}: batching on, {UNBATCHED}: batchSize 1)")
-            options = sweep_options if name == "ray" and not settings.ray_sweep_apart else {}
-            with engine(name, store, Path(tmp) / name, **options) as (running, footprint):
+            say(f"{name}: starting on the bench store ({endpoints} endpoints; {BATCHED}: batching on, {UNBATCHED}: batchSize 1)"
+                + ("" if settings.peers_apart else ", with the stock peer"))  # fmt: skip
+            options = {**(sweep_options if name == "ray" and not settings.ray_sweep_apart else {}), **peer_options[name]}
+            with engine(name, stores[name], Path(tmp) / name, **options) as (running, footprint):
                 e = doc["engines"][name] = measure_engine(run, running, footprint, say)
                 e["endpoints"] = endpoints
                 e["rss_per_endpoint_mib"] = e["rss_mib"] / endpoints
@@ -240,9 +254,14 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                     say(f"{name}: py-spy on every Python process, {settings.profile_seconds:.0f} s of sequential requests")
                     e["profile"] = profile(running, f"{running.url}/predictions/{UNBATCHED}", run.small, run.tol,
                                            seconds=settings.profile_seconds)  # fmt: skip
-                if options:
+                if name == "ray" and not settings.ray_sweep_apart:
                     e["ray_sweep"] = ray_sweep(run, running, lambda text: say(f"ray: sweep {text}"))
-            e["peer"] = peer_runs(run, name, model_file, Path(tmp), say)
+                if not settings.peers_apart:
+                    if name == "ray":  # Ray's readiness covers torchship's app only (TorchServe's, every archive)
+                        wait_answering(f"{running.url}/predictions/{PEER}")
+                    e["peer"] = json_runs(run, running, PEER, say, f"{name}: stock peer (same start)")
+            if settings.peers_apart:
+                e["peer"] = peer_runs(run, name, model_file, Path(tmp), say)
         if settings.ray_sweep and settings.ray_sweep_apart:
             say(f"ray: starting again for the deployment-settings sweep ({', '.join(settings.ray_sweep)})")
             with engine("ray", sweep_store, Path(tmp) / "ray-sweep", **sweep_options) as (running, _):

@@ -70,6 +70,7 @@ class RayServe(Engine):
         app: str = DEFAULT_APP,
         app_args: dict[str, Any] | None = None,
         grpc_port: int | None = None,
+        extra_apps: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(
             model_store,
@@ -85,6 +86,9 @@ class RayServe(Engine):
         self.app = app
         #: Extra arguments for the application builder, as JSON (e.g. per-deployment `deployments` overrides).
         self.app_args = dict(app_args or {})
+        #: More Serve applications deployed beside the main one, each {"name", "app" (module:builder), "route_prefix",
+        #: "args"}: what `make bench --quick` uses to serve the stock peer in the same Ray start.
+        self.extra_apps = list(extra_apps or [])
         self.ray_dir: Path | None = None
         #: OIP v2 gRPC through Ray's gRPC proxy on this port (0: a free one; None: no gRPC).
         self.grpc_port = (grpc_port or free_port()) if grpc_port is not None else None
@@ -105,7 +109,7 @@ class RayServe(Engine):
             "--ray-dir", str(self.ray_dir), "--cache-dir", str(self.workdir / "cache"), "--num-cpus", str(self.num_cpus),
             "--max-request-bytes", str(self.max_request_bytes), "--app", self.app, "--app-args", json.dumps(self._app_args()),
             "--drain-window-s", str(self.drain_window_s),
-            "--grpc-port", str(self.grpc_port or 0),
+            "--grpc-port", str(self.grpc_port or 0), "--extra-apps", json.dumps(self.extra_apps),
         ]  # fmt: skip
         # The token travels in the environment, never on a command line that `ps` shows.
         env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -326,6 +330,10 @@ def serve_forever(args: argparse.Namespace) -> int:
         except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
             print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(serve.status()) or exc}", flush=True)
             return EXIT_DEPLOY_FAILED
+        for extra in json.loads(args.extra_apps):  # a longer route prefix than "/" takes its paths from the main app
+            module, _, builder = extra["app"].partition(":")
+            build_extra = getattr(importlib.import_module(module), builder)
+            serve.run(build_extra(extra["args"]), name=extra["name"], route_prefix=extra["route_prefix"], blocking=False)
         reload_requested = threading.Event()
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         url = f"http://127.0.0.1:{args.port}"
@@ -362,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app", default=DEFAULT_APP, help="the application builder, module:function")
     parser.add_argument("--app-args", default="{}", help="more arguments for the builder, a JSON object")
     parser.add_argument("--grpc-port", type=int, default=0, help="OIP v2 gRPC port (0: no gRPC)")
+    parser.add_argument("--extra-apps", default="[]", help='more apps: a JSON list of {"name", "app", "route_prefix", "args"}')
     parser.add_argument("--drain-window-s", type=float, default=DRAIN_WINDOW_S, help="on SIGTERM, answer this long first")
     return serve_forever(parser.parse_args(argv))
 

@@ -4,9 +4,11 @@ They speak OIP v2 JSON only. Every peer answer is decoded and checked against th
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,7 +20,7 @@ from archive.build import archiver
 from engines.ray import RayServe
 from handlers.codec import encode_request
 from handlers.names import MODEL_CONFIG_FILE
-from torchship.errors import ArchiveError, NotReady
+from torchship.errors import ArchiveError, EngineError, NotReady
 
 #: The peer's endpoint name on both engines.
 PEER = "simple_cnn_stock"
@@ -49,6 +51,27 @@ def stock_ray_store(model_file: Path, folder: Path) -> Path:
     return folder
 
 
+def peer_answers(url: str) -> bool:
+    """True when the stock peer at `url` answers a real request (it has no readiness route)."""
+    body, headers = encode_request({"x": torch.zeros(1, 3, 32, 32)})
+    try:
+        return requests.post(url, data=body, headers=headers, timeout=5).status_code == 200
+    except requests.RequestException as exc:
+        raise NotReady(str(exc)) from None
+
+
+def wait_answering(url: str, timeout_s: float = 300.0) -> None:
+    """Until the stock peer at `url` answers; EngineError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(NotReady):
+            if peer_answers(url):
+                return
+        if time.monotonic() > deadline:
+            raise EngineError(f"the stock peer at {url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 class StockRayServe(RayServe):
     """Ray Serve running the stock peer app (the same child, Ray settings and loopback port as torchship's)."""
 
@@ -60,11 +83,7 @@ class StockRayServe(RayServe):
 
     def _ready(self, endpoint: str) -> bool:
         """The stock app has no readiness route: ready when a real request is answered."""
-        body, headers = encode_request({"x": torch.zeros(1, 3, 32, 32)})
-        try:
-            return requests.post(f"{self.url}/predictions/{endpoint}", data=body, headers=headers, timeout=5).status_code == 200
-        except requests.RequestException as exc:
-            raise NotReady(str(exc)) from None
+        return peer_answers(f"{self.url}/predictions/{endpoint}")
 
 
-__all__ = ["PEER", "StockRayServe", "stock_ray_store", "stock_torchserve_archive"]
+__all__ = ["PEER", "RAY_APP", "StockRayServe", "peer_answers", "stock_ray_store", "stock_torchserve_archive", "wait_answering"]

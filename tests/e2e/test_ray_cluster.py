@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from archive.build import archive_models, load_model_config
+from archive.build import archive_default_endpoint, load_model_config
 from engines.base import free_port
 from tests.helpers import REPO
 
@@ -96,9 +96,8 @@ DRIVER = textwrap.dedent(
 @pytest.mark.slow
 def test_replicas_on_both_nodes_answer_correctly(artifacts_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    archive_models(["dynamic_router"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
-    for extra in store.glob("dynamic_router_*.mar"):  # one endpoint: its 2 replicas must fill both 1-CPU nodes
-        extra.unlink()
+    # One endpoint: its 2 replicas must fill both 1-CPU nodes.
+    archive_default_endpoint("dynamic_router", artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
     temp = Path(f"/tmp/ts-ray-{secrets.token_hex(3)}")  # short: Ray's socket paths must fit in 107 bytes
     port = free_port()
     # Ray token auth on for every process of the cluster (head, worker, driver), with one per-test token.
