@@ -49,8 +49,13 @@ def engines(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
         mp.setenv(BODY_TIMEOUT_ENV, str(BODY_TIMEOUT_S))
         # A short drain window: the drain test needs the sequence, not a load balancer's time.
-        ts = stack.enter_context(rel.engine_for("torchserve", store, tmp_path_factory.mktemp("ts"), drain_window_s=0.5))
-        ray = stack.enter_context(rel.engine_for("ray", store, tmp_path_factory.mktemp("ray"), drain_window_s=0.5))
+        ts = rel.engine_for("torchserve", store, tmp_path_factory.mktemp("ts"), drain_window_s=0.5)
+        ray = rel.engine_for("ray", store, tmp_path_factory.mktemp("ray"), drain_window_s=0.5)
+        for engine in (ray, ts):  # both load at once (nothing is timed while they start); stopped however this ends
+            stack.callback(engine.stop)
+            engine.launch()
+        for engine in (ts, ray):
+            engine.wait_ready()
         yield {"torchserve": ts, "ray": ray}
 
 
