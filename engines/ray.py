@@ -37,6 +37,11 @@ EXIT_DEPLOY_FAILED = 3
 GRPC_SERVICER = "deploy.ray_grpc.add_inference_servicer"
 #: A drain's calls to the ingress (through a Serve handle) and Serve's own shutdown, each bounded.
 CONTROL_TIMEOUT_S = 10.0
+#: How often the child reads Serve's status for a failed deployment: every second while the app deploys (a load
+#: refusal is reported at once), every 10 s once it runs. Each read costs Serve's controller and this process CPU:
+#: measured on an idle app of 8 endpoints, polling every second kept 16.5% of a core busy in this process alone.
+STATUS_POLL_S = 1.0
+STATUS_POLL_RUNNING_S = 10.0
 #: The candidate application a rollout (SIGHUP) deploys and gates before the serving app is redeployed.
 CANDIDATE_APP = "candidate"
 ROLLOUT_DEPLOY_TIMEOUT_S = 300.0
@@ -337,11 +342,17 @@ def serve_forever(args: argparse.Namespace) -> int:
         reload_requested = threading.Event()
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         url = f"http://127.0.0.1:{args.port}"
+        next_check = 0.0
         while True:
-            if failure := deploy_failure(serve.status()):
-                print(f"Ray Serve: the torchship app failed to deploy: {failure}", flush=True)
-                return EXIT_DEPLOY_FAILED
-            if reload_requested.wait(1.0):
+            if time.monotonic() >= next_check:
+                status = serve.status()
+                if failure := deploy_failure(status):
+                    print(f"Ray Serve: the torchship app failed to deploy: {failure}", flush=True)
+                    return EXIT_DEPLOY_FAILED
+                app_status = status.applications.get(APP_NAME)
+                running = app_status is not None and app_status.status == "RUNNING"
+                next_check = time.monotonic() + (STATUS_POLL_RUNNING_S if running else STATUS_POLL_S)
+            if reload_requested.wait(STATUS_POLL_S):
                 reload_requested.clear()
                 print(f"rollout: {rollout_app(app, app_args, url)}", flush=True)
     except DrainRequested:

@@ -68,6 +68,22 @@ def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
 
 
+def test_verify_all_starts_both_engines_and_compares_them(artifacts_dir: Path, tmp_path: Path) -> None:
+    """`torchship verify --engine all`: both engines on the same archives, one cross-engine table and report. First
+    in the module, before the module's Ray server exists: an idle Ray of 8 endpoints keeps about a sixth of this
+    machine's two cores busy (measured), which this test's own two engines would otherwise share."""
+    store = tmp_path / "store"
+    archive_models(["seq_decoder"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
+    proc = run_cli("verify", "--engine", "all", "--model-store", str(store), "--report", str(tmp_path / "reports"), timeout_s=900)
+    assert "checks passed on both engines" in proc.stdout
+    doc = json.loads((tmp_path / "reports" / "pipeline.json").read_text())
+    assert doc["passed"] is True
+    assert len(doc["rows"]) == 2 * 4 * 2  # seq_decoder and seq_decoder_pt2, 4 batches, JSON and binary
+    assert all(r["engines_max_abs"] == 0 for r in doc["rows"])  # integer tokens: the engines agree exactly
+    for engine in ("torchserve", "ray"):
+        assert json.loads((tmp_path / "reports" / f"verify-{engine}.json").read_text())["passed"] is True
+
+
 def test_verify_passes_on_every_endpoint(ray_server: RayServer, ray_store: Path, tmp_path: Path) -> None:
     report = tmp_path / "verify-ray.json"
     run_cli(
@@ -159,20 +175,6 @@ def test_oip_routes_health_metadata_and_methods(ray_server: RayServer) -> None:
     assert requests.get(f"{ray_server.url}/predictions/simple_cnn", timeout=10).status_code == 400
     assert requests.get(f"{ray_server.url}/v2/models/simple_cnn/infer", timeout=10).status_code == 400
     assert requests.get(f"{ray_server.url}/../etc/passwd", timeout=10).status_code == 404
-
-
-def test_verify_all_starts_both_engines_and_compares_them(artifacts_dir: Path, tmp_path: Path) -> None:
-    """`torchship verify --engine all`: both engines on the same archives, one cross-engine table and report."""
-    store = tmp_path / "store"
-    archive_models(["seq_decoder"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
-    proc = run_cli("verify", "--engine", "all", "--model-store", str(store), "--report", str(tmp_path / "reports"), timeout_s=900)
-    assert "checks passed on both engines" in proc.stdout
-    doc = json.loads((tmp_path / "reports" / "pipeline.json").read_text())
-    assert doc["passed"] is True
-    assert len(doc["rows"]) == 2 * 4 * 2  # seq_decoder and seq_decoder_pt2, 4 batches, JSON and binary
-    assert all(r["engines_max_abs"] == 0 for r in doc["rows"])  # integer tokens: the engines agree exactly
-    for engine in ("torchserve", "ray"):
-        assert json.loads((tmp_path / "reports" / f"verify-{engine}.json").read_text())["passed"] is True
 
 
 # -- OIP v2 gRPC: deploy/ray_grpc.py through Ray's gRPC proxy (docs/rest.md, gRPC) -----------------------------------
