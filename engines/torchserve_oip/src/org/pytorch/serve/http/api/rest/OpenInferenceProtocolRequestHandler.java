@@ -93,13 +93,8 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
     }
 
     private static void sendModelMetadata(ChannelHandlerContext ctx, String name, boolean get) {
-        if (!get) {
-            sendError(ctx, HttpResponseStatus.METHOD_NOT_ALLOWED, "use GET");
-            return;
-        }
-        Model model = defaultModel(name);
+        Model model = modelOrError(ctx, name, get);
         if (model == null) {
-            sendError(ctx, HttpResponseStatus.NOT_FOUND, "Model not found: " + name);
             return;
         }
         File file = new File(model.getModelDir(), METADATA_FILE);
@@ -117,13 +112,8 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
     }
 
     private static void sendModelReady(ChannelHandlerContext ctx, String name, boolean get) {
-        if (!get) {
-            sendError(ctx, HttpResponseStatus.METHOD_NOT_ALLOWED, "use GET");
-            return;
-        }
-        Model model = defaultModel(name);
+        Model model = modelOrError(ctx, name, get);
         if (model == null) {
-            sendError(ctx, HttpResponseStatus.NOT_FOUND, "Model not found: " + name);
             return;
         }
         boolean ready = ready(model);
@@ -131,6 +121,19 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         body.addProperty("name", name);
         body.addProperty("ready", ready);
         NettyUtils.sendJsonResponse(ctx, body, ready ? HttpResponseStatus.OK : HttpResponseStatus.SERVICE_UNAVAILABLE);
+    }
+
+    /** The model a GET names; otherwise null, once the 405 (not a GET) or the 404 (no such model) is sent. */
+    private static Model modelOrError(ChannelHandlerContext ctx, String name, boolean get) {
+        if (!get) {
+            sendError(ctx, HttpResponseStatus.METHOD_NOT_ALLOWED, "use GET");
+            return null;
+        }
+        Model model = defaultModel(name);
+        if (model == null) {
+            sendError(ctx, HttpResponseStatus.NOT_FOUND, "Model not found: " + name);
+        }
+        return model;
     }
 
     /** The default version of a registered model, or null when no model has that name. */
