@@ -29,15 +29,18 @@ $(STAMP): pyproject.toml
 	$(UV) --python $(VENV)/checkov/bin/python checkov==3.3.30
 	@touch $@
 
-# What make test checks beside pytest: lint (the two ruff runs) and typecheck.
-STATIC_CHECKS := "$(BIN)/ruff check ." "$(BIN)/ruff format --check ." "$(BIN)/mypy"
+# The static checks, each a quoted command: lint and typecheck run them, and make test runs both beside pytest.
+LINT_CHECKS := "$(BIN)/ruff check ." "$(BIN)/ruff format --check ."
+TYPE_CHECKS := "$(BIN)/mypy"
+STATIC_CHECKS := $(LINT_CHECKS) $(TYPE_CHECKS)
+# Every check runs even if another fails; any failure fails the caller. $(1): the checks, $(2): a prefix (nice).
+run_checks = rc=0; for check in $(1); do echo "$$check"; $(2) $$check || rc=1; done
 
 lint: setup
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	@$(call run_checks,$(LINT_CHECKS)); exit $$rc
 
 typecheck: setup
-	$(BIN)/mypy
+	@$(call run_checks,$(TYPE_CHECKS)); exit $$rc
 
 pytest: setup
 	$(BIN)/pytest
@@ -47,7 +50,7 @@ pytest: setup
 # pytest's, each one runs even if another fails, and any failure fails the target.
 test: setup
 	@static=$$(mktemp); trap 'rm -f "$$static"' EXIT; \
-	( rc=0; for check in $(STATIC_CHECKS); do echo "$$check"; nice -n 10 $$check || rc=1; done > "$$static" 2>&1; \
+	( $(call run_checks,$(STATIC_CHECKS),nice -n 10) > "$$static" 2>&1; \
 	  echo "static checks exit $$rc" >> "$$static" ) & \
 	rc=0; $(BIN)/pytest || rc=$$?; wait; cat "$$static"; grep -qx 'static checks exit 0' "$$static" || rc=1; exit $$rc
 
