@@ -70,7 +70,8 @@ def snapshot_entry(archive: MarArchive, props: dict[str, str]) -> tuple[str, str
 
     TorchServe takes batch size, delay, workers and timeouts of a snapshot's models from the snapshot alone (not from
     the archive's model-config.yaml, which `--models all` would read), so they are copied from the archive here, with
-    TorchServe's own defaults where the archive sets nothing.
+    TorchServe's own defaults where the archive sets nothing. The queue limit (jobQueueSize) has no snapshot field:
+    TorchServe reads it from the archive's model-config.yaml, as the e2e test of the runtime checks.
     """
     try:
         model = archive.mar_manifest["model"]

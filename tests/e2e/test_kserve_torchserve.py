@@ -233,3 +233,17 @@ def test_stock_tritonclient_reads_health_metadata_and_infers(pod: RuntimePod) ->
     served = torch.from_numpy(np.array(result.as_numpy(archive.output_names[0])))
     comparison = compare_all((served,), (case["outputs"][archive.output_names[0]],), Tolerance(*archive.tolerance))
     assert comparison.passed, comparison.reason
+
+
+def test_each_model_runs_with_its_archives_settings(pod: RuntimePod) -> None:
+    """The snapshot carries workers, batching and timeouts (TorchServe reads those from a snapshot alone); the queue
+    limit, which the snapshot has no field for, comes from the archive's model-config.yaml: a full queue still sheds."""
+    for endpoint in ENDPOINTS:
+        config = MarArchive(pod.mount / kserve.STORE_DIR / f"{endpoint}.mar").model_config
+        r = requests.get(f"{pod.management_url}/models/{endpoint}", timeout=30)
+        assert r.status_code == 200, r.text[:500]
+        described = r.json()[0]
+        for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"):
+            assert described[key] == config[key], (endpoint, key, described[key], config[key])
+        queue = described["jobQueueStatus"]
+        assert queue["remainingCapacity"] + queue["pendingRequests"] == config["jobQueueSize"], (endpoint, queue)
