@@ -185,13 +185,14 @@ class Ingress:
         return not self.token or token_matches(request.headers.get(AUTHORIZATION_HEADER), self.token)
 
     async def __call__(self, request: Request) -> Response:
-        # Empty segments are kept ("//predictions//x" is no route, as on TorchServe); one trailing slash is allowed.
+        # Empty segments are kept ("//predictions//x" is no route), trailing ones dropped ("/v2/models/m//" is
+        # "/v2/models/m"): TorchServe's routing splits paths with Java's String.split, which does exactly that.
         path = request.url.path
         root = request.scope.get("root_path", "")
         if root and path.startswith(root + "/"):  # an app under a route prefix (a rollout's candidate) routes below it
             path = path[len(root) :]
         parts = path.split("/")[1:]
-        if len(parts) > 1 and parts[-1] == "":
+        while len(parts) > 1 and parts[-1] == "":
             parts = parts[:-1]
         method = request.method
         if parts in (["ping"], ["v2", "health", "live"], ["v2", "health", "ready"]):

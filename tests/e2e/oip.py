@@ -69,6 +69,9 @@ BOTH = (
     Route("metadata, unknown", "GET", "/v2/models/nope", 404, message="Model not found: nope"),
     Route("metadata, not GET", "PUT", "/v2/models/{m}", 405, message="use GET"),
     Route("metadata, trailing slash", "GET", "/v2/models/{m}/", 200),
+    Route("metadata, trailing slashes", "GET", "/v2/models/{m}//", 200),
+    Route("infer, trailing slashes", "POST", "/v2/models/{m}/infer//", 200, payload=True),
+    Route("infer, empty segment", "POST", "/v2/models//{m}/infer", 404, payload=True),
 )
 #: TorchServe's frontend checks its key on every path of its inference port.
 TORCHSERVE_ONLY = (
