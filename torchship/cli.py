@@ -414,10 +414,38 @@ def cmd_pipeline(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def version_line() -> str:
+    """torchship's version and the versions of what it serves with, read from the installed packages' metadata (no
+    import: --version answers at once)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from torchship import __version__
+
+    parts = []
+    for package in ("torch", "torchserve", "ray"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return f"torchship {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})"
+
+
+class _PrintVersion(argparse.Action):
+    """--version on one line, unwrapped (argparse's own version action wraps it at the terminal's width)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchship", description="Eager PyTorch -> served REST endpoints, proven equal to eager."
     )
+    parser.add_argument("--version", action=_PrintVersion, help="print the versions of torchship, torch, TorchServe, Ray")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export models to frozen TorchScript, .pt2 and (with --aoti) AOTInductor, gated on parity")

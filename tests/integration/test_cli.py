@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,20 @@ from archive.mar import MarArchive
 from export.exporter import ModelExport
 from handlers.core import load_aoti
 from tests.helpers import run_cli
+from torchship import __version__
 from torchship.cli import main
 from torchship.manifest import read_manifest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "user_models"
 USER_ENV = {"PYTHONPATH": os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_version_names_torchship_and_what_it_serves_with() -> None:
+    proc = run_cli("--version")
+    line = proc.stdout.strip()
+    assert "\n" not in line and line.startswith(f"torchship {__version__} ("), proc.stdout
+    for package in ("torch", "torchserve", "ray"):
+        assert f"{package} {version(package)}" in line, line
 
 
 def test_exports_a_user_model_through_spec(tmp_path: Path, user_models: Path) -> None:
