@@ -296,15 +296,21 @@ def rollout_app(build: Any, app_args: dict[str, object], url: str) -> str:
             serve.delete(CANDIDATE_APP)
 
 
-def serve_forever(args: argparse.Namespace) -> int:
+def app_builder(ref: str) -> Any:
+    """The application builder `module:function` names (the main app's, or an extra app's)."""
     import importlib
+
+    module, _, builder = ref.partition(":")
+    return getattr(importlib.import_module(module), builder)
+
+
+def serve_forever(args: argparse.Namespace) -> int:
     import os
 
     import ray
     from ray import serve
 
-    module, _, builder = args.app.partition(":")
-    app = getattr(importlib.import_module(module), builder)
+    app = app_builder(args.app)
 
     ray.init(
         address="local",
@@ -336,9 +342,8 @@ def serve_forever(args: argparse.Namespace) -> int:
             print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(serve.status()) or exc}", flush=True)
             return EXIT_DEPLOY_FAILED
         for extra in json.loads(args.extra_apps):  # a longer route prefix than "/" takes its paths from the main app
-            module, _, builder = extra["app"].partition(":")
-            build_extra = getattr(importlib.import_module(module), builder)
-            serve.run(build_extra(extra["args"]), name=extra["name"], route_prefix=extra["route_prefix"], blocking=False)
+            extra_app = app_builder(extra["app"])(extra["args"])
+            serve.run(extra_app, name=extra["name"], route_prefix=extra["route_prefix"], blocking=False)
         reload_requested = threading.Event()
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         url = f"http://127.0.0.1:{args.port}"
