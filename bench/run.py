@@ -243,7 +243,8 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
         for name in ENGINES:
             say(f"{name}: starting on the bench store ({endpoints} endpoints; {BATCHED}: batching on, {UNBATCHED}: batchSize 1)"
                 + ("" if settings.peers_apart else ", with the stock peer"))  # fmt: skip
-            options = {**(sweep_options if name == "ray" and not settings.ray_sweep_apart else {}), **peer_options[name]}
+            sweep_here = name == "ray" and not settings.ray_sweep_apart  # the Ray sweep's endpoints join this start
+            options = {**(sweep_options if sweep_here else {}), **peer_options[name]}
             with engine(name, stores[name], Path(tmp) / name, **options) as (running, footprint):
                 e = doc["engines"][name] = measure_engine(run, running, footprint, say)
                 e["endpoints"] = endpoints
@@ -254,7 +255,7 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                     say(f"{name}: py-spy on every Python process, {settings.profile_seconds:.0f} s of sequential requests")
                     e["profile"] = profile(running, f"{running.url}/predictions/{UNBATCHED}", run.small, run.tol,
                                            seconds=settings.profile_seconds)  # fmt: skip
-                if name == "ray" and not settings.ray_sweep_apart:
+                if sweep_here:
                     e["ray_sweep"] = ray_sweep(run, running, lambda text: say(f"ray: sweep {text}"))
                 if not settings.peers_apart:
                     if name == "ray":  # Ray's readiness covers torchship's app only (TorchServe's, every archive)
