@@ -237,7 +237,8 @@ def test_stock_tritonclient_reads_health_metadata_and_infers(pod: RuntimePod) ->
 
 def test_each_model_runs_with_its_archives_settings(pod: RuntimePod) -> None:
     """The snapshot carries workers, batching and timeouts (TorchServe reads those from a snapshot alone); the queue
-    limit, which the snapshot has no field for, comes from the archive's model-config.yaml: a full queue still sheds."""
+    limit, which the snapshot has no field for, comes from the archive's model-config.yaml (the archive's 100, not the
+    server default of 1000: the point past which the pod answers 503)."""
     for endpoint in ENDPOINTS:
         config = MarArchive(pod.mount / kserve.STORE_DIR / f"{endpoint}.mar").model_config
         r = requests.get(f"{pod.management_url}/models/{endpoint}", timeout=30)
