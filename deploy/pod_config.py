@@ -5,12 +5,11 @@ store and body limits. The Deployment's ConfigMap (`torchship deploy sync`) and 
 
 from __future__ import annotations
 
-from engines.base import CONFIG_PROPERTIES, default_body_limit_bytes, read_properties
+from torchship.settings import CONFIG_PROPERTIES, FRONTEND_LIMIT_FACTOR, config_file, default_body_limit_bytes, read_properties
 
 #: Where the images keep the archives (docker/*.Dockerfile).
 IMAGE_MODEL_STORE = "/opt/torchship/model_store"
-#: Where the TorchServe image keeps torchship's OIP agent (engines/oip_agent.py; stdlib-light `deploy check` does not
-#: import engines).
+#: Where the TorchServe image keeps torchship's OIP agent (torchship/engines/torchserve/oip_agent.py).
 IMAGE_OIP_AGENT_JAR = "/opt/torchship/torchship-oip.jar"
 #: The pod's listeners. Inference and metrics listen on the pod IP; management stays on loopback (probes only).
 INFERENCE_PORT = 8080
@@ -23,9 +22,6 @@ def frontend_limit_bytes(limit_bytes: int) -> int:
     """TorchServe's own body cut for a handler limit of `limit_bytes`: the local launcher's rule. TorchServe's
     frontend answers a body over max_request_size with an empty 413 before any handler runs, so it must sit above
     the handler's limit for an over-limit body to get the handler's JSON 413."""
-    # Imported here: engines.torchserve imports torch, which `deploy check` otherwise does not need.
-    from engines.torchserve import FRONTEND_LIMIT_FACTOR
-
     return limit_bytes * FRONTEND_LIMIT_FACTOR
 
 
@@ -54,7 +50,7 @@ def pod_overrides(model_store: str = IMAGE_MODEL_STORE, *, gpu: bool = False) ->
 
 def pod_properties(model_store: str = IMAGE_MODEL_STORE, *, gpu: bool = False) -> dict[str, str]:
     """configs/config.properties as a pod runs it (pod_overrides applied, in the file's order, new keys last)."""
-    return {**read_properties(CONFIG_PROPERTIES), **pod_overrides(model_store, gpu=gpu)}
+    return {**read_properties(config_file(CONFIG_PROPERTIES)), **pod_overrides(model_store, gpu=gpu)}
 
 
 def properties_text(props: dict[str, str], header: str) -> str:

@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from deploy.kube import find_tool, image_repository, render
+from torchship.deploy.kube import find_tool, image_repository, render
 from torchship.errors import DeployError
-from verify.compare import VerifyRow, verify
 
 #: Deployments `rollout` waits for after applying an overlay.
 ROLLED_DEPLOYMENTS = ("torchserve",)
-
-
-@dataclass(frozen=True)
-class GateResult:
-    rows: list[VerifyRow]
-
-    @property
-    def failed(self) -> list[VerifyRow]:
-        return [r for r in self.rows if not r.passed]
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.rows) and not self.failed
-
-
-def gate(url: str, *, token: str | None, model_store: Path, endpoints: list[str] | None = None) -> GateResult:
-    return GateResult(verify("candidate", url, token=token, model_store=model_store, endpoints=endpoints))
 
 
 def set_image(objs: list[dict[str, Any]], image: str) -> int:

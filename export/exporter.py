@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.pt2 import AotiIsa, build_aoti, build_pt2, save_pt2
-from export.reference import Case, make_cases, save_reference
-from export.torchscript import build_torchscript
-from handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE, sha256_file
-from handlers.names import REFERENCE_FILE
 from torchship.errors import ExportFormatError, OutputDirError, SpecError, TorchshipError
+from torchship.export.pt2 import AotiIsa, build_aoti, build_pt2, save_pt2
+from torchship.export.reference import Case, make_cases, save_reference
+from torchship.export.torchscript import build_torchscript
+from torchship.handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE, sha256_file
+from torchship.handlers.names import REFERENCE_FILE
 from torchship.manifest import (
     FORMAT_FILES,
     POSTPROCESS_DIR,
@@ -341,7 +341,7 @@ def _replace_dir(staging: Path, final: Path) -> None:
 def _export_postprocess(spec: ModelSpec, staging: Path, progress: Progress) -> list[ExportFormatError]:
     """A classifier's top-k post-processing (parameters.top_k), exported and gated inside the classifier's own folder,
     so that archiving the classifier needs no other model's export."""
-    from models.process_outputs import SPEC as TOPK_SPEC
+    from torchship.models.process_outputs import SPEC as TOPK_SPEC
 
     progress(spec.name, "postprocess", f"exporting {TOPK_SPEC.name} with it, for parameters.top_k")
     result = export_model(TOPK_SPEC, out_dir=staging / POSTPROCESS_DIR, progress=progress)

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from handlers.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from handlers.names import BEARER_PREFIX, TOKEN_ENV, TOKEN_FILE_ENV
+from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from .names import BEARER_PREFIX, TOKEN_ENV, TOKEN_FILE_ENV
 
 #: OIP v2 datatype names and the torch dtypes they map to.
 DATATYPES: Mapping[str, torch.dtype] = {

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from handlers.codec import (
+from .codec import (
     EMPTY_BODY,
     InferRequest,
     Signature,
@@ -33,8 +33,8 @@ from handlers.codec import (
     model_metadata,
     token_matches,
 )
-from handlers.errors import ArtifactError, BadRequest, ClientError, NotFound, TokenRefused
-from handlers.names import (
+from .errors import ArtifactError, BadRequest, ClientError, NotFound, TokenRefused
+from .names import (
     AUTHORIZATION_HEADER,
     BATCH_REQUESTS_HEADER,
     BATCH_ROWS_HEADER,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from handlers.names import LOAD_REFUSED_MARKER
+from .names import LOAD_REFUSED_MARKER
 
 #: TorchServe's own status and wording for a missing or wrong token, so every engine has one access rule.
 TOKEN_FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"

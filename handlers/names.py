@@ -20,9 +20,11 @@ SIGNATURE_FILE = "torchship-signature.json"
 VERIFY_KEY_ENV = "TORCHSHIP_VERIFY_KEY_FILE"
 #: A classifier's top-k post-processing (the seed's scripted function), exported with the classifier.
 TOPK_FILE = "process_outputs.torchscript.pt"
-#: The file torch-model-archiver puts at the archive root as TorchServe's handler.
-HANDLER_ENTRY_FILE = "torchship_handler.py"
-HANDLER_PACKAGE = "handlers"
+#: The file torch-model-archiver puts at the archive root as TorchServe's handler (handlers/entry.py).
+HANDLER_ENTRY_FILE = "torchship_entry.py"
+#: The handler package's name inside an archive: a name no other distribution uses, so nothing on the worker's
+#: PYTHONPATH shadows it by accident (and the entry file refuses the load when something does).
+HANDLER_PACKAGE = "torchship_handler"
 #: The handler package files that travel inside every archive (torch + stdlib only).
 HANDLER_PACKAGE_FILES = ("__init__.py", "codec.py", "core.py", "errors.py", "names.py", "service.py")
 

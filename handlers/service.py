@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from handlers.core import EndpointCore, Reply, Request, pick_device
-from handlers.names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE
+from .core import EndpointCore, Reply, Request, pick_device
+from .names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE
 
 
 class Context(Protocol):

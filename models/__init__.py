@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models import dynamic_router, process_outputs, seq_decoder, simple_cnn
+from torchship.models import dynamic_router, process_outputs, seq_decoder, simple_cnn
 from torchship.spec import ModelSpec
 
 #: Every model that ships with torchship, by name, in export order.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models._seeded import build_seeded
+from torchship.models._seeded import build_seeded
 from torchship.spec import Dim, ModelSpec, TensorSpec, Tolerance
 
 D_MODEL = 64

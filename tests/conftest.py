@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from archive.build import Endpoint, archive_models, load_model_config
-from archive.mar import MarArchive
-from export.exporter import ModelExport
-from models import ZOO
 from tests.helpers import run_cli
+from torchship.archive.build import Endpoint, archive_models, load_model_config
+from torchship.archive.mar import MarArchive
+from torchship.export.exporter import ModelExport
 from torchship.manifest import read_manifest
+from torchship.models import ZOO
 
 USER_MODELS = Path(__file__).parent / "fixtures" / "user_models"
 #: The model whose AOTInductor package the suite builds (compiling one takes ~30 s on 2 cores).

@@ -96,8 +96,8 @@ def assert_router_answers(url: str, token: str | None) -> None:
     """The server still answers a valid dynamic_router request with the eager outputs (after a bad one, say)."""
     import torch
 
-    from models import ZOO
-    from verify.client import Client
+    from torchship.models import ZOO
+    from torchship.verify.client import Client
 
     spec = ZOO["dynamic_router"]
     x = spec.make_inputs(3, seed_offset=5)["x"]
@@ -114,7 +114,7 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
 
     import torch
 
-    from archive.mar import MarArchive, write_archive
+    from torchship.archive.mar import MarArchive, write_archive
 
     members = dict(MarArchive(mar).entries)
     manifest = json.loads(members["manifest.json"])

@@ -70,3 +70,9 @@ class CorpusError(TorchshipError):
 
 class ReliabilityError(TorchshipError):
     """A reliability run could not be carried out (an engine did not start, say)."""
+
+
+class ConfigError(TorchshipError):
+    """A settings file the command needs is missing or unreadable (the message names it and where it was looked for)."""
+
+    exit_code = EXIT_USAGE

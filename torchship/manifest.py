@@ -10,10 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from handlers.codec import DATATYPES
-from handlers.core import sha256_file
-from handlers.names import MANIFEST_FILE
 from torchship.errors import ManifestError
+from torchship.handlers.codec import DATATYPES
+from torchship.handlers.core import sha256_file
+from torchship.handlers.names import MANIFEST_FILE
 from torchship.spec import FORMATS, ModelSpec, TensorSpec
 
 #: A classifier's own export of its top-k post-processing lives in this sub-folder of its artifacts folder.

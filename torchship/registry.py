@@ -9,7 +9,7 @@ from torchship.spec import ModelSpec
 
 
 def zoo() -> dict[str, ModelSpec]:
-    from models import ZOO
+    from torchship.models import ZOO
 
     return dict(ZOO)
 

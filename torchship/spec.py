@@ -10,8 +10,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from handlers.codec import DATATYPES
 from torchship.errors import SpecError
+from torchship.handlers.codec import DATATYPES
 
 ExportMethod = Literal["trace", "script", "hybrid"]
 Task = Literal["classifier", "tensor", "postprocess"]

@@ -18,12 +18,12 @@ import numpy as np
 import requests
 import torch
 
-from archive.mar import MarArchive
-from handlers.codec import EMPTY_BODY, encode_request
-from handlers.errors import TOKEN_FAILED
-from models import ZOO
-from reliability.corpus import HttpReply, error_message
 from torchship import __version__
+from torchship.archive.mar import MarArchive
+from torchship.handlers.codec import EMPTY_BODY, encode_request
+from torchship.handlers.errors import TOKEN_FAILED
+from torchship.models import ZOO
+from torchship.reliability.corpus import HttpReply, error_message
 
 #: The endpoint every OIP check uses (a 2-D FP32 input: cheap as JSON and as binary).
 ENDPOINT = "dynamic_router"

@@ -14,14 +14,14 @@ import pytest
 import requests
 import torch
 
-from archive.build import Endpoint
-from deploy.kube import K8S_DIR, render
-from engines.base import read_properties
-from engines.torchserve import TorchServe
-from handlers.codec import encode_request
-from handlers.errors import TOKEN_FAILED
-from handlers.names import TOKEN_FILE_ENV
 from tests.helpers import REPO, drifted_copy, run_cli, run_readiness_probe
+from torchship.archive.build import Endpoint
+from torchship.deploy.kube import K8S_DIR, render
+from torchship.engines.base import read_properties
+from torchship.engines.torchserve.launcher import TorchServe
+from torchship.handlers.codec import encode_request
+from torchship.handlers.errors import TOKEN_FAILED
+from torchship.handlers.names import TOKEN_FILE_ENV
 
 POD_CONFIG = K8S_DIR / "base" / "torchserve" / "config.properties"
 TOKEN = "k8s-shared-token"
@@ -78,10 +78,10 @@ def test_the_readiness_probe_command_passes_on_the_ready_server(pod_server: Torc
 
 
 def test_the_probe_fails_when_nothing_listens(tmp_path: Path) -> None:
-    from engines.base import free_port
+    from torchship.engines.base import free_port
 
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.probe", "--management-url", f"http://127.0.0.1:{free_port()}"],
+        [sys.executable, "-m", "torchship.engines.torchserve.probe", "--management-url", f"http://127.0.0.1:{free_port()}"],
         cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert proc.returncode == 1 and "not ready" in proc.stderr

@@ -22,21 +22,21 @@ import pytest
 import requests
 import torch
 
-from archive.build import Endpoint
-from archive.mar import MarArchive
-from deploy import kserve
-from deploy.kube import K8S_DIR, render
-from deploy.pod_config import IMAGE_OIP_AGENT_JAR
-from deploy.probe import check as probe_check
-from engines import oip_agent
-from engines.base import free_port, read_properties
-from engines.java import find_java, java_home
-from engines.torchserve import write_properties
-from handlers.codec import decode_response, encode_request
-from handlers.errors import TOKEN_FAILED
-from handlers.names import MAX_REQUEST_BYTES_ENV, OIP_METADATA_FILE, bearer
 from tests.helpers import run_cli, run_readiness_probe
+from torchship.archive.build import Endpoint
+from torchship.archive.mar import MarArchive
+from torchship.deploy import kserve
+from torchship.deploy.kube import K8S_DIR, render
+from torchship.deploy.pod_config import IMAGE_OIP_AGENT_JAR
+from torchship.engines.torchserve import oip_agent
+from torchship.engines.base import free_port, read_properties
+from torchship.engines.torchserve.java import find_java, java_home
+from torchship.engines.torchserve.launcher import write_properties
+from torchship.engines.torchserve.probe import check as probe_check
 from torchship.errors import NotReady
+from torchship.handlers.codec import decode_response, encode_request
+from torchship.handlers.errors import TOKEN_FAILED
+from torchship.handlers.names import MAX_REQUEST_BYTES_ENV, OIP_METADATA_FILE, bearer
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
 

@@ -12,17 +12,17 @@ import pytest
 import requests
 import torch
 
-from archive.build import archive_models, load_model_config
-from archive.signing import write_key_pair
-from engines.base import free_port
-from handlers.codec import decode_response, encode_request
-from handlers.core import parse_server_timing
-from handlers.names import TOKEN_ENV
-from models import ZOO
 from tests.e2e import oip
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
 from tests.helpers import assert_router_answers, run_cli, serve_command
 from torchship import __version__
+from torchship.archive.build import archive_models, load_model_config
+from torchship.archive.signing import write_key_pair
+from torchship.engines.base import free_port
+from torchship.handlers.codec import decode_response, encode_request
+from torchship.handlers.core import parse_server_timing
+from torchship.handlers.names import TOKEN_ENV
+from torchship.models import ZOO
 
 TOKEN = "ray-e2e-token"
 
@@ -215,7 +215,7 @@ def test_grpc_typed_contents_and_parameters_equal_eager(ray_server: RayServer) -
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    from models.process_outputs import process_outputs
+    from torchship.models.process_outputs import process_outputs
 
     spec = ZOO["simple_cnn"]
     x = spec.make_inputs(2, seed_offset=79)["x"]
@@ -246,7 +246,7 @@ def test_grpc_and_rest_requests_share_the_endpoint_batches(ray_server: RayServer
     import grpc
     from tritonclient.grpc import service_pb2_grpc
 
-    from reliability.grpc_corpus import health_inputs, infer_request
+    from torchship.reliability.grpc_corpus import health_inputs, infer_request
 
     spec = ZOO["dynamic_router"]
     n_grpc, n_rest = 4, 12
@@ -277,8 +277,8 @@ def test_grpc_hostile_requests_get_their_status_codes_and_crash_nothing(ray_serv
     """reliability/grpc_corpus.py's cases (malformed protobuf, wrong datatypes, lying raw sizes, unknown models,
     missing or wrong tokens, a message over the limit): each gets its gRPC code, no replica restarts, and valid
     requests still get eager outputs on both protocols."""
-    from engines.ray import replica_pids
-    from reliability.grpc_corpus import run_grpc_corpus
+    from torchship.engines.ray.launcher import replica_pids
+    from torchship.reliability.grpc_corpus import run_grpc_corpus
 
     before = {name: replica_pids(name) for name in ("ingress", "dynamic_router")}
     # A health check per group, not per case: each valid request waits out this suite's 200 ms batch delay.

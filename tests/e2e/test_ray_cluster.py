@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from archive.build import archive_default_endpoint, load_model_config
-from engines.base import free_port
 from tests.helpers import REPO
+from torchship.archive.build import archive_default_endpoint, load_model_config
+from torchship.engines.base import free_port
 
 RAY = Path(sys.executable).parent / "ray"
 
@@ -60,9 +60,9 @@ DRIVER = textwrap.dedent(
     import json, sys, time
     import ray, requests, torch
     from ray import serve
-    from deploy.ray_app import app
-    from handlers.codec import decode_response, encode_request
-    from models import ZOO
+    from torchship.engines.ray.app import app
+    from torchship.handlers.codec import decode_response, encode_request
+    from torchship.models import ZOO
 
     address, store, cache, http_port = sys.argv[1:5]
     ray.init(address=address, log_to_driver=False)

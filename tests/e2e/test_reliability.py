@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from deploy.ray_app import BODY_TIMEOUT_ENV
-from engines.base import Engine
-from engines.ray import replica_pids
-from engines.torchserve import TorchServe
-from handlers.codec import Signature
-from reliability import run as rel
-from reliability.corpus import Oracle, healthy, load_corpus, run_corpus, run_fuzz
-from reliability.ops import SOAK_GROWTH_LIMIT, engine_stoppable, run_drain, run_slow_clients, run_soak
-from reliability.rollout import NEW_VERSION, ROLLOUT_MODEL, rollout_checks
-from reliability.traffic import make_pool, run_fault, run_load, summarize
+from torchship.engines.base import Engine
+from torchship.engines.ray.app import BODY_TIMEOUT_ENV
+from torchship.engines.ray.launcher import replica_pids
+from torchship.engines.torchserve.launcher import TorchServe
+from torchship.handlers.codec import Signature
+from torchship.reliability import run as rel
+from torchship.reliability.corpus import Oracle, healthy, load_corpus, run_corpus, run_fuzz
+from torchship.reliability.ops import SOAK_GROWTH_LIMIT, engine_stoppable, run_drain, run_slow_clients, run_soak
+from torchship.reliability.rollout import NEW_VERSION, ROLLOUT_MODEL, rollout_checks
+from torchship.reliability.traffic import make_pool, run_fault, run_load, summarize
 
 LOAD_REQUESTS = 250
 SOAK_REQUESTS = 250

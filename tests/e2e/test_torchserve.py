@@ -12,16 +12,16 @@ import pytest
 import requests
 import torch
 
-from archive.build import archive_models, load_model_config
-from archive.signing import write_key_pair
-from engines import oip_agent
-from engines.torchserve import TorchServe
-from handlers.codec import decode_response, encode_request
-from handlers.core import parse_server_timing
-from models import ZOO
 from tests.e2e import oip
 from tests.helpers import assert_router_answers, run_cli, serve_command
-from verify.client import Client
+from torchship.archive.build import archive_models, load_model_config
+from torchship.archive.signing import write_key_pair
+from torchship.engines.torchserve import oip_agent
+from torchship.engines.torchserve.launcher import TorchServe
+from torchship.handlers.codec import decode_response, encode_request
+from torchship.handlers.core import parse_server_timing
+from torchship.models import ZOO
+from torchship.verify.client import Client
 
 #: Batches fill for up to 200 ms, so concurrent requests in a test land in one batch.
 E2E_MODEL_CONFIG = {**load_model_config(), "batchSize": 16, "maxBatchDelay": 200}

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from archive.build import Endpoint, archive_models, endpoint_name, load_model_config
-from archive.mar import MarArchive
-from export.exporter import ModelExport
-from handlers.names import HANDLER_ENTRY_FILE, HANDLER_PACKAGE_FILES
 from tests.conftest import AOTI_MODEL, unpack
+from torchship.archive.build import Endpoint, archive_models, endpoint_name, load_model_config
+from torchship.archive.mar import MarArchive
 from torchship.errors import ManifestError
+from torchship.export.exporter import ModelExport
+from torchship.handlers.names import HANDLER_ENTRY_FILE, HANDLER_PACKAGE_FILES
 
 #: What an archived handler may import: the standard library, torch, TorchServe's own package, the archive itself.
 ALLOWED_TOP_LEVEL = set(sys.stdlib_module_names) | {"torch", "ts", "handlers", "torchship_handler", "__future__"}
@@ -117,7 +117,7 @@ def test_archived_handler_serves_with_torchship_unimportable(archives: dict[str,
         sys.path.insert(0, ".")
         import torch
         import torchship_handler
-        from handlers.codec import encode_request, decode_response
+        from torchship.handlers.codec import encode_request, decode_response
 
         class Ctx:
             system_properties = {"model_dir": ".", "gpu_id": None}

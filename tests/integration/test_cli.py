@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from archive.mar import MarArchive
-from export.exporter import ModelExport
-from handlers.core import load_aoti
 from tests.helpers import run_cli
 from torchship import __version__
+from torchship.archive.mar import MarArchive
 from torchship.cli import main
+from torchship.export.exporter import ModelExport
+from torchship.handlers.core import load_aoti
 from torchship.manifest import read_manifest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "user_models"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpp.tensor_io import build_cpp, read_tsio, time_cpp, verify_cpp, write_tsio
-from export.exporter import ModelExport
 from tests.conftest import AOTI_MODEL
+from torchship.cpp.tensor_io import build_cpp, read_tsio, time_cpp, verify_cpp, write_tsio
+from torchship.export.exporter import ModelExport
 
 
 @pytest.fixture(scope="session")

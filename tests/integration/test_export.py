@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.exporter import DEFAULT_MIN_SPEEDUP, ModelExport, choose_default
-from handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE, sha256_file
-from handlers.names import MANIFEST_FILE
-from models import ZOO
 from tests.conftest import AOTI_MODEL
 from tests.helpers import run_cli
 from torchship.errors import ManifestError
+from torchship.export.exporter import DEFAULT_MIN_SPEEDUP, ModelExport, choose_default
+from torchship.handlers.core import LOADERS, OPTIMIZE_FOR_INFERENCE, sha256_file
+from torchship.handlers.names import MANIFEST_FILE
 from torchship.manifest import FORMAT_FILES, TIMINGS_FILE, read_manifest
+from torchship.models import ZOO
 from torchship.spec import ModelSpec
 
 # A batch size that is in no spec's reference set, holdout set or export example.

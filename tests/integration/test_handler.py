@@ -11,14 +11,14 @@ import pytest
 import torch
 from ts.context import Context
 
-from archive.build import Endpoint
-from handlers.codec import decode_response, encode_request
-from handlers.core import parse_server_timing
-from handlers.errors import TOKEN_FAILED, ArtifactError
-from handlers.names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE, TOKEN_ENV, TOKEN_FILE_ENV
-from handlers.service import TorchshipHandler
 from tests.conftest import unpack
 from tests.helpers import torchserve_context
+from torchship.archive.build import Endpoint
+from torchship.handlers.codec import decode_response, encode_request
+from torchship.handlers.core import parse_server_timing
+from torchship.handlers.errors import TOKEN_FAILED, ArtifactError
+from torchship.handlers.names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE, TOKEN_ENV, TOKEN_FILE_ENV
+from torchship.handlers.service import TorchshipHandler
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
 
@@ -108,7 +108,7 @@ def test_compatible_requests_run_as_one_model_call(archives: dict[str, Endpoint]
     xs = [torch.randn(b, 256) for b in (1, 3, 2, 5)]
     out, ctx = _run(handler, model_dir, [_request({"x": x}) for x in xs])
     assert calls == [11]
-    eager = __import__("models.dynamic_router", fromlist=["build"]).build()
+    eager = __import__("torchship.models.dynamic_router", fromlist=["build"]).build()
     for idx, x in enumerate(xs):
         y = _decode(out[idx], ctx, idx)["outputs"]["y"]
         with torch.no_grad():
@@ -253,7 +253,7 @@ def test_binary_output_on_request(archives: dict[str, Endpoint], tmp_path: Path)
     out, ctx = _run(handler, model_dir, [_request({"x": x}, binary_data_output=True)])
     assert ctx.get_response_content_type(0) == "application/octet-stream"
     tokens = _decode(out[0], ctx, 0)["outputs"]["tokens"]
-    eager = __import__("models.seq_decoder", fromlist=["build"]).build()
+    eager = __import__("torchship.models.seq_decoder", fromlist=["build"]).build()
     with torch.no_grad():
         assert torch.equal(tokens, eager(x))
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from archive.build import Endpoint
-from archive.mar import MarArchive, write_archive
-from handlers.errors import ArtifactError
-from handlers.names import CHECKSUMS_FILE
-from handlers.service import TorchshipHandler
-from reliability.run import PROJECT_CODE, tamper_byte, tamper_manifest, unpickling_calls, write_entries
 from tests.conftest import unpack
 from tests.helpers import torchserve_context
+from torchship.archive.build import Endpoint
+from torchship.archive.mar import MarArchive, write_archive
+from torchship.handlers.errors import ArtifactError
+from torchship.handlers.names import CHECKSUMS_FILE
+from torchship.handlers.service import TorchshipHandler
+from torchship.reliability.run import PROJECT_CODE, tamper_byte, tamper_manifest, unpickling_calls, write_entries
 
 
 def _initialize(mar: Path, dest: Path) -> TorchshipHandler:

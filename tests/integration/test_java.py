@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.java import find_java, java_home, java_major
+from torchship.engines.torchserve.java import find_java, java_home, java_major
 
 
 def _fake_java(tmp_path: Path, version_line: str) -> Path:

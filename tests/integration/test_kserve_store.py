@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
-from archive.mar import write_archive
-from deploy import kserve
-from deploy.kube import K8S_DIR, render
-from deploy.pod_config import frontend_limit_bytes
-from engines.base import CONFIG_PROPERTIES, default_body_limit_bytes, read_properties
 from tests.helpers import run_cli
+from torchship.archive.mar import write_archive
+from torchship.deploy import kserve
+from torchship.deploy.kube import K8S_DIR, render
+from torchship.deploy.pod_config import frontend_limit_bytes
+from torchship.engines.base import CONFIG_PROPERTIES, default_body_limit_bytes, read_properties
 
 CONFIG = {"batchSize": 8, "maxBatchDelay": 5, "minWorkers": 1, "maxWorkers": 2, "responseTimeout": 90, "deviceType": "cpu"}
 

@@ -7,13 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export.exporter import ModelExport
-from handlers.core import load_torchscript
-from models.dynamic_router import NUM_EXPERTS, DynamicRouter, to_masked
-from models.dynamic_router import build as build_router
-from models.process_outputs import process_outputs
-from models.seq_decoder import Encoder
-from models.seq_decoder import build as build_decoder
+from torchship.export.exporter import ModelExport
+from torchship.handlers.core import load_torchscript
+from torchship.models.dynamic_router import NUM_EXPERTS, DynamicRouter, to_masked
+from torchship.models.dynamic_router import build as build_router
+from torchship.models.process_outputs import process_outputs
+from torchship.models.seq_decoder import Encoder
+from torchship.models.seq_decoder import build as build_decoder
 
 CPU = torch.device("cpu")
 ROUTER = build_router()

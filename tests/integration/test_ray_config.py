@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deploy.ray_app import app
+from torchship.engines.ray.app import app
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ray-serve.yaml"
 
@@ -15,7 +15,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ray-serve.yaml"
 def test_serve_config_matches_rays_schema() -> None:
     schema = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
     (application,) = schema.applications
-    assert application.import_path == "deploy.ray_app:app"
+    assert application.import_path == "torchship.engines.ray.app:app"
     assert application.route_prefix == "/"
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from archive.build import Endpoint
-from archive.mar import MarArchive
-from deploy.ray_app import check_same_handler
-from handlers.errors import HandlerMismatch, UnsafeArchive
+from torchship.archive.build import Endpoint
+from torchship.archive.mar import MarArchive
+from torchship.engines.ray.app import check_same_handler
+from torchship.handlers.errors import HandlerMismatch, UnsafeArchive
 
 
 @pytest.mark.parametrize("entry", ["../escape.txt", "/abs/path.txt", "handlers/../../up.txt", "a\\\\..\\\\b.txt"])

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from archive.build import Endpoint
-from archive.mar import MarArchive
-from archive.signing import (
+from tests.conftest import unpack
+from tests.helpers import run_cli
+from torchship.archive.build import Endpoint
+from torchship.archive.mar import MarArchive
+from torchship.archive.signing import (
     load_signing_key,
     load_verify_key,
     sign_archive,
@@ -19,14 +21,12 @@ from archive.signing import (
     verify_store,
     write_key_pair,
 )
-from deploy.ray_app import app as ray_app
-from engines.torchserve import TorchServe
-from handlers.core import verify_checksums
-from handlers.names import CHECKSUMS_FILE, SIGNATURE_FILE
-from reliability.run import signature_cases, signature_checks
-from tests.conftest import unpack
-from tests.helpers import run_cli
+from torchship.engines.ray.app import app as ray_app
+from torchship.engines.torchserve.launcher import TorchServe
 from torchship.errors import ArchiveError, EngineError, SignatureRefused
+from torchship.handlers.core import verify_checksums
+from torchship.handlers.names import CHECKSUMS_FILE, SIGNATURE_FILE
+from torchship.reliability.run import signature_cases, signature_checks
 
 ENDPOINT = "process_outputs"
 

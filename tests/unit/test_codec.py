@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.codec import (
+from torchship.handlers.codec import (
     Signature,
     TensorSignature,
     decode_request,
@@ -17,8 +17,8 @@ from handlers.codec import (
     encode_request,
     encode_response,
 )
-from handlers.core import parse_server_timing, server_timing
-from handlers.errors import BadRequest, ClientError, HandlerError, NotFound, PayloadTooLarge
+from torchship.handlers.core import parse_server_timing, server_timing
+from torchship.handlers.errors import BadRequest, ClientError, HandlerError, NotFound, PayloadTooLarge
 
 DTYPES = {
     "FP32": torch.float32,

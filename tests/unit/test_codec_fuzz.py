@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handlers.codec import (
+from torchship.handlers.codec import (
     Signature,
     TensorSignature,
     check_content_type,
@@ -21,8 +21,8 @@ from handlers.codec import (
     encode_request,
     encode_response,
 )
-from handlers.errors import ClientError
-from handlers.names import BINARY_HEADER
+from torchship.handlers.errors import ClientError
+from torchship.handlers.names import BINARY_HEADER
 
 SIG = Signature(
     name="toy",

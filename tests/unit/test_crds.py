@@ -9,8 +9,8 @@ import json
 import jsonschema
 import pytest
 
-from deploy.crds import CRD_SCHEMAS, PRESERVE, SOURCES_FILE, crd_problems, extract_schema, strict_schema
-from deploy.kube import SCHEMA_DIR
+from torchship.deploy.crds import CRD_SCHEMAS, PRESERVE, SOURCES_FILE, crd_problems, extract_schema, strict_schema
+from torchship.deploy.kube import SCHEMA_DIR
 from torchship.errors import DeployError
 
 CRD_LIKE = {

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.pod_config import IMAGE_OIP_AGENT_JAR, pod_properties
-from engines import oip_agent
+from torchship.deploy.pod_config import IMAGE_OIP_AGENT_JAR, pod_properties
+from torchship.engines.torchserve import oip_agent
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,6 +55,6 @@ def test_the_agent_expects_the_installed_torchserve_class() -> None:
 
 def test_pods_load_the_agent_the_image_carries() -> None:
     assert oip_agent.vmarg(IMAGE_OIP_AGENT_JAR) in pod_properties()["vmargs"].split()
-    dockerfile = (REPO / "docker" / "torchserve.Dockerfile").read_text(encoding="utf-8")
+    dockerfile = (REPO / "deploy" / "docker" / "torchserve.Dockerfile").read_text(encoding="utf-8")
     jar = oip_agent.agent_jar().relative_to(REPO).as_posix()
     assert f"COPY {jar} {IMAGE_OIP_AGENT_JAR}\n" in dockerfile

@@ -3,7 +3,7 @@ slowed by slow ones. The verdicts are computed from records like the ones the e2
 
 from __future__ import annotations
 
-from reliability.ops import (
+from torchship.reliability.ops import (
     SOAK_GROWTH_LIMIT,
     DrainResult,
     DrainShot,
@@ -13,7 +13,7 @@ from reliability.ops import (
     memory_growth,
     ops_problems,
 )
-from reliability.rollout import RolloutResult, summarize_rollouts
+from torchship.reliability.rollout import RolloutResult, summarize_rollouts
 
 SIGNAL = 100.0
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from tritonclient.grpc import service_pb2 as pb
 
-from deploy.ray_grpc import (
+from torchship.engines.ray.grpc_servicer import (
     METHODS,
     SERVICE,
     GrpcRefusal,
@@ -23,10 +23,10 @@ from deploy.ray_grpc import (
     infer_response,
     parse,
 )
-from handlers.codec import Signature, decode_request, encode_response
-from handlers.core import Reply
-from handlers.errors import TOKEN_FAILED
-from handlers.names import BINARY_HEADER
+from torchship.handlers.codec import Signature, decode_request, encode_response
+from torchship.handlers.core import Reply
+from torchship.handlers.errors import TOKEN_FAILED
+from torchship.handlers.names import BINARY_HEADER
 
 REPO = Path(__file__).resolve().parents[2]
 SIGNATURE = Signature.from_manifest(
@@ -184,7 +184,7 @@ class _Ingress:
 def test_server_metadata_is_the_ingress_document_and_a_malformed_request_is_the_clients_mistake() -> None:
     import asyncio
 
-    from deploy.ray_grpc import GrpcFrontend
+    from torchship.engines.ray.grpc_servicer import GrpcFrontend
 
     context = _Context([])
     answer = asyncio.run(GrpcFrontend(_Ingress("")).call("ServerMetadata", b"", context))
@@ -213,7 +213,7 @@ def test_server_metadata_is_the_ingress_document_and_a_malformed_request_is_the_
 def test_model_infer_refusals_before_any_endpoint_is_asked(draining: str, metadata: Any, raw: bytes, code: Any) -> None:
     import asyncio
 
-    from deploy.ray_grpc import GrpcFrontend
+    from torchship.engines.ray.grpc_servicer import GrpcFrontend
 
     ingress = _Ingress(draining)
     context = _Context(metadata)
@@ -225,7 +225,7 @@ def test_model_infer_refusals_before_any_endpoint_is_asked(draining: str, metada
 def test_server_ready_is_false_while_draining() -> None:
     import asyncio
 
-    from deploy.ray_grpc import GrpcFrontend
+    from torchship.engines.ray.grpc_servicer import GrpcFrontend
 
     for draining, ready in (("", True), ("not_ready", False)):
         answer = asyncio.run(GrpcFrontend(_Ingress(draining)).call("ServerReady", b"", _Context([])))

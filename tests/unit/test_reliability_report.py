@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from reliability.corpus import load_corpus
-from reliability.run import markdown, problems, summary_row
+from torchship.reliability.corpus import load_corpus
+from torchship.reliability.run import markdown, problems, summary_row
 
 
 def _engine_doc(status: int = 400) -> dict[str, Any]:

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from models import ZOO
-from models.simple_cnn import SPEC as CNN
 from torchship.errors import SpecError
+from torchship.models import ZOO
+from torchship.models.simple_cnn import SPEC as CNN
 from torchship.spec import Dim, ModelSpec, TensorSpec
 
 

@@ -1,0 +1,83 @@
+"""`torchship bench` and `torchship reliability`: speed and robustness of both engines, every answer checked."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from torchship.cli.common import print_progress
+from torchship.errors import EXIT_FAILED, EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from torchship.bench.run import FULL, QUICK, run
+
+    doc = run(QUICK if args.quick else FULL, Path(args.artifacts), Path(args.out), lambda m: print_progress("bench", "run", m))
+    engines = doc["served"]["engines"].values()
+    bad = sum(t["errors"] + t["wrong"] for e in engines for t in e["throughput"])
+    unverified = [r for r in doc["inprocess"] if not r["verified"]]
+    for t in doc["targets"]:
+        out.print(f"{'[green]met[/]' if t['met'] else '[yellow]missed[/]'}  {escape(t['target'])}: {t['value']:.2f} {t['unit']}")
+    out.print(
+        f"report: {escape(str(Path(args.out) / 'bench.md'))} (+ bench.json, {len(doc['plots'])} plots) in {doc['seconds']:.0f} s"
+    )
+    if bad or unverified:
+        err.print(f"[red]{bad} served errors or wrong answers, {len(unverified)} in-process results not equal to eager[/]")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from torchship.export.exporter import export_isolated
+    from torchship.handlers.names import MANIFEST_FILE
+    from torchship.reliability import run as rel
+
+    counts = rel.QUICK if args.quick else rel.FULL
+    if args.requests:
+        counts = rel.Counts(args.requests, counts.concurrency, counts.fuzz_requests, counts.fault_requests)
+    artifacts = Path(args.artifacts)
+    for name in rel.RELIABILITY_MODELS:
+        if not (artifacts / name / MANIFEST_FILE).is_file():
+            err.print(f"exporting {name} into {escape(str(artifacts))} (not exported yet)")
+            export_isolated(name, out_dir=artifacts, progress=print_progress)
+    workdir = rel.default_workdir()
+    store = rel.build_store(artifacts, workdir / "store")
+
+    def say(line: str) -> None:
+        err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(line)}")
+
+    from torchship.reliability.ops import OPS_FULL, OPS_QUICK
+
+    report = rel.run_reliability(store, workdir, counts, say, ops_counts=OPS_QUICK if args.quick else OPS_FULL)
+    json_path, md_path = rel.write_reliability_report(report, Path(args.out))
+    out.print(rel.markdown(report))
+    problems = rel.problems(report)
+    for problem in problems:
+        err.print(f"[red]failed:[/] {escape(problem)}")
+    verdict = f"{len(problems)} problems" if problems else "all checks held"
+    out.print(f"reliability report: {escape(str(json_path))}, {escape(str(md_path))}; {verdict}")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmark every format in-process and both engines over HTTP (reports/bench.*)")
+    p.add_argument("--artifacts", default="artifacts", help="export folder (missing models are exported first)")
+    p.add_argument("--out", default="reports", help="where bench.json, bench.md and bench/*.png go")
+    p.add_argument("--quick", action="store_true", help="tiny counts: checks the machinery, not the speed")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "reliability", help="hostile corpus, fuzz, load, faults, restarts, tampered archives and access on both engines"
+    )
+    p.add_argument("--artifacts", default="artifacts", help="export folder (missing models are exported first)")
+    p.add_argument("--out", default="reports", help="where reliability.json and reliability.md go")
+    p.add_argument("--quick", action="store_true", help="small counts (what make test runs), not the full 5,000-request load")
+    p.add_argument(
+        "--requests", type=int, default=None, help="requests per engine in the load run (default 5000; 300 with --quick)"
+    )
+    p.set_defaults(func=cmd_reliability)

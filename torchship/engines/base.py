@@ -1,0 +1,249 @@
+"""The one way torchship starts an engine: `Engine`, a context manager that owns a server's process group.
+
+An engine is launched in its own process group with its own work folder and log, waited for until every endpoint
+of the model store is ready (asked of the engine itself, never read from printed text), and stopped with its whole
+process tree. Everything else (CLI, pipeline, verify, bench, reliability, tests) asks it for its URL, token,
+auth headers and pids. A handler's refusal to load an archive is reported from LOAD_REFUSED_MARKER.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Self
+
+from torchship.errors import ArchiveError, EngineError, NotReady
+from torchship.handlers.names import LOAD_REFUSED_MARKER, VERIFY_KEY_ENV, bearer
+from torchship.settings import FLUSH_TIMEOUT_S, default_body_limit_bytes
+
+LOG_TAIL_LINES = 40
+#: A drain (SIGTERM to `torchship serve`) keeps answering this long first, reported not ready: a load balancer's time
+#: to stop sending (a pod's preStop sleep does the same in Kubernetes). Then new requests get a JSON 503.
+DRAIN_WINDOW_S = 2.0
+#: After the window, how long a drain waits for accepted requests to finish before the engine is stopped anyway.
+DRAIN_TIMEOUT_S = FLUSH_TIMEOUT_S
+
+
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
+def free_port() -> int:
+    """A port the OS just handed out on 127.0.0.1 (bind to port 0), never one this process handed out before: an
+    engine takes several at once (TorchServe five), and the OS may give a port it just closed again (seen: the
+    metrics and a gRPC port of one TorchServe got the same number, and it failed to bind)."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        with _HANDED_OUT_LOCK:
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    raise EngineError("no free port on 127.0.0.1 that this process has not handed out already")
+
+
+def endpoints_in(model_store: Path) -> list[str]:
+    return sorted(p.stem for p in model_store.glob("*.mar"))
+
+
+def refusal_in(text: str) -> str | None:
+    """The first load refusal in an engine's log or status text: the marker's line, from the marker on."""
+    for line in text.splitlines():
+        at = line.find(LOAD_REFUSED_MARKER)
+        if at >= 0:
+            return line[at:].strip()
+    return None
+
+
+class Engine(ABC):
+    """A server for one model store, started by `start()` (or `with`), stopped by `stop()`."""
+
+    name: ClassVar[str]
+    #: SIGTERM the whole process group (TorchServe: wrapper, java, workers all shut down on it) rather than only the
+    #: main process (Ray's driver, which shuts Serve and Ray down itself).
+    term_group: ClassVar[bool] = False
+    #: The signal stop() sends first: a quick stop, no drain (drain() is the graceful path).
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+
+    def __init__(
+        self,
+        model_store: Path,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        max_request_bytes: int | None = None,
+        ready_timeout_s: float = 300.0,
+        verify_key: Path | None = None,
+        drain_window_s: float = DRAIN_WINDOW_S,
+    ) -> None:
+        self.model_store = Path(model_store).resolve()
+        self.drain_window_s = drain_window_s
+        #: An ed25519 public key (PEM): with it, start() refuses a store with any archive not signed by it. Without
+        #: it, TORCHSHIP_VERIFY_KEY_FILE names one when set.
+        self.verify_key = verify_key or (Path(os.environ[VERIFY_KEY_ENV]) if os.environ.get(VERIFY_KEY_ENV) else None)
+        self.workdir = Path(workdir).resolve()
+        self.port = port or free_port()
+        self.max_request_bytes = max_request_bytes or default_body_limit_bytes()
+        self.ready_timeout_s = ready_timeout_s
+        self.endpoints = endpoints_in(self.model_store)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.started_at: float | None = None
+
+    # -- what an engine must say about itself --------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The inference base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    @abstractmethod
+    def token(self) -> str | None:
+        """The bearer token inference requests carry (None when the engine requires none)."""
+
+    @abstractmethod
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        """The command line and extra environment that run the engine in the foreground."""
+
+    @abstractmethod
+    def _ready(self, endpoint: str) -> bool:
+        """True when `endpoint` answers; raise NotReady while the engine is still coming up."""
+
+    @abstractmethod
+    def pids(self, endpoint: str) -> list[int]:
+        """The processes running `endpoint`'s model (TorchServe workers, Ray replicas)."""
+
+    def _refusal(self) -> str | None:
+        """A handler's load refusal, when the engine reports one."""
+        return refusal_in(self.log_text())
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def auth_headers(self) -> dict[str, str]:
+        return bearer(self.token)
+
+    def start(self) -> Self:
+        """Launch in a new process group and wait until every endpoint is ready; stop and raise EngineError if not."""
+        self.launch()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> Self:
+        """Start the engine's process tree (a new process group) and return at once; wait_ready() waits for it to
+        serve. start() is both; a caller of launch() alone stops the engine itself (stop(), or a `with` block)."""
+        if not self.endpoints:
+            raise EngineError(f"no .mar files in {self.model_store}: run `torchship archive` first")
+        if self.verify_key is not None:
+            self._verify_signatures()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd, env = self._command()
+        self.started_at = time.monotonic()
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                cmd, cwd=self.workdir, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self
+
+    def _verify_signatures(self) -> None:
+        """Refuse the whole store, before the engine starts, if any archive is not signed by the verify key."""
+        from torchship.archive.signing import load_verify_key, verify_store
+
+        assert self.verify_key is not None
+        try:
+            verify_store(self.model_store, load_verify_key(self.verify_key))
+        except ArchiveError as exc:  # SignatureRefused, or a verify key that cannot be read
+            raise EngineError(str(exc)) from None
+
+    def wait_ready(self, poll_s: float = 0.5) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        pending = set(self.endpoints)
+        while pending:
+            if refusal := self._refusal():
+                raise EngineError(f"{self.name}: an endpoint refused to load: {refusal}")
+            if not self.running():
+                code = self.process.returncode if self.process else None
+                raise EngineError(f"{self.name} exited with code {code} while starting:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                waited = f"{self.ready_timeout_s:.0f} s"
+                raise EngineError(f"{self.name}: {sorted(pending)} not ready after {waited}:\n{self.log_tail()}")
+            for endpoint in sorted(pending):
+                try:
+                    if self._ready(endpoint):
+                        pending.discard(endpoint)
+                except NotReady:
+                    break
+            if pending:
+                time.sleep(poll_s)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        """The root of the engine's process tree."""
+        if self.process is None:
+            raise EngineError(f"{self.name} was not started")
+        return self.process.pid
+
+    def drain(self) -> None:
+        """The graceful stop (`torchship serve` on SIGTERM or Ctrl-C): keep answering for drain_window_s, then answer
+        new requests with a JSON 503 while every accepted one finishes (at most DRAIN_TIMEOUT_S), then stop."""
+        try:
+            if self.running():
+                self._drain()
+        finally:
+            self.stop()
+
+    @abstractmethod
+    def _drain(self) -> None:
+        """The engine's part of drain(): return once nothing accepted is still in flight."""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """stop_signal for a quick clean stop, then whatever is left of the process group is killed."""
+        if self.process is None:
+            return
+        pgid = self.process.pid
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if self.term_group:
+                    os.killpg(pgid, self.stop_signal)
+                else:
+                    os.kill(self.process.pid, self.stop_signal)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout_s)
+        # Children the main process did not take down (TorchServe's java and workers, Ray's raylet and actors).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=timeout_s)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- logs -----------------------------------------------------------------------------------
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"

