@@ -43,6 +43,9 @@ DEPLOY_DATA = Path(str(resources.files("torchship.deploy")))
 K8S_DIR = DEPLOY_DATA / "k8s"
 DOCKER_DIR = DEPLOY_DATA / "docker"
 YAMLLINT_CONFIG = DEPLOY_DATA / "yamllint.yaml"
+#: What TorchServe pods run as their startup/readiness probe and preStop drain (named, not imported: no engine code here).
+PROBE_MODULE = "torchship.engines.torchserve.probe"
+DRAIN_MODULE = "torchship.engines.torchserve.drain"
 OVERLAYS = ("cpu", "gpu", "staging", "candidate", "kserve", "kserve-gpu")
 #: Kubernetes minor versions every object must validate against (the ones in support as of late 2026).
 K8S_VERSIONS = ("1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0")
@@ -245,10 +248,8 @@ def _listeners(label: str, container: dict[str, Any], props: dict[str, str]) -> 
         problems.append(f"{label}: the management API must listen on 127.0.0.1 only, not {management}")
     for probe in ("startupProbe", "readinessProbe"):
         command = container.get(probe, {}).get("exec", {}).get("command", [])
-        if command[:3] != ["python", "-m", "torchship.engines.torchserve.probe"] or management not in command:
-            problems.append(
-                f"{label}: {probe} must run `python -m torchship.engines.torchserve.probe --management-url {management}`, not {command}"
-            )
+        if command[:3] != ["python", "-m", PROBE_MODULE] or management not in command:
+            problems.append(f"{label}: {probe} must run `python -m {PROBE_MODULE} --management-url {management}`, not {command}")
     live = container.get("livenessProbe", {}).get("httpGet", {})
     if live.get("path") != "/ping" or live.get("port") not in ("inference", want["inference"]):
         problems.append(f"{label}: livenessProbe must GET /ping on the inference port, not {live}")
@@ -418,9 +419,9 @@ def graceful_drain(objs: list[dict[str, Any]]) -> list[str]:
             if not mounts or any(m.get("readOnly") for m in mounts):
                 problems.append(f"{label}: {DRAIN_FILE_ENV} {env['value']} is not on a writable volume mounted at {folder}")
         hook = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
-        if "torchship.engines.torchserve.drain" not in hook:
+        if DRAIN_MODULE not in hook:
             problems.append(
-                f"{label}: no preStop hook runs `python -m torchship.engines.torchserve.drain`: TorchServe resets every accepted request on SIGTERM"
+                f"{label}: no preStop hook runs `python -m {DRAIN_MODULE}`: TorchServe resets every accepted request on SIGTERM"
             )
             continue
         store = _flag([*container.get("command", []), *container.get("args", [])], "--model-store")

@@ -57,15 +57,22 @@ def torchserve_context(
 
 @contextmanager
 def serve_command(
-    args: list[str], *, workdir: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 400
+    args: list[str],
+    *,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 400,
+    exe: Path = TORCHSHIP,
+    cwd: Path = REPO,
 ) -> Iterator[str]:
-    """Run `torchship serve ...` as a user would and yield what it printed up to its ready line.
+    """Run `torchship serve ...` as a user would (the console script exe, from cwd) and yield what it printed up to
+    its ready line.
 
     On exit: SIGTERM, which must stop it with exit code 0, then no process mentioning workdir may be left.
     """
     proc = subprocess.Popen(
-        [str(TORCHSHIP), "serve", *args, "--workdir", str(workdir)],
-        cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [str(exe), "serve", *args, "--workdir", str(workdir)],
+        cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
     )  # fmt: skip
     try:

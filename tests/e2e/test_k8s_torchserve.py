@@ -17,11 +17,11 @@ import torch
 from tests.helpers import REPO, drifted_copy, run_cli, run_readiness_probe
 from torchship.archive.build import Endpoint
 from torchship.deploy.kube import K8S_DIR, render
-from torchship.engines.base import read_properties
 from torchship.engines.torchserve.launcher import TorchServe
 from torchship.handlers.codec import encode_request
 from torchship.handlers.errors import TOKEN_FAILED
 from torchship.handlers.names import TOKEN_FILE_ENV
+from torchship.settings import read_properties
 
 POD_CONFIG = K8S_DIR / "base" / "torchserve" / "config.properties"
 TOKEN = "k8s-shared-token"

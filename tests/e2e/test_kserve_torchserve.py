@@ -28,8 +28,8 @@ from torchship.archive.mar import MarArchive
 from torchship.deploy import kserve
 from torchship.deploy.kube import K8S_DIR, render
 from torchship.deploy.pod_config import IMAGE_OIP_AGENT_JAR
+from torchship.engines.base import free_port
 from torchship.engines.torchserve import oip_agent
-from torchship.engines.base import free_port, read_properties
 from torchship.engines.torchserve.java import find_java, java_home
 from torchship.engines.torchserve.launcher import write_properties
 from torchship.engines.torchserve.probe import check as probe_check
@@ -38,6 +38,7 @@ from torchship.handlers.codec import decode_response, encode_request
 from torchship.handlers.errors import TOKEN_FAILED
 from torchship.handlers.names import MAX_REQUEST_BYTES_ENV, OIP_METADATA_FILE, bearer
 from torchship.parity import compare_all
+from torchship.settings import read_properties
 from torchship.spec import Tolerance
 
 TOKEN = "kserve-shared-token"

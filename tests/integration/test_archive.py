@@ -16,10 +16,10 @@ from torchship.archive.build import Endpoint, archive_models, endpoint_name, loa
 from torchship.archive.mar import MarArchive
 from torchship.errors import ManifestError
 from torchship.export.exporter import ModelExport
-from torchship.handlers.names import HANDLER_ENTRY_FILE, HANDLER_PACKAGE_FILES
+from torchship.handlers.names import HANDLER_ENTRY_FILE, HANDLER_PACKAGE, HANDLER_PACKAGE_FILES
 
 #: What an archived handler may import: the standard library, torch, TorchServe's own package, the archive itself.
-ALLOWED_TOP_LEVEL = set(sys.stdlib_module_names) | {"torch", "ts", "handlers", "torchship_handler", "__future__"}
+ALLOWED_TOP_LEVEL = set(sys.stdlib_module_names) | {"torch", "ts", "torchship_handler", "__future__"}
 
 
 def test_every_usable_format_is_archived(archives: dict[str, Endpoint]) -> None:
@@ -44,10 +44,11 @@ def test_archive_contents(archives: dict[str, Endpoint]) -> None:
     names = set(mar.entries)
     mar_manifest, endpoint = mar.mar_manifest, mar.endpoint_doc
     assert {
-        "MAR-INF/MANIFEST.json", "torchship_handler.py", "handlers/__init__.py", "handlers/codec.py", "handlers/service.py",
+        "MAR-INF/MANIFEST.json", "torchship_entry.py", "torchship_handler/__init__.py", "torchship_handler/codec.py",
+        "torchship_handler/service.py",
         "manifest.json", "reference.pt", "endpoint.json", "model.pt2", "model-config.yaml", "process_outputs.torchscript.pt",
     } <= names  # fmt: skip
-    assert mar_manifest["model"]["handler"] == "torchship_handler.py"
+    assert mar_manifest["model"]["handler"] == "torchship_entry.py"
     assert mar_manifest["model"]["configFile"] == "model-config.yaml"
     assert endpoint == {"endpoint": "simple_cnn_pt2", "format": "pt2"}
     # What GET /v2/models/simple_cnn_pt2 answers on TorchServe (the OIP agent serves this entry as it is).
@@ -92,7 +93,7 @@ def _imports(source: str) -> set[str]:
 def test_archived_python_imports_only_stdlib_torch_and_ts(archives: dict[str, Endpoint]) -> None:
     entries = MarArchive(archives["simple_cnn"].mar).entries
     sources = {n: data.decode() for n, data in entries.items() if n.endswith(".py")}
-    assert sorted(sources) == sorted([HANDLER_ENTRY_FILE, *(f"handlers/{f}" for f in HANDLER_PACKAGE_FILES)])
+    assert sorted(sources) == sorted([HANDLER_ENTRY_FILE, *(f"{HANDLER_PACKAGE}/{f}" for f in HANDLER_PACKAGE_FILES)])
     for name, source in sources.items():
         outside = _imports(source) - ALLOWED_TOP_LEVEL
         assert not outside, f"{name} imports {sorted(outside)}"
@@ -104,6 +105,7 @@ def test_archived_handler_serves_with_torchship_unimportable(archives: dict[str,
     script = textwrap.dedent(
         """
         import importlib.abc, json, sys
+        from pathlib import Path
         BLOCKED = {"torchship", "models", "export", "deploy", "archive", "engines", "verify", "reliability", "bench",
                    "cpp", "pydantic", "yaml", "requests", "rich"}
 
@@ -116,8 +118,8 @@ def test_archived_handler_serves_with_torchship_unimportable(archives: dict[str,
         sys.meta_path.insert(0, Block())
         sys.path.insert(0, ".")
         import torch
-        import torchship_handler
-        from torchship.handlers.codec import encode_request, decode_response
+        import torchship_entry
+        from torchship_handler.codec import encode_request, decode_response
 
         class Ctx:
             system_properties = {"model_dir": ".", "gpu_id": None}
@@ -126,7 +128,7 @@ def test_archived_handler_serves_with_torchship_unimportable(archives: dict[str,
             def set_response_header(self, idx, key, value): pass
             def set_response_content_type(self, idx, value): pass
 
-        handler = torchship_handler.EndpointHandler()
+        handler = torchship_entry.EndpointHandler()
         handler.initialize(Ctx())
         case = torch.load("reference.pt", weights_only=True)["cases"][0]
         body, _ = encode_request(case["inputs"])
@@ -134,9 +136,16 @@ def test_archived_handler_serves_with_torchship_unimportable(archives: dict[str,
         logits = decode_response(out[0])["outputs"]["logits"]
         assert torch.allclose(logits, case["outputs"]["logits"], atol=1e-5), "outputs differ"
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-        print(json.dumps({"ok": True, "leaked": leaked}))
+        # Where the handler's code came from: the archive's own folder, every module of it.
+        origins = sorted({str(Path(sys.modules[m].__file__).resolve().parent) for m in sys.modules
+                          if m.split(".")[0] == "torchship_handler"})
+        print(json.dumps({"ok": True, "leaked": leaked, "origins": origins}))
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=model_dir, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ok": True, "leaked": []}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "ok": True,
+        "leaked": [],
+        "origins": [str((model_dir / HANDLER_PACKAGE).resolve())],
+    }

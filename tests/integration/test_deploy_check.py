@@ -13,8 +13,8 @@ from torchship.deploy import kserve
 from torchship.deploy.kube import K8S_DIR, K8S_VERSIONS, check, image_repository, render, serve_config, validate_object
 from torchship.deploy.pod_config import frontend_limit_bytes
 from torchship.deploy.rollout import set_image
-from torchship.engines.base import default_body_limit_bytes
 from torchship.handlers.names import MAX_REQUEST_BYTES_ENV
+from torchship.settings import default_body_limit_bytes
 
 LIMIT = default_body_limit_bytes()
 
@@ -249,14 +249,14 @@ def test_a_pod_without_the_handlers_body_limit_fails(k8s_copy: Path, path: str, 
     [
         (
             "base/torchserve/deployment.yaml",
-            "command: [python, -m, deploy.drain,",
-            "command: [python, -m, deploy.probe,",
+            "command: [python, -m, torchship.engines.torchserve.drain,",
+            "command: [python, -m, torchship.engines.torchserve.probe,",
             "Deployment/torchserve container torchserve: no preStop hook runs `python -m torchship.engines.torchserve.drain`",
         ),
         (
             "base/torchserve/deployment.yaml",
-            "torchship.engines.torchserve.drain, --model-store, /opt/torchship/model_store,",
-            "torchship.engines.torchserve.drain, --model-store, /opt/torchship/other_store,",
+            "--model-store, /opt/torchship/model_store, --window-s",
+            "--model-store, /opt/torchship/other_store, --window-s",
             "the preStop drain's --model-store is /opt/torchship/other_store, TorchServe serves /opt/torchship/model_store",
         ),
         (

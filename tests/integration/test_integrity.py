@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import torchship
 from tests.conftest import unpack
 from tests.helpers import torchserve_context
 from torchship.archive.build import Endpoint
@@ -16,7 +17,7 @@ from torchship.archive.mar import MarArchive, write_archive
 from torchship.handlers.errors import ArtifactError
 from torchship.handlers.names import CHECKSUMS_FILE
 from torchship.handlers.service import TorchshipHandler
-from torchship.reliability.run import PROJECT_CODE, tamper_byte, tamper_manifest, unpickling_calls, write_entries
+from torchship.reliability.run import PROJECT_CODE, python_files, tamper_byte, tamper_manifest, unpickling_calls, write_entries
 
 
 def _initialize(mar: Path, dest: Path) -> TorchshipHandler:
@@ -36,7 +37,7 @@ def test_a_changed_model_byte_is_refused_by_the_checksums(archives: dict[str, En
 
 
 @pytest.mark.parametrize(
-    "member", ["handlers/codec.py", "endpoint.json", "model-config.yaml", "torchship_handler.py", "oip-metadata.json"]
+    "member", ["torchship_handler/codec.py", "endpoint.json", "model-config.yaml", "torchship_entry.py", "oip-metadata.json"]
 )
 def test_a_changed_byte_in_any_other_entry_is_refused(archives: dict[str, Endpoint], tmp_path: Path, member: str) -> None:
     members = dict(MarArchive(archives["simple_cnn_pt2"].mar).entries)
@@ -84,10 +85,10 @@ def test_a_reference_file_carrying_a_pickled_object_is_refused_unexecuted(archiv
 
 
 def test_no_project_code_loads_a_pickle() -> None:
-    # Every package of the project is scanned: a new top-level package cannot slip past the scan.
-    repo = PROJECT_CODE[0].parent
-    packages = {p.parent for p in repo.glob("*/__init__.py")} - {repo / "tests"}
-    assert packages <= set(PROJECT_CODE), sorted(str(p) for p in packages - set(PROJECT_CODE))
+    # The scan covers the whole package, the folders linked into it (models, export, handlers, deploy) included.
+    assert (Path(torchship.__file__).parent,) == PROJECT_CODE
+    scanned = {f.relative_to(PROJECT_CODE[0]).parts[0] for f in python_files(PROJECT_CODE[0])}
+    assert {"handlers", "export", "models", "deploy", "engines", "archive", "verify", "cli"} <= scanned, scanned
     assert unpickling_calls(PROJECT_CODE) == []
 
 

@@ -15,7 +15,7 @@ from torchship.archive.mar import write_archive
 from torchship.deploy import kserve
 from torchship.deploy.kube import K8S_DIR, render
 from torchship.deploy.pod_config import frontend_limit_bytes
-from torchship.engines.base import CONFIG_PROPERTIES, default_body_limit_bytes, read_properties
+from torchship.settings import CONFIG_PROPERTIES, config_file, default_body_limit_bytes, read_properties
 
 CONFIG = {"batchSize": 8, "maxBatchDelay": 5, "minWorkers": 1, "maxWorkers": 2, "responseTimeout": 90, "deviceType": "cpu"}
 
@@ -23,7 +23,7 @@ CONFIG = {"batchSize": 8, "maxBatchDelay": 5, "minWorkers": 1, "maxWorkers": 2, 
 def _mar(store: Path, name: str, *, version: str = "1.0", config: dict[str, Any] | None = None, model_name: str = "") -> Path:
     entries = {
         "MAR-INF/MANIFEST.json": json.dumps({"model": {"modelName": model_name or name, "modelVersion": version}}).encode(),
-        "torchship_handler.py": b"# stand-in\n",
+        "torchship_entry.py": b"# stand-in\n",
     }
     if config is not None:
         entries["model-config.yaml"] = yaml.safe_dump(config).encode()
@@ -65,7 +65,7 @@ def test_the_config_starts_torchserve_like_the_pods(model_store: Path, tmp_path:
     out = tmp_path / "kserve"
     run_cli("deploy", "kserve-store", "--model-store", str(model_store), "--out", str(out))
     props = read_properties(out / "config" / "config.properties")
-    local = read_properties(CONFIG_PROPERTIES)
+    local = read_properties(config_file(CONFIG_PROPERTIES))
     limit = default_body_limit_bytes()
     assert props["inference_address"] == "http://0.0.0.0:8080"
     assert props["metrics_address"] == "http://0.0.0.0:8082"

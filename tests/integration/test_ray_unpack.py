@@ -11,9 +11,10 @@ from torchship.archive.build import Endpoint
 from torchship.archive.mar import MarArchive
 from torchship.engines.ray.app import check_same_handler
 from torchship.handlers.errors import HandlerMismatch, UnsafeArchive
+from torchship.handlers.names import HANDLER_PACKAGE
 
 
-@pytest.mark.parametrize("entry", ["../escape.txt", "/abs/path.txt", "handlers/../../up.txt", "a\\\\..\\\\b.txt"])
+@pytest.mark.parametrize("entry", ["../escape.txt", "/abs/path.txt", "torchship_handler/../../up.txt", "a\\\\..\\\\b.txt"])
 def test_entries_outside_the_cache_are_refused(tmp_path: Path, entry: str) -> None:
     mar = tmp_path / "evil.mar"
     with zipfile.ZipFile(mar, "w") as z:
@@ -35,7 +36,7 @@ def test_unpack_is_cached_by_content(archives: dict[str, Endpoint], tmp_path: Pa
 
 def test_an_archive_with_other_handler_code_is_refused(archives: dict[str, Endpoint], tmp_path: Path) -> None:
     model_dir = MarArchive(archives["dynamic_router"].mar).unpack_cached(tmp_path)
-    service = model_dir / "handlers" / "service.py"
+    service = model_dir / HANDLER_PACKAGE / "service.py"
     service.write_text(service.read_text() + "\n# patched\n")
     with pytest.raises(HandlerMismatch, match="rebuild the archives"):
         check_same_handler(model_dir)

@@ -66,7 +66,7 @@ def test_every_way_an_archive_can_fail_is_refused(archives: dict[str, Endpoint],
         "signed by another key": "does not verify with the configured key",
         "listing rewritten after signing": "does not verify with the configured key",
         "entry changed after signing": "reference.pt changed after signing",
-        "entry added after signing": "handlers/sitecustomize.py is not in the signed listing",
+        "entry added after signing": "torchship_handler/sitecustomize.py is not in the signed listing",
     }
     assert set(cases) == set(expected)
     for case, mar in cases.items():

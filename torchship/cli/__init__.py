@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from torchship.cli import build, deploy, qa, serve
+from torchship.cli.common import interrupt
 from torchship.errors import TorchshipError
 
 
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # Through the environment, so that the engines' own processes (the Ray child, TorchServe's workers) see it too.
         os.environ[CONFIG_DIR_ENV] = str(Path(args.config_dir).resolve())
+    # SIGTERM (a time limit, a supervisor) stops any command the way Ctrl-C does: every `finally` runs, so whatever it
+    # started (servers, their process groups) is stopped with it.
+    signal.signal(signal.SIGTERM, interrupt)
     # Off a terminal rich assumes 80 columns, which wraps the summary table into an unreadable column.
     out = Console(width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)

@@ -60,9 +60,9 @@ def cmd_deploy_kserve_store(args: argparse.Namespace, out: Console, err: Console
 
 
 def _gate(args: argparse.Namespace, out: Console) -> bool:
-    from torchship.verify.gate import gate
     from torchship.verify.client import token_from_key_file
     from torchship.verify.compare import write_verify_report
+    from torchship.verify.gate import gate
 
     token = args.token or (token_from_key_file(Path(args.token_file)) if args.token_file else None)
     result = gate(args.url, token=token, model_store=Path(args.model_store), endpoints=args.endpoint or None)

@@ -1,4 +1,6 @@
-"""`torchship bench` and `torchship reliability`: speed and robustness of both engines, every answer checked."""
+"""`torchship bench` and `torchship reliability`: speed and robustness of both engines on the bundled zoo, every
+answer checked. They are the torchship repository's QA tooling: the wheel leaves them out, and from an installed
+torchship these commands say so (run them in a checkout: `make bench`, `make reliability`)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,25 @@ from rich.console import Console
 from rich.markup import escape
 
 from torchship.cli.common import print_progress
-from torchship.errors import EXIT_FAILED, EXIT_OK
+from torchship.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+
+def _in_checkout(command: str, err: Console) -> bool:
+    """True when the QA tooling is importable (a checkout's editable install); otherwise say where it lives."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"torchship.{command}") is not None:
+        return True
+    err.print(
+        f"[red]error:[/] `torchship {command}` is the torchship repository's QA tooling (it measures and attacks the bundled "
+        f"zoo) and does not ship in the wheel; run `make {command}` in a clone of the repository"
+    )
+    return False
 
 
 def cmd_bench(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if not _in_checkout("bench", err):
+        return EXIT_USAGE
     from torchship.bench.run import FULL, QUICK, run
 
     doc = run(QUICK if args.quick else FULL, Path(args.artifacts), Path(args.out), lambda m: print_progress("bench", "run", m))
@@ -33,6 +50,8 @@ def cmd_bench(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if not _in_checkout("reliability", err):
+        return EXIT_USAGE
     from torchship.export.exporter import export_isolated
     from torchship.handlers.names import MANIFEST_FILE
     from torchship.reliability import run as rel

@@ -190,8 +190,8 @@ def run_rollout(
     versions: dict[str, ModelSpec],
     clients: int = 16,
 ) -> RolloutResult:
-    """Roll `candidate_mar` (version NEW_VERSION) onto a running TorchServe (`torchship.engines.torchserve.launcher.TorchServe` with the
-    model API on) under `clients` checked clients. `versions` maps each version to the spec whose eager outputs it
+    """Roll `candidate_mar` (version NEW_VERSION) onto a running TorchServe (engines.torchserve.launcher.TorchServe with
+    the model API on) under `clients` checked clients. `versions` maps each version to the spec whose eager outputs it
     must give: a candidate whose archive does not match versions[NEW_VERSION] fails its gate."""
     target = Target(server.name, server.url, server.token)
     key = server.management_key()

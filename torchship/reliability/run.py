@@ -204,7 +204,7 @@ def signature_cases(good_mar: Path, folder: Path, signing_key: Path) -> dict[str
     cases["listing rewritten after signing"] = copy("relisted")
     write_archive(swapped, cases["listing rewritten after signing"])  # a fresh listing; the old signature kept
     cases["entry changed after signing"] = copy("changed", swapped)
-    cases["entry added after signing"] = copy("added", {**signed, "handlers/sitecustomize.py": b"print('loaded')"})
+    cases["entry added after signing"] = copy("added", {**signed, "torchship_handler/sitecustomize.py": b"print('loaded')"})
     return cases
 
 
@@ -255,7 +255,7 @@ def unpack_refuses_traversal(workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for label, entry in (
         ("dotdot", "../escaped.txt"),
-        ("deep dotdot", "handlers/../../escaped.txt"),
+        ("deep dotdot", "torchship_handler/../../escaped.txt"),
         ("absolute", "/tmp/escaped.txt"),
     ):
         mar = workdir / f"evil-{label.replace(' ', '-')}.mar"
@@ -275,7 +275,7 @@ def unpack_refuses_traversal(workdir: Path) -> dict[str, Any]:
     return results
 
 
-def _python_files(root: Path) -> list[Path]:
+def python_files(root: Path) -> list[Path]:
     """Every .py file under root, following the folders the package links in (models, export, handlers, deploy)."""
     return sorted(Path(d) / f for d, _, files in os.walk(root, followlinks=True) for f in files if f.endswith(".py"))
 
@@ -284,7 +284,7 @@ def unpickling_calls(roots: Sequence[Path]) -> list[str]:
     """Every `torch.load` without `weights_only=True`, and every pickle import, in the project's Python files."""
     found: list[str] = []
     for root in roots:
-        for path in _python_files(root):
+        for path in python_files(root):
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
             for node in ast.walk(tree):
                 where = f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}"

@@ -3,8 +3,8 @@ file. One `serve.deployment` whose `__call__` reads an OIP v2 JSON body with `re
 and `@serve.batch` (the same batch size and wait as torchship's endpoint) around the model; OIP v2 JSON back.
 Deployment options are Ray's defaults, as a user who follows the docs leaves them.
 
-`app(args)` is the builder `python -m torchship.engines.ray.launcher --app torchship.bench.peers.ray_stock_app:app` runs; args["model_store"] is
-the folder holding `model.torchscript.pt`.
+`app(args)` is the builder the Ray child (torchship.engines.ray.launcher) runs with
+`--app torchship.bench.peers.ray_stock_app:app`; args["model_store"] is the folder holding `model.torchscript.pt`.
 """
 
 from __future__ import annotations

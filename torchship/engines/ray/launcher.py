@@ -110,7 +110,8 @@ class RayServe(Engine):
     def _command(self) -> tuple[list[str], dict[str, str]]:
         self.ray_dir = short_tempdir()
         cmd = [
-            sys.executable, "-m", "torchship.engines.ray.launcher", "--model-store", str(self.model_store), "--port", str(self.port),
+            sys.executable, "-m", "torchship.engines.ray.launcher",
+            "--model-store", str(self.model_store), "--port", str(self.port),
             "--ray-dir", str(self.ray_dir), "--cache-dir", str(self.workdir / "cache"), "--num-cpus", str(self.num_cpus),
             "--max-request-bytes", str(self.max_request_bytes), "--app", self.app, "--app-args", json.dumps(self._app_args()),
             "--drain-window-s", str(self.drain_window_s),

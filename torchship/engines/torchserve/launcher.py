@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
-from torchship.engines.torchserve import oip_agent
 from torchship.engines.base import DRAIN_WINDOW_S, Engine, free_port
+from torchship.engines.torchserve import oip_agent
 from torchship.engines.torchserve.drain import drain
 from torchship.engines.torchserve.java import find_java, java_home
 from torchship.engines.torchserve.probe import model_ready, worker_pids

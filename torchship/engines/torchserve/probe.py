@@ -1,7 +1,7 @@
 """Readiness of a TorchServe: every registered model has at least minWorkers workers READY.
 
-stdlib only and quick to start: Kubernetes runs `python -m torchship.engines.torchserve.probe` as the pod's startup and readiness probe
-(TorchServe's `/ping` says Healthy while models are still loading and while workers crash in a loop), and
+stdlib only and quick to start: Kubernetes runs `python -m torchship.engines.torchserve.probe` as the pod's startup and
+readiness probe (TorchServe's `/ping` says Healthy while models are still loading and while workers crash in a loop), and
 `torchship.engines.torchserve.launcher.TorchServe` asks the same question locally.
 
 Exit status: 0 ready, 1 not ready (the reason on stderr).
