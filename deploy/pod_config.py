@@ -39,7 +39,7 @@ def pod_overrides(model_store: str = IMAGE_MODEL_STORE, *, gpu: bool = False) ->
         "disable_token_authorization": "true",
         "model_store": model_store,
         "allowed_urls": "file://" + model_store + "/.*\\\\.mar",
-        # The image's OIP agent: model metadata and readiness on the inference port (engines/oip_agent.py).
+        # The image's OIP agent: model metadata and readiness on the inference port (torchship/engines/torchserve/oip_agent.py).
         "vmargs": f"-XX:MaxRAMPercentage=50 -XX:+ExitOnOutOfMemoryError -Djava.io.tmpdir=/tmp -javaagent:{IMAGE_OIP_AGENT_JAR}",
         "max_request_size": str(frontend_limit_bytes(default_body_limit_bytes())),
     }

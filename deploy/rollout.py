@@ -1,8 +1,9 @@
 """The parity-gated rollout: verify a candidate revision over HTTP before any traffic moves to it.
 
-`gate` sends every reference input of every archive to the candidate and compares with the eager outputs recorded
-at export; `rollout` runs the gate and, only when it passed, applies the overlay with the candidate's image and
-waits for Kubernetes to finish the rolling update (`--dry-run` prints the manifests instead of applying them).
+The gate (torchship.verify.gate) sends every reference input of every archive to the candidate and compares with the
+eager outputs recorded at export; `torchship deploy rollout` runs it and, only when it passed, `promote` applies the
+overlay with the candidate's image and waits for Kubernetes to finish the rolling update (`--dry-run` prints the
+manifests instead of applying them).
 """
 
 from __future__ import annotations

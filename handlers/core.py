@@ -1,7 +1,7 @@
 """The engine-neutral endpoint: plain requests in, plain replies out (decode -> validate -> group -> predict -> encode).
 
 torch + stdlib only: it travels inside every .mar. TorchServe's handler (handlers/service.py) and the Ray app
-(deploy/ray_app.py) are thin adapters over `EndpointCore`; neither engine's types appear here. Loading reads the
+(torchship/engines/ray/app.py) are thin adapters over `EndpointCore`; neither engine's types appear here. Loading reads the
 unpacked archive's manifest.json and endpoint.json and checks every file's sha256 before anything is deserialized.
 A batch gets one reply per request, and a bad request fails only itself, never its batch neighbours.
 """

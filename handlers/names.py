@@ -10,11 +10,12 @@ ENDPOINT_FILE = "endpoint.json"
 MODEL_CONFIG_FILE = "model-config.yaml"
 MAR_MANIFEST_FILE = "MAR-INF/MANIFEST.json"
 #: The endpoint's OIP v2 model metadata (`GET /v2/models/<endpoint>`), written by `torchship archive` with the
-#: handler's own code (codec.model_metadata): TorchServe's inference port serves this file (engines/oip_agent.py).
+#: handler's own code (codec.model_metadata): TorchServe's inference port serves this file
+#: (torchship/engines/torchserve/oip_agent.py).
 OIP_METADATA_FILE = "oip-metadata.json"
 #: sha256 of every other entry, written by `torchship archive`: a changed byte anywhere refuses the load.
 CHECKSUMS_FILE = "torchship-checksums.json"
-#: `torchship archive --sign`'s ed25519 signature of the checksum listing (not listed in it; archive/signing.py).
+#: `torchship archive --sign`'s ed25519 signature of the checksum listing (not listed in it; torchship/archive/signing.py).
 SIGNATURE_FILE = "torchship-signature.json"
 #: The verify key's file (ed25519 public key, PEM) for launchers and the Ray app: set, only signed archives are served.
 VERIFY_KEY_ENV = "TORCHSHIP_VERIFY_KEY_FILE"
@@ -51,10 +52,10 @@ BEARER_PREFIX = "Bearer "
 #: A shared inference token (a Kubernetes Secret), checked by the handler where the engine cannot check one itself.
 TOKEN_ENV = "TORCHSHIP_INFERENCE_TOKEN"
 TOKEN_FILE_ENV = "TORCHSHIP_INFERENCE_TOKEN_FILE"
-#: The body limit the handler enforces with a JSON 413 (the launchers set it from configs/config.properties).
+#: The body limit the handler enforces with a JSON 413 (the launchers set it from config.properties).
 MAX_REQUEST_BYTES_ENV = "TORCHSHIP_MAX_REQUEST_BYTES"
-#: Graceful drain of a TorchServe (deploy/drain.py, run by the launcher or a pod's preStop): the drain writes a
-#: random marker into this file and sends each endpoint one request carrying it in DRAIN_HEADER. Requests queued
+#: Graceful drain of a TorchServe (torchship/engines/torchserve/drain.py, run by the launcher or a pod's preStop): the
+#: drain writes a random marker into this file and sends each endpoint one request carrying it in DRAIN_HEADER. Requests queued
 #: ahead of the marker are answered as usual; the marker and everything behind it get a JSON 503
 #: (DRAINING_MESSAGE), so the marker's 503 means the endpoint holds no accepted work. Without a marker the file
 #: does nothing (a stale one left in a pod's emptyDir cannot turn a restarted server away).

@@ -14,8 +14,10 @@ import pytest
 
 from tests.helpers import REPO, TORCHSHIP
 
-#: Command lines that mean a server is up (TorchServe's Python worker, Ray's replica actors).
-SERVER_MARKERS = ("model_service_worker", "ServeReplica:")
+#: Command lines that mean a server is up: TorchServe's Python workers, Ray's replica actors. reliability is stopped
+#: once its Ray Serve runs (the engine left behind before), bench while its first TorchServe runs.
+WAIT_FOR = {"reliability": "ServeReplica:", "bench": "model_service_worker"}
+SERVER_MARKERS = tuple(WAIT_FOR.values())
 START_TIMEOUT_S = 420
 STOP_TIMEOUT_S = 150
 
@@ -59,12 +61,13 @@ def test_sigterm_mid_run_leaves_no_server_behind(command: str, artifacts_dir: Pa
         while time.monotonic() < deadline and proc.poll() is None:
             for child in _descendants(proc.pid):
                 seen.setdefault(child.pid, child)
-            if any(m in _cmdline(p) for p in seen.values() for m in SERVER_MARKERS):
+            if any(WAIT_FOR[command] in _cmdline(p) for p in seen.values()):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, f"{command} ended before a server ran:\n{log.read_text()[-3000:]}"
-        servers = [p for p in seen.values() if any(m in _cmdline(p) for m in SERVER_MARKERS)]
+        servers = [p for p in seen.values() if WAIT_FOR[command] in _cmdline(p)]
         assert servers, f"no server within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
+        print(f"{command}: SIGTERM with {len(seen)} processes started, servers: {[_cmdline(p)[:120] for p in servers]}")
         for child in _descendants(proc.pid):  # everything running at the moment of the signal
             seen.setdefault(child.pid, child)
         proc.send_signal(signal.SIGTERM)

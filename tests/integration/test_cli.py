@@ -157,3 +157,31 @@ def test_portable_aoti_package_is_built_for_avx2(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "dynamic_router" / "model.aoti.pt2") as package:
         sources = [package.read(n).decode() for n in package.namelist() if n.endswith("wrapper.cpp")]
     assert sources and all("-march=x86-64-v3" in s and "avx512" not in s.split("// Compile cmd")[-1] for s in sources)
+
+
+def test_init_writes_the_settings_and_config_dir_makes_every_command_read_them(
+    zoo_export: dict[str, ModelExport], artifacts_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "my-config"
+    proc = run_cli("init", str(config))
+    assert sorted(p.name for p in config.iterdir()) == [
+        "config.properties", "model-config.gpu.yaml", "model-config.yaml", "ray-serve.yaml",
+    ]  # fmt: skip
+    assert "--config-dir" in proc.stdout
+    again = run_cli("init", str(config), check=False)
+    assert again.returncode == 2 and "pass --force" in again.stderr, again.stderr
+    # The user's copy, edited, is what `archive` writes into the archive.
+    model_config = config / "model-config.yaml"
+    model_config.write_text(model_config.read_text().replace("batchSize: 8", "batchSize: 3"), encoding="utf-8")
+    store = tmp_path / "s"
+    run_cli("--config-dir", str(config), "archive", "dynamic_router", "--artifacts", str(artifacts_dir), "--out", str(store))
+    archived = MarArchive(store / "dynamic_router.mar").entries["model-config.yaml"].decode()
+    assert "batchSize: 3" in archived, archived
+    # A settings file missing from the folder asked for is a clear error naming it, never a traceback.
+    model_config.unlink()
+    missing = run_cli("--config-dir", str(config), "archive", "dynamic_router", "--artifacts", str(artifacts_dir),
+                      "--out", str(tmp_path / "t"), check=False)  # fmt: skip
+    assert missing.returncode == 2, missing.stderr
+    said = " ".join(missing.stderr.split())  # rich wraps long lines
+    assert f"model-config.yaml is missing from the config folder {config}" in said, said
+    assert "Traceback" not in missing.stderr

@@ -1,4 +1,4 @@
-"""Who may import what: the rooms the README's architecture section draws, checked on the source (ast, nothing is
+"""Who may import what: the rooms docs/architecture.md draws, checked on the source (ast, nothing is
 imported). torchship is one import package; its parts are torchship.<part>, and models/, export/, handlers/ and
 deploy/ at the repository's top are linked into it."""
 

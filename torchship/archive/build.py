@@ -158,7 +158,7 @@ def archive_models(
     names: list[str], *, artifacts: Path, out_dir: Path, model_config: dict[str, Any], sign_key: Path | None = None
 ) -> list[Endpoint]:
     """Archive every usable format of the named models (all exported models if none are named); with `sign_key` (an
-    ed25519 private key, PEM) each archive is signed (archive/signing.py)."""
+    ed25519 private key, PEM) each archive is signed (signing.py)."""
     signer = None
     if sign_key is not None:
         from torchship.archive.signing import load_signing_key

@@ -160,7 +160,7 @@ def register(sub: Any) -> None:
     p.add_argument("models", nargs="*", metavar="MODEL", help="exported models to archive (default: all in --artifacts)")
     p.add_argument("--artifacts", default="artifacts", help="export folder (default: artifacts)")
     p.add_argument("--out", default="model_store", help="where the .mar files go (default: model_store)")
-    p.add_argument("--model-config", default=None, help="TorchServe model-config YAML (default: configs/model-config.yaml)")
+    p.add_argument("--model-config", default=None, help="model-config YAML (default: the settings' one; torchship init)")
     p.add_argument("--sign", default=None, metavar="KEY", help="sign every archive with this ed25519 private key (PEM)")
     p.set_defaults(func=cmd_archive)
 

@@ -100,7 +100,7 @@ def cmd_deploy_rollout(args: argparse.Namespace, out: Console, err: Console) -> 
 def register(sub: Any) -> None:
     deploy = sub.add_parser("deploy", help="Kubernetes: generate, check and gate the rollout of deploy/k8s")
     dsub = deploy.add_subparsers(dest="deploy_command", required=True)
-    p = dsub.add_parser("sync", help="write deploy/k8s's generated config files from configs/")
+    p = dsub.add_parser("sync", help="write the kustomize tree's generated config files from the settings")
     p.add_argument("--k8s-dir", default=None, help="the kustomize tree (default: the one torchship ships)")
     p.set_defaults(func=cmd_deploy_sync)
     p = dsub.add_parser("check", help="render every overlay and validate it offline (schemas, CRDs, ports, lint, checkov)")

@@ -223,7 +223,7 @@ class GrpcContext(Protocol):
 
 
 class IngressState(Protocol):
-    """What the frontend reads of the ingress (deploy/ray_app.py's `Ingress`)."""
+    """What the frontend reads of the ingress (app.py's `Ingress`)."""
 
     endpoints: dict[str, DeploymentHandle[Any]]
     server_metadata: dict[str, Any]

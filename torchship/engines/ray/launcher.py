@@ -1,8 +1,9 @@
 """Ray Serve as an `Engine`: a local Ray (no dashboard, bounded CPUs, HTTP on 127.0.0.1) running the torchship app
 in a child process of its own, ready when every endpoint answers `GET /v2/models/<m>/ready`.
 
-`python -m torchship.engines.ray.launcher` is that child: it starts Ray and the app, exits with LOAD_REFUSED_MARKER's line when a
-deployment fails, and on SIGTERM shuts Serve and Ray down and exits 0.
+`python -m torchship.engines.ray.launcher` is that child: it starts Ray and the app, exits with LOAD_REFUSED_MARKER's
+line when a deployment fails; on SIGTERM it drains the app first, on SIGINT it does not, then shuts Serve and Ray down
+and exits 0.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ APP_NAME = "torchship"
 DEFAULT_APP = "torchship.engines.ray.app:app"
 #: The child's exit code when the app failed to deploy (an archive refused at load, say).
 EXIT_DEPLOY_FAILED = 3
-#: The servicer function Ray's gRPC proxy registers (deploy/ray_grpc.py; named here, imported only by the proxy).
+#: The servicer function Ray's gRPC proxy registers (grpc_servicer.py; named here, imported only by the proxy).
 GRPC_SERVICER = "torchship.engines.ray.grpc_servicer.add_inference_servicer"
 #: A drain's calls to the ingress (through a Serve handle) and Serve's own shutdown, each bounded.
 CONTROL_TIMEOUT_S = 10.0
@@ -54,7 +55,7 @@ def short_tempdir() -> Path:
 
 
 class RayServe(Engine):
-    """A local Ray Serve serving the model store through the torchship app (deploy/ray_app.py)."""
+    """A local Ray Serve serving the model store through the torchship app (app.py beside this module)."""
 
     name: ClassVar[str] = "ray"
     #: The child drains on SIGTERM (the graceful path, drain()); SIGINT shuts it down at once.

@@ -7,7 +7,7 @@ random marker into the handler's drain file and send every endpoint one request 
 TorchServe queues the marker behind every request it already took for that endpoint; the handler answers those as
 usual and the marker, and anything behind it, with a JSON 503. So the marker's 503 coming back means the endpoint
 has nothing accepted left (exact with one worker per model; with more, another worker may still be finishing a
-batch it took earlier). stdlib only and quick to start, like deploy.probe.
+batch it took earlier). stdlib only and quick to start, like probe.py.
 
 Exit status: 0 drained, 1 an endpoint's probe did not come back in time (the engine is stopped anyway).
 """

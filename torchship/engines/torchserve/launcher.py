@@ -119,7 +119,7 @@ class TorchServe(Engine):
                 "model_store": str(self.model_store),
                 "allowed_urls": "file://" + re.escape(str(self.model_store)).replace("\\", "\\\\") + "/.*\\\\.mar",
                 # Two TorchServes sharing a temp dir collide: this one gets its own. The OIP agent answers model
-                # metadata and readiness on the inference port (engines/oip_agent.py).
+                # metadata and readiness on the inference port (oip_agent.py).
                 "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -Djava.io.tmpdir={tmpdir} {agent}",
                 "max_request_size": str(self.max_request_bytes * FRONTEND_LIMIT_FACTOR),
             }
@@ -155,5 +155,5 @@ class TorchServe(Engine):
         return worker_pids(self.management_url, endpoint, self.management_key())
 
     def _drain(self) -> None:
-        """TorchServe resets accepted requests on SIGTERM, so the drain runs before it (deploy.drain, as a pod's preStop)."""
+        """TorchServe resets accepted requests on SIGTERM, so the drain runs before it (drain.py, as a pod's preStop)."""
         drain(self.url, self.endpoints, self.drain_file, token=self.token, window_s=self.drain_window_s)
