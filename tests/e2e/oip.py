@@ -23,7 +23,8 @@ from torchship.archive.mar import MarArchive
 from torchship.handlers.codec import EMPTY_BODY, encode_request
 from torchship.handlers.errors import TOKEN_FAILED
 from torchship.models import ZOO
-from torchship.reliability.corpus import HttpReply, error_message
+from torchship.reliability.corpus import error_message
+from torchship.verify.load import HttpReply
 
 #: The endpoint every OIP check uses (a 2-D FP32 input: cheap as JSON and as binary).
 ENDPOINT = "dynamic_router"

@@ -91,7 +91,7 @@ def test_load_with_every_answer_checked_against_eager(
     engines: dict[str, Engine], oracle: tuple[Oracle, dict[str, Signature]], engine: str
 ) -> None:
     pool = make_pool(oracle[0], sorted(oracle[1]))
-    shots = run_load(rel.target_of(engines[engine]), pool, oracle[0], requests_total=LOAD_REQUESTS, concurrency=CONCURRENCY)
+    shots = run_load(rel.target_of(engines[engine]), pool, requests_total=LOAD_REQUESTS, concurrency=CONCURRENCY)
     s = summarize(engine, shots, CONCURRENCY)
     assert s.requests == LOAD_REQUESTS
     assert (s.errors, s.wrong_answers, s.lost) == (0, 0, 0), s.failures
@@ -106,7 +106,7 @@ def test_a_killed_worker_is_replaced_and_only_in_flight_requests_may_fail(
     e = engines[engine]
     pool = make_pool(oracle[0], sorted(oracle[1]))
     result = run_fault(
-        rel.target_of(e), pool, oracle[0], endpoint=rel.FAULT_ENDPOINT, what="kill",
+        rel.target_of(e), pool, endpoint=rel.FAULT_ENDPOINT, what="kill",
         find_pid=lambda: rel.first_pid(e, rel.FAULT_ENDPOINT),
         requests_total=FAULT_REQUESTS, concurrency=CONCURRENCY, kill_after=FAULT_REQUESTS // 4,
     )  # fmt: skip
@@ -132,7 +132,7 @@ def test_slow_and_idle_clients_do_not_stop_normal_clients(
     pool = make_pool(oracle[0], sorted(oracle[1]), batches=(1, 2))
     linger = BODY_TIMEOUT_S + 2 if engine == "ray" else 0.0  # TorchServe 0.12 has no body timeout to wait for
     r = run_slow_clients(
-        rel.target_of(engines[engine]), pool, oracle[0], requests_total=SLOW_REQUESTS, idle_connections=50, slow_senders=5,
+        rel.target_of(engines[engine]), pool, requests_total=SLOW_REQUESTS, idle_connections=50, slow_senders=5,
         linger_s=linger,
     )  # fmt: skip
     # Served, all of them, and correctly (the p99 ratio is measured by `make reliability`, not asserted here).
@@ -146,7 +146,7 @@ def test_a_short_soak_checks_every_answer_and_samples_memory(
     engines: dict[str, Engine], oracle: tuple[Oracle, dict[str, Signature]], engine: str
 ) -> None:
     pool = make_pool(oracle[0], sorted(oracle[1]), batches=(1, 2))
-    r = run_soak(rel.target_of(engines[engine]), engines[engine].pid, pool, oracle[0], requests_total=SOAK_REQUESTS)
+    r = run_soak(rel.target_of(engines[engine]), engines[engine].pid, pool, requests_total=SOAK_REQUESTS)
     assert r.requests == SOAK_REQUESTS and r.failed == 0 and r.wrong_answers == 0
     assert len(r.samples) >= 3 and min(m for _, m in r.samples) > 100  # the whole server tree, workers included
     assert r.growth < SOAK_GROWTH_LIMIT, r.as_dict() | {"samples": r.samples[-5:]}
@@ -165,7 +165,7 @@ def test_a_drain_under_load_loses_nothing_and_a_restart_gives_identical_outputs(
     before = rel.fixed_outputs(target, oracle[0], endpoints)
     # The graceful stop `torchship serve` runs on SIGTERM, under 16 clients sending checked requests.
     pool = make_pool(oracle[0], endpoints, batches=(1, 2))
-    drained = run_drain(engine_stoppable(engines[engine], target), pool, oracle[0], clients=CONCURRENCY, signal_after_s=0.5)
+    drained = run_drain(engine_stoppable(engines[engine], target), pool, clients=CONCURRENCY, signal_after_s=0.5)
     assert not drained.violations, drained.violations[:5]
     assert drained.sent_before_signal > 0 and drained.answered_before_signal_ok == drained.sent_before_signal
     assert drained.exit_s is not None and drained.exit_s <= drained.bound_s, drained

@@ -6,7 +6,6 @@ from __future__ import annotations
 from torchship.reliability.ops import (
     SOAK_GROWTH_LIMIT,
     DrainResult,
-    DrainShot,
     SlowClientsResult,
     SoakResult,
     judge_drain,
@@ -14,21 +13,27 @@ from torchship.reliability.ops import (
     ops_problems,
 )
 from torchship.reliability.rollout import RolloutResult, summarize_rollouts
+from torchship.verify.load import Shot
 
 SIGNAL = 100.0
 
 
-def _drain(shots: list[DrainShot], exit_code: int | None = 0, exit_s: float | None = 3.0) -> DrainResult:
+def DrainShot(start_s: float, end_s: float, status: int, outcome: str, detail: str = "") -> Shot:  # noqa: N802
+    """A drain client's record, as the load loop writes it."""
+    return Shot(0, 0, 0, "dynamic_router", 1, False, start_s, end_s, status, outcome, detail)
+
+
+def _drain(shots: list[Shot], exit_code: int | None = 0, exit_s: float | None = 3.0) -> DrainResult:
     counts, violations = judge_drain(shots, SIGNAL)
     return DrainResult("torchserve", 16, 3.0, exit_code, exit_s, 30.0, **counts, violations=violations)
 
 
-def _ok(at: float) -> DrainShot:
+def _ok(at: float) -> Shot:
     return DrainShot(at, at + 0.05, 200, "ok")
 
 
 def test_a_clean_drain_passes() -> None:
-    refused = [DrainShot(100.5, 100.51, 503, "refused", "draining"), DrainShot(101.0, 101.0, 0, "refused", "conn refused")]
+    refused = [DrainShot(100.5, 100.51, 503, "shed", "draining"), DrainShot(101.0, 101.0, 0, "refused", "conn refused")]
     result = _drain([_ok(99.0), _ok(99.9), _ok(100.2), *refused])
     assert result.passed and result.sent_before_signal == 2 and result.after_refused_503 == 1
     assert result.after_refused_connection == 1

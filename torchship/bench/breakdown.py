@@ -15,7 +15,6 @@ Sources, per engine:
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +24,13 @@ import torch
 
 from torchship.engines.base import Engine
 from torchship.engines.torchserve.launcher import TorchServe
-from torchship.handlers.codec import decode_response, encode_request
+from torchship.handlers.codec import encode_request
 from torchship.handlers.core import parse_server_timing
 from torchship.handlers.names import TIMING_HEADER
-from torchship.parity import compare_all
 from torchship.spec import Tolerance
 from torchship.timing import time_call
+from torchship.verify import load
+from torchship.verify.load import LoadRequest
 
 #: The front-end counters TorchServe keeps per model (microseconds summed over requests, and the request count).
 TS_COUNTERS = ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds", "ts_inference_requests_total")
@@ -81,27 +81,20 @@ def measure(
     with torch.inference_mode():
         expected = model(x)
     body, headers = encode_request({"x": x}, binary=case.binary, parameters={"binary_data_output": True} if case.binary else None)
-    headers = {**headers, **engine.auth_headers()}
-    url = f"{engine.url}/predictions/{endpoint}"
-    client_ms: list[float] = []
+    request = LoadRequest(endpoint, body, headers, load.expect_outputs(("logits",), (expected,), tol))
+    auth = engine.auth_headers()
+    load.run_load(engine.url, [request], clients=1, auth=auth, requests_total=3)  # warm the connection and the worker
+    before = ts_counters(engine, endpoint) if isinstance(engine, TorchServe) else None
+    shots = load.run_load(engine.url, [request], clients=1, auth=auth, requests_total=requests_n, keep_headers=(TIMING_HEADER,))
+    after = ts_counters(engine, endpoint) if isinstance(engine, TorchServe) else None
+    client_ms = [s.latency_ms for s in shots]
+    errors = sum(s.outcome not in ("ok", "wrong") for s in shots)
+    wrong = sum(s.outcome == "wrong" for s in shots)
     phases: dict[str, list[float]] = {}
-    wrong = errors = 0
-    with requests.Session() as session:
-        for _ in range(3):  # warm the connection and the worker
-            session.post(url, data=body, headers=headers, timeout=60)
-        before = ts_counters(engine, endpoint) if isinstance(engine, TorchServe) else None
-        for _ in range(requests_n):
-            t0 = time.perf_counter()
-            r = session.post(url, data=body, headers=headers, timeout=60)
-            client_ms.append((time.perf_counter() - t0) * 1000)
-            if r.status_code != 200:
-                errors += 1
-                continue
-            got = decode_response(r.content, r.headers.get("Inference-Header-Content-Length"))["outputs"]["logits"]
-            wrong += not compare_all((got,), (expected,), tol).passed
-            for name, ms in parse_server_timing(r.headers.get(TIMING_HEADER)).items():
+    for s in shots:
+        if s.status == 200:
+            for name, ms in parse_server_timing(s.headers.get(TIMING_HEADER.lower())).items():
                 phases.setdefault(name, []).append(ms)
-        after = ts_counters(engine, endpoint) if isinstance(engine, TorchServe) else None
     row: dict[str, Any] = {
         "case": case.label, "hw": case.hw, "binary": case.binary, "endpoint": endpoint, "requests": requests_n,
         "errors": errors, "wrong": wrong, "body_bytes": len(body), "inprocess_model_ms": baseline_ms,

@@ -3,17 +3,16 @@ batching on and off, JSON versus binary bodies, cold start and memory. Every ans
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import psutil
 import torch
 import yaml
@@ -22,10 +21,12 @@ from torchship.archive.build import archive_default_endpoint
 from torchship.archive.mar import MarArchive, write_archive
 from torchship.engines import engine_class
 from torchship.engines.base import Engine
-from torchship.handlers.codec import decode_response, encode_request
+from torchship.errors import TorchshipError
+from torchship.handlers.codec import encode_request
 from torchship.handlers.names import ENDPOINT_FILE, MAR_MANIFEST_FILE, MODEL_CONFIG_FILE, bearer
-from torchship.parity import compare_all
 from torchship.spec import ModelSpec, Tolerance
+from torchship.verify import load
+from torchship.verify.load import LoadRequest, Shot
 
 MODEL = "simple_cnn"
 BATCHED, UNBATCHED = "simple_cnn", "simple_cnn_nobatch"
@@ -38,6 +39,11 @@ class Payload:
     expected: torch.Tensor
     #: The output compared with `expected` (every model the bench serves has one).
     output: str = "logits"
+
+    def request(self, path: str, tol: Tolerance) -> LoadRequest:
+        """This payload as the load loop sends it to `path`, checked against `expected`."""
+        check = load.expect_outputs((self.output,), (self.expected,), tol)
+        return LoadRequest("", self.body, self.headers, check, batch=int(self.expected.shape[0]), path=path)
 
 
 def bench_store(
@@ -100,6 +106,21 @@ class LoadResult:
     seconds: float = 0.0
     latencies_ms: list[float] | None = None
 
+    @classmethod
+    def of(cls, shots: Sequence[Shot], seconds: float) -> LoadResult:
+        """A run's shots as the bench reports them: a refusal's latency is not a served request's, and a request
+        that got no answer has none."""
+        return cls(
+            requests=len(shots),
+            verified=sum(s.outcome in ("ok", "wrong") for s in shots),
+            shed=sum(s.outcome == "shed" for s in shots),
+            errors=sum(s.outcome in ("error", "refused", "hung") for s in shots),
+            wrong=sum(s.outcome == "wrong" for s in shots),
+            rows=sum(s.batch for s in shots if s.outcome == "ok"),
+            seconds=seconds,
+            latencies_ms=[s.latency_ms for s in shots if s.outcome in ("ok", "wrong", "error") and s.status],
+        )
+
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ms or [0.0])
         return {
@@ -109,69 +130,20 @@ class LoadResult:
         }  # fmt: skip
 
 
-def _json_object(raw: bytes) -> bool:
-    try:
-        return isinstance(json.loads(raw), dict)
-    except ValueError:
-        return False
-
-
-async def _load(
-    url: str, token: str | None, payloads: list[Payload], tol: Tolerance, *, clients: int, duration_s: float,
-    max_requests: int | None,
-) -> LoadResult:  # fmt: skip
-    result = LoadResult(latencies_ms=[])
-    auth = bearer(token)
-    deadline = time.perf_counter() + duration_s
-    counter = iter(range(10**9))
-
-    async def client(session: aiohttp.ClientSession, offset: int) -> None:
-        i = offset
-        while time.perf_counter() < deadline:
-            n = next(counter)
-            if max_requests is not None and n >= max_requests:
-                return
-            p = payloads[i % len(payloads)]
-            i += 1
-            t0 = time.perf_counter()
-            try:
-                async with session.post(url, data=p.body, headers={**p.headers, **auth}) as r:
-                    raw = await r.read()
-                    status, header_len = r.status, r.headers.get("Inference-Header-Content-Length")
-            except (aiohttp.ClientError, TimeoutError):
-                result.requests += 1
-                result.errors += 1
-                continue
-            assert result.latencies_ms is not None
-            result.latencies_ms.append((time.perf_counter() - t0) * 1000)
-            result.requests += 1
-            if status == 503 and _json_object(raw):
-                result.shed += 1
-                result.latencies_ms.pop()  # a refusal's latency is not a served request's
-                continue
-            if status != 200:
-                result.errors += 1
-                continue
-            got = decode_response(raw, header_len)["outputs"][p.output]
-            result.verified += 1
-            if compare_all((got,), (p.expected,), tol).passed:
-                result.rows += int(p.expected.shape[0])
-            else:
-                result.wrong += 1
-
-    start = time.perf_counter()
-    timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as session:
-        await asyncio.gather(*(client(session, k) for k in range(clients)))
-    result.seconds = time.perf_counter() - start
-    return result
-
-
 def measure_load(
     url: str, token: str | None, payloads: list[Payload], tol: Tolerance, *, clients: int, duration_s: float,
     max_requests: int | None = None,
 ) -> LoadResult:  # fmt: skip
-    return asyncio.run(_load(url, token, payloads, tol, clients=clients, duration_s=duration_s, max_requests=max_requests))
+    """`clients` clients post the payloads round robin (each from its own offset) to `url` (an endpoint's full URL)
+    for `duration_s` or `max_requests` requests, through the load loop; every answer checked."""
+    parts = urlsplit(url)
+    pool = [p.request(parts.path, tol) for p in payloads]
+    run = load.LoadRun(
+        f"{parts.scheme}://{parts.netloc}", pool, clients=clients, auth=bearer(token), duration_s=duration_s,
+        requests_total=max_requests, timeout_s=300,
+    ).start()  # fmt: skip
+    shots = run.join()
+    return LoadResult.of(shots, run.seconds)
 
 
 def rss_bytes(root: psutil.Process, *, include_root: bool) -> int:
@@ -194,13 +166,17 @@ def engine(name: str, store: Path, workdir: Path, **options: Any) -> Iterator[tu
         yield running, lambda: rss_bytes(root, include_root=True)
 
 
-def first_correct_answer_s(url: str, token: str | None, payload: Payload, tol: Tolerance, started: float) -> float:
+def first_correct_answer_s(
+    url: str, token: str | None, payload: Payload, tol: Tolerance, started: float, *, timeout_s: float = 600.0
+) -> float:
     """Seconds from `started` to the first answer equal to eager (polling; the engine may still be warming up)."""
-    while True:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         r = measure_load(f"{url}/predictions/{BATCHED}", token, [payload], tol, clients=1, duration_s=60, max_requests=1)
         if r.verified and not r.wrong:
             return time.monotonic() - started
         time.sleep(0.2)
+    raise TorchshipError(f"no answer equal to eager from {url} within {timeout_s:g} s")
 
 
 __all__ = ["bench_store", "engine", "first_correct_answer_s", "make_payloads", "measure_load", "tolerance_of"]

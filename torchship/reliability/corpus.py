@@ -23,11 +23,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from torchship.errors import CorpusError
-from torchship.handlers.codec import Signature, decode_request, decode_response, encode_request
+from torchship.handlers.codec import Signature, decode_request, encode_request
 from torchship.handlers.errors import ClientError
 from torchship.handlers.names import bearer
-from torchship.parity import compare_all
 from torchship.spec import ModelSpec, Tolerance
+from torchship.verify.load import HttpReply, expect_outputs
 
 CORPUS = Path(__file__).resolve().with_name("corpus.yaml")
 #: The request sent after every hostile case: the server must still answer it with the eager outputs.
@@ -114,13 +114,6 @@ class Target:
     engine: str
     url: str
     token: str | None
-
-
-@dataclass(frozen=True)
-class HttpReply:
-    status: int
-    body: bytes
-    headers: Mapping[str, str]
 
 
 def send(
@@ -279,15 +272,7 @@ class Oracle:
 
     def check(self, endpoint: str, inputs: Mapping[str, torch.Tensor], reply: HttpReply) -> str:
         """'' when the reply is a 200 whose outputs equal eager within tolerance, else why not."""
-        if reply.status != 200:
-            return f"HTTP {reply.status}: {reply.body[:200]!r}"
-        try:
-            outputs = decode_response(reply.body, reply.headers.get("inference-header-content-length"))["outputs"]
-            served = tuple(outputs[n] for n in self.output_names(endpoint))
-        except (ClientError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-            return f"undecodable 200: {type(exc).__name__}: {exc}"
-        c = compare_all(served, self.eager(endpoint, inputs), self.tolerances[endpoint])
-        return "" if c.passed else f"wrong answer: {c.reason}"
+        return expect_outputs(self.output_names(endpoint), self.eager(endpoint, inputs), self.tolerances[endpoint])(reply)
 
 
 def healthy(target: Target, oracle: Oracle, seed: int) -> str:

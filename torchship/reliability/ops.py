@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from torchship.engines.base import free_port
+from torchship.errors import TorchshipError
 from torchship.handlers.names import TOKEN_ENV
-from torchship.reliability.corpus import HttpReply, Oracle, Target, auth_headers
-from torchship.reliability.traffic import PoolEntry, _CheckedOracle
+from torchship.reliability.corpus import Oracle, Target, auth_headers
+from torchship.reliability.traffic import FAILED, json_requests
+from torchship.verify import load
+from torchship.verify.load import LoadRequest, Shot
 
 #: How long `torchship serve` may take from SIGTERM to exit; the README and the pods' terminationGracePeriodSeconds
 #: are set from it.
@@ -107,45 +108,6 @@ def start_cli_server(
 # -- drain --------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DrainShot:
-    start_s: float
-    end_s: float
-    status: int
-    #: ok (200, equal to eager), wrong (200, not equal), refused (503 with a JSON body, or the connection refused or
-    #: closed before any answer), error (any other answer), hung (no answer within REQUEST_TIMEOUT_S)
-    outcome: str
-    detail: str = ""
-
-
-def _is_json(body: bytes) -> bool:
-    try:
-        json.loads(body)
-    except ValueError:
-        return False
-    return True
-
-
-def send_checked(
-    session: requests.Session, target: Target, entry: PoolEntry, checker: _CheckedOracle, auth: dict[str, str]
-) -> tuple[int, str, str]:
-    """One checked JSON request: (status, outcome, detail) as DrainShot classifies them."""
-    url = f"{target.url.rstrip('/')}/predictions/{entry.endpoint}"
-    try:
-        r = session.post(url, data=entry.json_body, headers={**entry.json_headers, **auth}, timeout=REQUEST_TIMEOUT_S)
-    except requests.Timeout as exc:
-        return 0, "hung", f"{type(exc).__name__}"
-    except requests.ConnectionError as exc:
-        return 0, "refused", f"{type(exc).__name__}: {exc}"[:160]
-    reply = HttpReply(r.status_code, r.content, {k.lower(): v for k, v in r.headers.items()})
-    if reply.status == 200:
-        problem = checker.check(entry, reply)
-        return 200, ("wrong" if problem else "ok"), problem
-    if reply.status == 503 and _is_json(reply.body):
-        return 503, "refused", reply.body[:160].decode("utf-8", "replace")
-    return reply.status, "error", reply.body[:160].decode("utf-8", "replace")
-
-
 @dataclass
 class DrainResult:
     engine: str
@@ -173,19 +135,24 @@ class DrainResult:
         return asdict(self) | {"passed": self.passed}
 
 
-def judge_drain(shots: Sequence[DrainShot], signal_at: float) -> tuple[dict[str, int], list[str]]:
+#: After the signal a request may be answered, or refused cleanly: a JSON 503 (shed) or the connection refused or
+#: closed before any answer (refused). Before it, every request must be answered correctly.
+REFUSED_CLEANLY = ("shed", "refused")
+
+
+def judge_drain(shots: Sequence[Shot], signal_at: float) -> tuple[dict[str, int], list[str]]:
     """Count shots around the signal and list every one that breaks the drain rule."""
     before = [s for s in shots if s.start_s < signal_at]
     after = [s for s in shots if s.start_s >= signal_at]
-    broken = [s for s in before if s.outcome != "ok"] + [s for s in after if s.outcome not in {"ok", "refused"}]
+    broken = [s for s in before if s.outcome != "ok"] + [s for s in after if s.outcome not in {"ok", *REFUSED_CLEANLY}]
     violations = [f"sent {s.start_s - signal_at:+.3f} s: {s.outcome} {s.status} {s.detail}" for s in broken]
     counts = {
         "sent_before_signal": len(before),
         "answered_before_signal_ok": sum(s.outcome == "ok" for s in before),
         "sent_after_signal": len(after),
         "after_ok": sum(s.outcome == "ok" for s in after),
-        "after_refused_503": sum(s.outcome == "refused" and s.status == 503 for s in after),
-        "after_refused_connection": sum(s.outcome == "refused" and s.status == 0 for s in after),
+        "after_refused_503": sum(s.outcome == "shed" for s in after),
+        "after_refused_connection": sum(s.outcome == "refused" for s in after),
     }
     return counts, violations
 
@@ -234,43 +201,32 @@ def engine_stoppable(engine: Any, target: Target) -> Stoppable:
 
 def run_drain(
     server: Stoppable,
-    pool: Sequence[PoolEntry],
-    oracle: Oracle,
+    pool: Sequence[LoadRequest],
     *,
     clients: int = 16,
     signal_after_s: float = 3.0,
     bound_s: float = DRAIN_BOUND_S,
 ) -> DrainResult:
-    """Clients send checked requests; the graceful stop begins after `signal_after_s`; each client stops at its first
-    refusal after it (or once the server has exited). The server is killed afterwards whatever happened."""
+    """Clients send checked JSON requests; the graceful stop begins after `signal_after_s`; each client stops at its
+    first clean refusal after it (or once the server has exited). The server is killed afterwards whatever happened."""
     target = server.target
-    auth = auth_headers(target)
-    checker = _CheckedOracle(oracle)
-    shots: list[DrainShot] = []
-    lock = threading.Lock()
     signalled = threading.Event()
     exited = threading.Event()
     give_up = threading.Event()
 
-    def client(n: int) -> None:
-        session = requests.Session()
-        i = 0
-        while not give_up.is_set():
-            entry = pool[(n * 7919 + i) % len(pool)]
-            i += 1
-            start = time.monotonic()
-            status, outcome, detail = send_checked(session, target, entry, checker, auth)
-            with lock:
-                shots.append(DrainShot(start, time.monotonic(), status, outcome, detail))
-            if signalled.is_set() and (outcome == "refused" or exited.is_set()):
-                return
+    def client_done(shot: Shot) -> bool:
+        return signalled.is_set() and (shot.outcome in REFUSED_CLEANLY or exited.is_set())
 
-    threads = [threading.Thread(target=client, args=(n,), name=f"drain-{n}", daemon=True) for n in range(clients)]
+    requests_json = json_requests(pool)
+    run = load.start_load(
+        target.url, requests_json, clients=clients, auth=auth_headers(target), stop=give_up, on_shot=client_done,
+        pick=load.cycle(len(requests_json), stride=7919), timeout_s=REQUEST_TIMEOUT_S,
+    )  # fmt: skip
     exit_code: int | None = None
     exit_s: float | None = None
+    signal_at = time.monotonic()
+    stuck = False
     try:
-        for t in threads:
-            t.start()
         time.sleep(signal_after_s)
         signal_at = time.monotonic()
         signalled.set()
@@ -279,15 +235,15 @@ def run_drain(
         if exit_code is not None:
             exit_s = time.monotonic() - signal_at
             exited.set()
-        for t in threads:
-            t.join(timeout=REQUEST_TIMEOUT_S + 5)
+        try:
+            run.join(REQUEST_TIMEOUT_S + 5)
+        except TorchshipError:
+            stuck = True
     finally:
         give_up.set()
         server.kill()
-    with lock:
-        taken = list(shots)
-    counts, violations = judge_drain(taken, signal_at)
-    if any(t.is_alive() for t in threads):
+    counts, violations = judge_drain(list(run.shots), signal_at)
+    if stuck:
         violations.append("a client was still waiting for an answer after the server was killed")
     return DrainResult(target.engine, clients, signal_after_s, exit_code, exit_s, bound_s, **counts, violations=violations)
 
@@ -354,8 +310,7 @@ def memory_growth(samples: Sequence[tuple[float, float]], warm_at_s: float) -> t
 def run_soak(
     target: Target,
     server_pid: int,
-    pool: Sequence[PoolEntry],
-    oracle: Oracle,
+    pool: Sequence[LoadRequest],
     *,
     requests_total: int,
     concurrency: int = 16,
@@ -381,7 +336,7 @@ def run_soak(
     thread = threading.Thread(target=sampler, name="soak-rss", daemon=True)
     thread.start()
     try:
-        shots = run_load(target, pool, oracle, requests_total=requests_total, concurrency=concurrency, on_done=progress)
+        shots = run_load(target, pool, requests_total=requests_total, concurrency=concurrency, on_done=progress)
     finally:
         done.set()
         thread.join()
@@ -392,7 +347,7 @@ def run_soak(
         requests=len(shots),
         concurrency=concurrency,
         ok=sum(s.outcome == "ok" for s in shots),
-        failed=sum(s.outcome in {"error", "lost"} for s in shots),
+        failed=sum(s.outcome in FAILED for s in shots),
         wrong_answers=sum(s.outcome == "wrong" for s in shots),
         duration_s=round(time.monotonic() - t0, 1),
         samples=samples,
@@ -443,12 +398,12 @@ class SlowSender:
     status: int = 0
 
 
-def _slow_sender(target: Target, entry: PoolEntry, interval_s: float, stop: threading.Event, record: SlowSender) -> None:
+def _slow_sender(target: Target, entry: LoadRequest, interval_s: float, stop: threading.Event, record: SlowSender) -> None:
     import socket
     from urllib.parse import urlsplit
 
     parts = urlsplit(target.url)
-    body = entry.json_body
+    body = entry.body
     head = (
         f"POST /predictions/{entry.endpoint} HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n"
         + "".join(f"{k}: {v}\r\n" for k, v in auth_headers(target).items())
@@ -518,8 +473,7 @@ class SlowClientsResult:
 
 def run_slow_clients(
     target: Target,
-    pool: Sequence[PoolEntry],
-    oracle: Oracle,
+    pool: Sequence[LoadRequest],
     *,
     requests_total: int,
     concurrency: int = 16,
@@ -536,8 +490,8 @@ def run_slow_clients(
     from torchship.reliability.traffic import run_load, summarize
 
     # Warm first (connections, allocator, first batches), so the clean run is not charged for a cold start.
-    run_load(target, pool, oracle, requests_total=min(requests_total, 4 * concurrency), concurrency=concurrency, seed=2)
-    clean_shots = run_load(target, pool, oracle, requests_total=requests_total, concurrency=concurrency)
+    run_load(target, pool, requests_total=min(requests_total, 4 * concurrency), concurrency=concurrency, seed=2)
+    clean_shots = run_load(target, pool, requests_total=requests_total, concurrency=concurrency)
     clean = summarize(target.engine, clean_shots, concurrency)
     parts = urlsplit(target.url)
     address = (parts.hostname or "127.0.0.1", parts.port or 80)
@@ -545,7 +499,7 @@ def run_slow_clients(
     stop = threading.Event()
     records = [SlowSender() for _ in range(slow_senders)]
     # The slowest bodies: the largest JSON request in the pool.
-    entry = max(pool, key=lambda e: len(e.json_body))
+    entry = max(json_requests(pool), key=lambda e: len(e.body))
     senders = [
         threading.Thread(target=_slow_sender, args=(target, entry, byte_interval_s, stop, rec), name=f"slow-{n}", daemon=True)
         for n, rec in enumerate(records)
@@ -554,7 +508,7 @@ def run_slow_clients(
         for t in senders:
             t.start()
         time.sleep(1.0)  # every slow sender has started its body
-        shots = run_load(target, pool, oracle, requests_total=requests_total, concurrency=concurrency, seed=1)
+        shots = run_load(target, pool, requests_total=requests_total, concurrency=concurrency, seed=1)
         noisy = summarize(target.engine, shots, concurrency)
         # Time for the server's body timeout to cut the slow senders (they stop early once cut).
         deadline = time.monotonic() + linger_s
@@ -619,14 +573,14 @@ def run_operations(
         target = server.target()
         say(f"{engine}: {counts.idle_connections} idle connections + {counts.slow_senders} slow senders vs normal clients")
         slow = run_slow_clients(
-            target, pool, oracle, requests_total=counts.slow_requests, idle_connections=counts.idle_connections,
+            target, pool, requests_total=counts.slow_requests, idle_connections=counts.idle_connections,
             slow_senders=counts.slow_senders, linger_s=counts.body_timeout_s + 2,
         )  # fmt: skip
         say(f"{engine}: soak, {counts.soak_requests} checked requests, server memory sampled")
-        soak = run_soak(target, server.process.pid, make_pool(oracle, endpoints, batches=SOAK_BATCHES), oracle,
+        soak = run_soak(target, server.process.pid, make_pool(oracle, endpoints, batches=SOAK_BATCHES),
                         requests_total=counts.soak_requests)  # fmt: skip
         say(f"{engine}: SIGTERM under {counts.drain_clients} clients (drain)")
-        drained = run_drain(cli_stoppable(server), pool, oracle, clients=counts.drain_clients)
+        drained = run_drain(cli_stoppable(server), pool, clients=counts.drain_clients)
     finally:
         server.kill()
     doc = {"slow_clients": slow.as_dict(), "soak": soak.as_dict(), "drain": drained.as_dict()}

@@ -23,8 +23,11 @@ import torch
 
 from torchship.handlers.codec import encode_request
 from torchship.handlers.names import VERSION_HEADER, bearer
-from torchship.reliability.corpus import HttpReply, Oracle, Target, auth_headers
+from torchship.reliability.corpus import Oracle, Target, auth_headers
+from torchship.reliability.traffic import FAILED
 from torchship.spec import ModelSpec, Tolerance
+from torchship.verify import load
+from torchship.verify.load import HttpReply, LoadRequest
 
 ROLLOUT_MODEL = "dynamic_router"
 NEW_VERSION = "2.0"
@@ -97,14 +100,12 @@ class _Versions:
     def __init__(self, endpoint: str, tolerance: Tolerance, specs: dict[str, ModelSpec]) -> None:
         self.endpoint = endpoint
         self.oracles = {v: Oracle({endpoint: s.name}, {endpoint: tolerance}, specs={s.name: s}) for v, s in specs.items()}
-        self._lock = threading.Lock()
 
     def inputs(self, batch: int, seed: int) -> dict[str, torch.Tensor]:
         return next(iter(self.oracles.values())).inputs(self.endpoint, batch, seed)
 
     def which(self, inputs: dict[str, torch.Tensor], reply: HttpReply) -> str:
-        with self._lock:
-            matched = [v for v, o in self.oracles.items() if not o.check(self.endpoint, inputs, reply)]
+        matched = [v for v, o in self.oracles.items() if not o.check(self.endpoint, inputs, reply)]
         return matched[0] if len(matched) == 1 else ""
 
 
@@ -117,39 +118,28 @@ def run_under_load(
 ) -> RolloutResult:
     """`clients` send checked requests to /predictions/<endpoint> while `switch()` runs the engine's rollout steps
     (it returns whether the new version passed its gate, i.e. whether it was switched to)."""
-    pool = [oracle.inputs(b, seed) for b in (1, 2) for seed in range(4)]
-    bodies = [(inputs, *encode_request(inputs)) for inputs in pool]
-    auth = auth_headers(target)
-    records: list[tuple[float, str, str]] = []  # (sent at, version that answered or "", problem)
-    lock = threading.Lock()
-    stop = threading.Event()
 
-    def client(n: int) -> None:
-        session = requests.Session()
-        i = n
-        while not stop.is_set():
-            inputs, body, headers = bodies[i % len(bodies)]
-            i += clients
-            sent = time.monotonic()
-            try:
-                r = session.post(f"{target.url}/predictions/{endpoint}", data=body, headers={**headers, **auth}, timeout=60)
-            except requests.RequestException as exc:
-                with lock:
-                    records.append((sent, "", f"lost: {type(exc).__name__}"))
-                continue
-            reply = HttpReply(r.status_code, r.content, {k.lower(): v for k, v in r.headers.items()})
-            if reply.status != 200:
-                problem, version = f"HTTP {reply.status}: {reply.body[:120]!r}", ""
-            else:
-                version = oracle.which(inputs, reply)
-                named = reply.headers.get(VERSION_HEADER.lower(), "")
-                problem = "wrong answer" if not version else ("header names " + named if named != version else "")
-            with lock:
-                records.append((sent, version, problem))
+    def answered_by(inputs: dict[str, torch.Tensor]) -> load.Check:
+        """Tags each 200 with the version whose eager outputs it equals; a wrong answer, or a version header that
+        names another version, is a problem."""
 
-    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
-    for t in threads:
-        t.start()
+        def check(reply: HttpReply) -> tuple[str, str]:
+            version = oracle.which(inputs, reply)
+            named = reply.headers.get(VERSION_HEADER.lower(), "")
+            return ("wrong answer" if not version else ("header names " + named if named != version else "")), version
+
+        return check
+
+    pool = []
+    for batch in (1, 2):
+        for seed in range(4):
+            inputs = oracle.inputs(batch, seed)
+            body, headers = encode_request(inputs)
+            pool.append(LoadRequest(endpoint, body, headers, answered_by(inputs), batch=batch))
+    run = load.start_load(
+        target.url, pool, clients=clients, auth=auth_headers(target), stop=threading.Event(),
+        pick=load.cycle(len(pool), step=clients),
+    )  # fmt: skip
     try:
         time.sleep(1.0)
         started = time.monotonic()
@@ -157,27 +147,26 @@ def run_under_load(
         switched_at = time.monotonic()
         time.sleep(AFTER_SWITCH_S)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=70)
+        run.stop()
+    shots = run.join(70)
     expected_after = NEW_VERSION if gate_passed else "1.0"
     answered: dict[str, int] = {}
-    for _, version, problem in records:
-        if version and not problem:
-            answered[version] = answered.get(version, 0) + 1
+    for s in shots:
+        if s.outcome == "ok":
+            answered[s.tag] = answered.get(s.tag, 0) + 1
     return RolloutResult(
         engine=target.engine,
         endpoint=endpoint,
         outcome="switched" if gate_passed else "refused",
         gate_passed=gate_passed,
-        requests=len(records),
-        failed=sum(p.startswith(("lost", "HTTP")) for _, _, p in records),
-        wrong_answers=sum(p == "wrong answer" for _, _, p in records),
-        header_mismatch=sum(p.startswith("header") for _, _, p in records),
+        requests=len(shots),
+        failed=sum(s.outcome in FAILED for s in shots),
+        wrong_answers=sum(s.outcome == "wrong" and s.detail == "wrong answer" for s in shots),
+        header_mismatch=sum(s.outcome == "wrong" and s.detail.startswith("header") for s in shots),
         answered_by=dict(sorted(answered.items())),
-        old_after_switch=sum(1 for sent, v, _ in records if sent > switched_at and v and v != expected_after),
+        old_after_switch=sum(1 for s in shots if s.start_s > switched_at and s.tag and s.tag != expected_after),
         switch_s=round(switched_at - started, 2),
-        failures=[p for _, _, p in records if p][:10],
+        failures=[f"{s.outcome}: {s.detail}" for s in shots if s.outcome != "ok"][:10],
     )
 
 
@@ -275,15 +264,15 @@ def _switch(server: Any, key: str | None, target: Target, endpoint: str, oracle:
 
 def _gate(target: Target, endpoint: str, version: str, oracle: _Versions) -> bool:
     """The parity gate: the candidate, addressed by its version, answers eager's outputs for every gate input."""
-    auth = auth_headers(target)
+    checker = oracle.oracles[version]
+    pool = []
     for seed in range(GATE_REQUESTS):
         inputs = oracle.inputs(1 + seed % 3, 1000 + seed)
         body, headers = encode_request(inputs)
-        r = requests.post(f"{target.url}/predictions/{endpoint}/{version}", data=body, headers={**headers, **auth}, timeout=60)
-        reply = HttpReply(r.status_code, r.content, {k.lower(): v for k, v in r.headers.items()})
-        if oracle.oracles[version].check(endpoint, inputs, reply):
-            return False
-    return True
+        check = load.expect_outputs(checker.output_names(endpoint), checker.eager(endpoint, inputs), checker.tolerances[endpoint])
+        pool.append(LoadRequest(endpoint, body, headers, check, path=f"/predictions/{endpoint}/{version}"))
+    shots = load.run_load(target.url, pool, clients=1, auth=auth_headers(target), requests_total=len(pool))
+    return len(shots) == len(pool) and all(s.outcome == "ok" for s in shots)
 
 
 def rollout_specs(base: ModelSpec) -> tuple[ModelSpec, ModelSpec]:

@@ -424,13 +424,13 @@ def engine_checks(engine: Engine, model_store: Path, counts: Counts, say: Say) -
     fuzz = run_fuzz(target, oracle, sigs[FAULT_ENDPOINT], requests=counts.fuzz_requests, seed=11)
     pool = make_pool(oracle, endpoints)
     say(f"{name}: load, {counts.load_requests} requests at {counts.concurrency} concurrent clients")
-    shots = run_load(target, pool, oracle, requests_total=counts.load_requests, concurrency=counts.concurrency)
+    shots = run_load(target, pool, requests_total=counts.load_requests, concurrency=counts.concurrency)
     load = summarize(name, shots, counts.concurrency)
     say(
         f"{name}: load {load.ok}/{load.requests} ok, p99 {load.latency_p99_ms} ms; now killing {FAULT_ENDPOINT}'s process mid-run"
     )
     fault = run_fault(
-        target, pool, oracle, endpoint=FAULT_ENDPOINT,
+        target, pool, endpoint=FAULT_ENDPOINT,
         what="TorchServe worker process" if name == "torchserve" else "Ray Serve replica actor",
         find_pid=lambda: first_pid(engine, FAULT_ENDPOINT), requests_total=counts.fault_requests,
         concurrency=counts.concurrency, kill_after=counts.fault_requests // 4,

@@ -1,14 +1,14 @@
 """Load and fault runs against a running engine: concurrent clients, mixed endpoints and batch sizes, every answer
 checked against eager; optionally a worker or replica killed in the middle, with what failed and the time to recover.
 
-Traffic goes to the target URL only (127.0.0.1 in every launcher here) and each run is bounded by a request count.
+The requests go out through the one checked load loop (torchship.verify.load); this module builds the pool (every
+endpoint x batch x variant, JSON and binary, each with its eager outputs) and reports the run. Traffic goes to the
+target URL only (127.0.0.1 in every launcher here) and each run is bounded by a request count.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-import random
 import signal
 import threading
 import time
@@ -16,11 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import requests
-import torch
-
 from torchship.handlers.codec import encode_request
-from torchship.reliability.corpus import HttpReply, Oracle, Target, auth_headers
+from torchship.reliability.corpus import Oracle, Target, auth_headers
+from torchship.verify import load
+from torchship.verify.load import LoadRequest, Shot, percentile
 
 #: Batch sizes a load run mixes (each within every zoo endpoint's max_batch_size).
 LOAD_BATCHES = (1, 2, 4, 8)
@@ -28,68 +27,36 @@ VARIANTS_PER_BATCH = 3
 #: How long after a SIGKILL an engine may still hand new requests to the dead process: TorchServe's batch for a
 #: worker fills for maxBatchDelay before it is sent, and the frontend learns of the death when the socket closes.
 DETECTION_GRACE_S = 1.0
+#: Outcomes that count as a failed request in the reports (an answer other than a correct 200, or none at all).
+FAILED = ("error", "shed", "refused", "hung")
+#: No answer at all: the connection refused or closed, or nothing within the timeout.
+LOST = ("refused", "hung")
 
 
-@dataclass(frozen=True)
-class PoolEntry:
-    endpoint: str
-    batch: int
-    inputs: dict[str, torch.Tensor]
-    json_body: bytes
-    json_headers: dict[str, str]
-    binary_body: bytes
-    binary_headers: dict[str, str]
-
-
-def make_pool(oracle: Oracle, endpoints: Sequence[str], *, batches: Sequence[int] = LOAD_BATCHES) -> list[PoolEntry]:
-    """Pre-encoded requests (JSON and binary) for every endpoint x batch x variant; eager outputs are cached by the oracle."""
-    pool: list[PoolEntry] = []
+def make_pool(oracle: Oracle, endpoints: Sequence[str], *, batches: Sequence[int] = LOAD_BATCHES) -> list[LoadRequest]:
+    """Pre-encoded requests for every endpoint x batch x variant, JSON then binary, each checked against the eager
+    outputs for its inputs (computed here, once)."""
+    pool: list[LoadRequest] = []
     for endpoint in endpoints:
+        names, tol = oracle.output_names(endpoint), oracle.tolerances[endpoint]
         for batch in batches:
             for variant in range(VARIANTS_PER_BATCH):
                 inputs = oracle.inputs(endpoint, batch, seed=batch * 100 + variant)
+                check = load.expect_outputs(names, oracle.eager(endpoint, inputs), tol)
                 jb, jh = encode_request(inputs)
                 bb, bh = encode_request(inputs, binary=True, parameters={"binary_data_output": True})
-                pool.append(PoolEntry(endpoint, batch, inputs, jb, jh, bb, bh))
+                pool.append(LoadRequest(endpoint, jb, jh, check, batch=batch))
+                pool.append(LoadRequest(endpoint, bb, bh, check, batch=batch, binary=True))
     return pool
 
 
-@dataclass(frozen=True)
-class Shot:
-    """One request of a run: what was sent, when, and how it ended (ok, error, wrong or lost)."""
-
-    index: int
-    endpoint: str
-    batch: int
-    binary: bool
-    #: time.monotonic() at send and at answer
-    start_s: float
-    end_s: float
-    status: int
-    outcome: str
-    detail: str = ""
-
-    @property
-    def latency_ms(self) -> float:
-        return (self.end_s - self.start_s) * 1000
-
-
-class _CheckedOracle:
-    """The oracle behind a lock, shared by the client threads."""
-
-    def __init__(self, oracle: Oracle) -> None:
-        self.oracle = oracle
-        self._lock = threading.Lock()
-
-    def check(self, entry: PoolEntry, reply: HttpReply) -> str:
-        with self._lock:  # eager modules are not promised to be thread-safe, and the cache warms once
-            return self.oracle.check(entry.endpoint, entry.inputs, reply)
+def json_requests(pool: Sequence[LoadRequest]) -> list[LoadRequest]:
+    return [r for r in pool if not r.binary]
 
 
 def run_load(
     target: Target,
-    pool: Sequence[PoolEntry],
-    oracle: Oracle,
+    pool: Sequence[LoadRequest],
     *,
     requests_total: int,
     concurrency: int,
@@ -97,55 +64,21 @@ def run_load(
     timeout_s: float = 60.0,
     on_done: Callable[[int], None] | None = None,
 ) -> list[Shot]:
-    """Send `requests_total` requests from `concurrency` threads; every 200 is compared with eager."""
-    counter = itertools.count()
-    lock = threading.Lock()
-    shots: list[Shot] = []
-    checker = _CheckedOracle(oracle)
-    auth = auth_headers(target)
-    url = target.url.rstrip("/")
+    """`requests_total` requests from `concurrency` clients, each a seeded random pick of the pool (JSON or binary
+    alike); every 200 is compared with eager. on_done(n) runs after the n-th answer."""
+    done = 0
 
-    def worker() -> None:
-        session = requests.Session()
-        while True:
-            with lock:
-                i = next(counter)
-            if i >= requests_total:
-                return
-            rng = random.Random(seed * 1_000_003 + i)
-            entry = pool[rng.randrange(len(pool))]
-            binary = rng.random() < 0.5
-            body, headers = (entry.binary_body, entry.binary_headers) if binary else (entry.json_body, entry.json_headers)
-            start = time.monotonic()
-            try:
-                r = session.post(f"{url}/predictions/{entry.endpoint}", data=body, headers={**headers, **auth}, timeout=timeout_s)
-                reply = HttpReply(r.status_code, r.content, {k.lower(): v for k, v in r.headers.items()})
-                problem = checker.check(entry, reply) if reply.status == 200 else ""
-                outcome = "ok" if reply.status == 200 and not problem else ("wrong" if reply.status == 200 else "error")
-                detail = problem or (f"HTTP {reply.status}: {reply.body[:160]!r}" if reply.status != 200 else "")
-                status = reply.status
-            except requests.RequestException as exc:
-                outcome, detail, status = "lost", f"{type(exc).__name__}: {exc}"[:200], 0
-            shot = Shot(i, entry.endpoint, entry.batch, binary, start, time.monotonic(), status, outcome, detail)
-            with lock:
-                shots.append(shot)
-                done = len(shots)
-            if on_done is not None:
-                on_done(done)
+    def counted(_shot: Shot) -> bool:
+        nonlocal done
+        done += 1
+        if on_done is not None:
+            on_done(done)
+        return False
 
-    threads = [threading.Thread(target=worker, name=f"load-{n}", daemon=True) for n in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sorted(shots, key=lambda s: s.index)
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+    return load.run_load(
+        target.url, pool, clients=concurrency, auth=auth_headers(target), requests_total=requests_total,
+        pick=load.seeded_random(len(pool), seed), timeout_s=timeout_s, on_shot=counted,
+    )  # fmt: skip
 
 
 @dataclass
@@ -173,7 +106,6 @@ class LoadSummary:
 def summarize(engine: str, shots: Sequence[Shot], concurrency: int) -> LoadSummary:
     latencies = [s.latency_ms for s in shots]
     duration = max((s.end_s for s in shots), default=0.0) - min((s.start_s for s in shots), default=0.0)
-    count = {k: sum(s.outcome == k for s in shots) for k in ("ok", "error", "wrong", "lost")}
     by_endpoint: dict[str, int] = {}
     by_batch: dict[str, int] = {}
     for s in shots:
@@ -183,14 +115,14 @@ def summarize(engine: str, shots: Sequence[Shot], concurrency: int) -> LoadSumma
         engine=engine,
         requests=len(shots),
         concurrency=concurrency,
-        ok=count["ok"],
-        errors=count["error"],
-        wrong_answers=count["wrong"],
-        lost=count["lost"],
+        ok=sum(s.outcome == "ok" for s in shots),
+        errors=sum(s.outcome in ("error", "shed") for s in shots),
+        wrong_answers=sum(s.outcome == "wrong" for s in shots),
+        lost=sum(s.outcome in LOST for s in shots),
         duration_s=round(duration, 3),
         requests_per_s=round(len(shots) / duration, 1) if duration > 0 else 0.0,
-        latency_p50_ms=round(_percentile(latencies, 0.50), 2),
-        latency_p99_ms=round(_percentile(latencies, 0.99), 2),
+        latency_p50_ms=round(percentile(latencies, 0.50), 2),
+        latency_p99_ms=round(percentile(latencies, 0.99), 2),
         latency_max_ms=round(max(latencies, default=0.0), 2),
         by_endpoint=dict(sorted(by_endpoint.items())),
         by_batch=dict(sorted(by_batch.items(), key=lambda kv: int(kv[0]))),
@@ -232,8 +164,7 @@ class FaultResult:
 
 def run_fault(
     target: Target,
-    pool: Sequence[PoolEntry],
-    oracle: Oracle,
+    pool: Sequence[LoadRequest],
     *,
     endpoint: str,
     what: str,
@@ -258,12 +189,12 @@ def run_fault(
             kill_at.append(time.monotonic())
         os.kill(old_pid, signal.SIGKILL)
 
-    shots = run_load(target, pool, oracle, requests_total=requests_total, concurrency=concurrency, seed=seed, on_done=on_done)
+    shots = run_load(target, pool, requests_total=requests_total, concurrency=concurrency, seed=seed, on_done=on_done)
     if not kill_at:
         raise RuntimeError(f"{target.engine}: the run ended before {kill_after} answers; nothing was killed")
     t_kill = kill_at[0]
     new_pid = _wait_for_new_pid(find_pid, old_pid, replacement_timeout_s)
-    failed = [s for s in shots if s.outcome in ("error", "lost")]
+    failed = [s for s in shots if s.outcome in FAILED]
     in_flight = [s for s in shots if s.start_s <= t_kill <= s.end_s]
     in_flight_ids = {s.index for s in in_flight}
     late = [s for s in failed if s.index not in in_flight_ids]
@@ -280,7 +211,7 @@ def run_fault(
         failed_sent_after_kill=len(late),
         failed_not_in_flight=sum(s.start_s > t_kill + DETECTION_GRACE_S for s in late),
         wrong_answers=sum(s.outcome == "wrong" for s in shots),
-        lost=sum(s.outcome == "lost" for s in shots),
+        lost=sum(s.outcome in LOST for s in shots),
         recovery_s=round(min(s.end_s for s in after) - t_kill, 3) if after else None,
         failures=[
             f"#{s.index} {s.endpoint}, sent {(s.start_s - t_kill) * 1000:+.0f} ms after the kill: {s.outcome}: {s.detail}"
