@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from torchship.reliability.ops import CliServer, start_cli_server
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHSHIP = Path(sys.executable).parent / "torchship"
@@ -36,9 +37,6 @@ def run_cli(
     return proc
 
 
-READY_MARKER = "Ctrl-C or SIGTERM"
-
-
 def torchserve_context(
     model_dir: Path,
     headers: list[dict[str, str]] | None = None,
@@ -57,44 +55,32 @@ def torchserve_context(
 
 @contextmanager
 def serve_command(
-    args: list[str],
+    engine: str,
+    model_store: Path,
     *,
     workdir: Path,
+    args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    port: int | None = None,
     ready_timeout_s: float = 400,
     exe: Path = TORCHSHIP,
     cwd: Path = REPO,
-) -> Iterator[str]:
-    """Run `torchship serve ...` as a user would (the console script exe, from cwd) and yield what it printed up to
-    its ready line.
+) -> Iterator[CliServer]:
+    """`torchship serve <engine>` as a user runs it (the console script exe, from cwd), started the one way the QA
+    tooling starts it (reliability.ops.start_cli_server); yields it once its ready line is printed.
 
     On exit: SIGTERM, which must stop it with exit code 0, then no process mentioning workdir may be left.
     """
-    proc = subprocess.Popen(
-        [str(exe), "serve", *args, "--workdir", str(workdir)],
-        cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+    server = start_cli_server(
+        engine, model_store, workdir, args=args, env=env, port=port, ready_timeout_s=ready_timeout_s,
+        command=[str(exe)], cwd=cwd,
     )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if READY_MARKER in line:
-                break
-        text = "".join(lines)
-        assert READY_MARKER in text, text[-3000:]
-        yield text
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
+        yield server
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=120) == 0, server.log_tail()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        server.kill()
     leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True, check=False)
     assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"
 
@@ -121,7 +107,7 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
 
     import torch
 
-    from torchship.archive.mar import MarArchive, write_archive
+    from torchship.archive.mar import MarArchive, rewrite_archive
 
     members = dict(MarArchive(mar).entries)
     manifest = json.loads(members["manifest.json"])
@@ -138,8 +124,12 @@ def drifted_copy(mar: Path, out: Path, *, delta: float = 0.05) -> Path:
     entry["sha256"] = hashlib.sha256(members[entry["file"]]).hexdigest()
     entry["size_bytes"] = len(members[entry["file"]])
     members["manifest.json"] = json.dumps(manifest, indent=2).encode()
-    write_archive(members, out)  # the archive-wide checksums follow the edit: only the weights drifted
-    return out
+    # The archive-wide checksums follow the edit: only the weights drifted.
+    return rewrite_archive(
+        mar,
+        out,
+        lambda entries: entries.update({entry["file"]: members[entry["file"]], "manifest.json": members["manifest.json"]}),
+    )
 
 
 def run_readiness_probe(command: list[str], management_url: str) -> subprocess.CompletedProcess[str]:

@@ -52,9 +52,9 @@ def ray_store(artifacts_dir: Path, ray_keys: tuple[Path, Path], tmp_path_factory
 def ray_server(ray_store: Path, ray_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
     workdir = Path(tmp_path_factory.mktemp("ray"))
     port, grpc_port = free_port(), free_port()
-    args = ["ray", "--model-store", str(ray_store), "--port", str(port), "--max-request-bytes", str(MAX_REQUEST_BYTES),
-            "--verify-key", str(ray_keys[1]), "--grpc-port", str(grpc_port)]  # fmt: skip
-    with serve_command(args, workdir=workdir, env={TOKEN_ENV: TOKEN}) as text:
+    args = ["--max-request-bytes", str(MAX_REQUEST_BYTES), "--verify-key", str(ray_keys[1]), "--grpc-port", str(grpc_port)]
+    with serve_command("ray", ray_store, workdir=workdir, args=args, port=port, env={TOKEN_ENV: TOKEN}) as server:
+        text = server.printed()
         assert f"Ray Serve ready at http://127.0.0.1:{port}" in text, text[-3000:]
         assert f"OIP gRPC (inference.GRPCInferenceService) on port {grpc_port}" in text, text[-3000:]
         yield RayServer(f"http://127.0.0.1:{port}", workdir, f"127.0.0.1:{grpc_port}")

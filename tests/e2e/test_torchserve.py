@@ -205,7 +205,8 @@ def test_serve_command_prints_url_and_token_and_stops_on_sigterm(artifacts_dir: 
     store = tmp_path / "store"
     archive_models(["dynamic_router"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
     workdir = tmp_path / "work"
-    with serve_command(["torchserve", "--model-store", str(store)], workdir=workdir) as text:
+    with serve_command("torchserve", store, workdir=workdir) as server:
+        text = server.printed()
         assert "TorchServe ready at http://127.0.0.1:" in text, text
         url = text.split("ready at ")[1].split()[0]
         assert str(workdir / "key_file.json") in text.replace("\n", "")

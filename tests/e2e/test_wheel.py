@@ -195,13 +195,13 @@ def test_serve_and_verify_a_users_model_from_outside_the_checkout(
 ) -> None:
     workdir = tmp_path / "work"
     with serve_command(
-        [engine, "--model-store", str(store)], workdir=workdir, exe=venv / "bin" / "torchship", cwd=user_dir,
-        env=_env(venv, user_dir), ready_timeout_s=400,
-    ) as text:  # fmt: skip
-        url = re.search(r"ready at (http://\S+)", text)
-        assert url, text
-        token_args = ["--token-file", str(workdir / "key_file.json")] if engine == "torchserve" else []
-        verified = _run(venv, user_dir, "verify", "--engine", engine, "--url", url.group(1), *token_args,
+        engine, store, workdir=workdir, exe=venv / "bin" / "torchship", cwd=user_dir, env=_env(venv, user_dir)
+    ) as server:
+        url = re.search(r"ready at (http://\S+)", server.printed())
+        assert url, server.printed()
+        token = server.token()
+        assert token, "both engines serve with an inference token here"
+        verified = _run(venv, user_dir, "verify", "--engine", engine, "--url", url.group(1), "--token", token,
                         "--report", str(tmp_path / "verify.json"))  # fmt: skip
         rows = json.loads((tmp_path / "verify.json").read_text(encoding="utf-8"))["rows"]
         assert rows and all(r["passed"] for r in rows), verified.stdout

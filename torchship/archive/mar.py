@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -179,3 +180,13 @@ def write_archive(entries: dict[str, bytes], dest: Path) -> None:
             info.create_system = 3
             zout.writestr(info, entries[name], compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
     tmp.replace(dest)
+
+
+def rewrite_archive(src: Path, dest: Path, edit: Callable[[dict[str, bytes]], None]) -> Path:
+    """A copy of the archive at src whose entries `edit` changed (in place), written as write_archive writes it: the
+    checksum listing follows the edit, and a signature, which any edit invalidates, is left out."""
+    entries = dict(MarArchive(src).entries)
+    edit(entries)
+    entries.pop(SIGNATURE_FILE, None)
+    write_archive(entries, dest)
+    return dest

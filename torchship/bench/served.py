@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from torchship.archive.build import archive_default_endpoint
-from torchship.archive.mar import MarArchive, write_archive
+from torchship.archive.mar import MarArchive, rewrite_archive
 from torchship.engines import engine_class
 from torchship.engines.base import Engine
 from torchship.errors import TorchshipError
@@ -52,16 +52,17 @@ def bench_store(
     """simple_cnn's default endpoint with the configured dynamic batching, and with batchSize 1 (`variants` adds
     more: endpoint name -> model-config keys that differ). One store, so one engine start serves them all."""
     archive_default_endpoint(MODEL, artifacts=artifacts, out_dir=out, model_config=model_config)
-    base = dict(MarArchive(out / f"{BATCHED}.mar").entries)
     for name, overrides in {UNBATCHED: {"batchSize": 1, "maxBatchDelay": 0}, **(variants or {})}.items():
-        members = dict(base)
-        members[MODEL_CONFIG_FILE] = yaml.safe_dump({**model_config, **overrides}).encode()
-        endpoint = json.loads(members[ENDPOINT_FILE])
-        members[ENDPOINT_FILE] = json.dumps({**endpoint, "endpoint": name}).encode()
-        mar_manifest = json.loads(members[MAR_MANIFEST_FILE])
-        mar_manifest["model"]["modelName"] = name
-        members[MAR_MANIFEST_FILE] = json.dumps(mar_manifest).encode()
-        write_archive(members, out / f"{name}.mar")
+
+        def edit(members: dict[str, bytes], name: str = name, overrides: dict[str, Any] = overrides) -> None:
+            members[MODEL_CONFIG_FILE] = yaml.safe_dump({**model_config, **overrides}).encode()
+            endpoint = json.loads(members[ENDPOINT_FILE])
+            members[ENDPOINT_FILE] = json.dumps({**endpoint, "endpoint": name}).encode()
+            mar_manifest = json.loads(members[MAR_MANIFEST_FILE])
+            mar_manifest["model"]["modelName"] = name
+            members[MAR_MANIFEST_FILE] = json.dumps(mar_manifest).encode()
+
+        rewrite_archive(out / f"{BATCHED}.mar", out / f"{name}.mar", edit)
     return out
 
 

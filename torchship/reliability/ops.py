@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,25 +43,31 @@ class CliServer:
     engine: str
     process: subprocess.Popen[bytes]
     url: str
-    #: the engine's work folder (its own log, TorchServe's key file)
+    #: the engine's work folder (`--workdir`: its own log, TorchServe's key file)
     workdir: Path
     log_path: Path
     model_store: Path
+    #: the shared inference token it was started with (Ray; TorchServe makes its own, in key_file.json)
+    shared_token: str | None = None
 
     def token(self) -> str | None:
         if self.engine == "ray":
-            return CLI_TOKEN
+            return self.shared_token
         keys = json.loads((self.workdir / "key_file.json").read_text(encoding="utf-8"))
         return str(keys["inference"]["key"])
 
     def target(self) -> Target:
         return Target(self.engine, self.url, self.token())
 
-    def log_tail(self, lines: int = 30) -> str:
+    def printed(self) -> str:
+        """Everything the command printed so far."""
         try:
-            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.printed().splitlines()[-lines:])
 
     def kill(self) -> None:
         """SIGKILL the CLI and every process under it: the engine runs in a process group of its own, which a kill
@@ -73,30 +79,49 @@ class CliServer:
             for pgid in groups | {self.process.pid}:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pgid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=30)
 
 
+#: The last line `torchship serve` prints once the engine is ready (after its URL, token and gRPC lines).
+READY_LINE = "Ctrl-C or SIGTERM"
+
+
 def start_cli_server(
-    engine: str, model_store: Path, workdir: Path, *, ready_timeout_s: float = 300.0, env: dict[str, str] | None = None
+    engine: str,
+    model_store: Path,
+    workdir: Path,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    port: int | None = None,
+    ready_timeout_s: float = 300.0,
+    command: Sequence[str] | None = None,
+    cwd: Path | None = None,
 ) -> CliServer:
-    """Start `torchship serve` and wait for its 'ready at' line; the caller kills it (CliServer.kill) in a finally."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = workdir / "cli.log"
-    cmd = [sys.executable, "-m", "torchship.cli", "serve", engine, "--model-store", str(model_store), "--port", str(port)]
-    cmd += ["--workdir", str(workdir / "engine")]
-    # Ray takes the shared token; TorchServe makes its own (key_file.json), so no shared one reaches its handler.
-    full_env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | (env or {})
+    """Start `torchship serve <engine>` (command: the torchship executable; default this interpreter's) on a free
+    port (or `port`), the engine's files in `workdir`, its output in `<workdir>.cli.log`, and wait for its ready
+    line. The one way the repository's QA tooling and tests start the CLI's server; the caller kills it
+    (CliServer.kill) in a finally. A Ray server gets CLI_TOKEN as its shared token unless env sets another;
+    TorchServe makes its own."""
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log_path = workdir.with_name(f"{workdir.name}.cli.log")
+    cmd = [*(command or [sys.executable, "-m", "torchship.cli"]), "serve", engine, "--model-store", str(model_store)]
+    cmd += ["--port", str(port), "--workdir", str(workdir), *args]
+    full_env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | dict(env or {})
     if engine == "ray":
-        full_env[TOKEN_ENV] = CLI_TOKEN
+        full_env.setdefault(TOKEN_ENV, CLI_TOKEN)
     with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-    server = CliServer(engine, process, f"http://127.0.0.1:{port}", workdir / "engine", log_path, model_store)
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True)
+    server = CliServer(
+        engine, process, f"http://127.0.0.1:{port}", workdir, log_path, model_store, full_env.get(TOKEN_ENV) or None
+    )
     deadline = time.monotonic() + ready_timeout_s
-    while "ready at" not in server.log_tail(200):
+    while READY_LINE not in server.printed():
         if process.poll() is not None or time.monotonic() > deadline:
             tail = server.log_tail()
             server.kill()
@@ -568,7 +593,7 @@ def run_operations(
     pool = make_pool(oracle, endpoints)
     env = {"TORCHSHIP_BODY_TIMEOUT_S": str(counts.body_timeout_s)}
     say(f"{engine}: starting `torchship serve {engine}` for the operations checks")
-    server = start_cli_server(engine, model_store, workdir, env=env)
+    server = start_cli_server(engine, model_store, workdir / "engine", env=env)
     try:
         target = server.target()
         say(f"{engine}: {counts.idle_connections} idle connections + {counts.slow_senders} slow senders vs normal clients")

@@ -283,24 +283,20 @@ def rollout_specs(base: ModelSpec) -> tuple[ModelSpec, ModelSpec]:
 def mismatched_archive(model_mar: Path, references_mar: Path, out: Path) -> Path:
     """`model_mar` carrying `references_mar`'s recorded eager outputs, its checksum listing made to match: a valid
     archive whose model does not reproduce its references (a build that mixed up two trainings). Its gate must fail."""
-    import hashlib
     import json
 
-    from torchship.archive.mar import MarArchive
-    from torchship.handlers.names import CHECKSUMS_FILE, MANIFEST_FILE, REFERENCE_FILE
-    from torchship.reliability.run import write_entries
+    from torchship.archive.mar import MarArchive, rewrite_archive
+    from torchship.handlers.names import MANIFEST_FILE, REFERENCE_FILE
 
     model, refs = MarArchive(model_mar), MarArchive(references_mar)
-    members = dict(model.entries)
-    members[REFERENCE_FILE] = refs.entries[REFERENCE_FILE]
     manifest = model.manifest
     manifest["reference"] = refs.manifest["reference"]
-    members[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode("utf-8")
-    listing = json.loads(members[CHECKSUMS_FILE])
-    for name in (REFERENCE_FILE, MANIFEST_FILE):
-        listing[name] = hashlib.sha256(members[name]).hexdigest()
-    members[CHECKSUMS_FILE] = json.dumps(listing, indent=2).encode("utf-8")
-    return write_entries(members, out)
+
+    def edit(members: dict[str, bytes]) -> None:
+        members[REFERENCE_FILE] = refs.entries[REFERENCE_FILE]
+        members[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode("utf-8")
+
+    return rewrite_archive(model_mar, out, edit)
 
 
 def ray_rollout_checks(server: Any, workdir: Path, tolerance: Tolerance, say: Any) -> list[dict[str, Any]]:

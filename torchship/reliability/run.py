@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import hashlib
 import ipaddress
 import json
 import os
@@ -26,7 +25,7 @@ from typing import Any
 import requests
 import torch
 
-from torchship.archive.mar import MarArchive, store_archives, write_archive
+from torchship.archive.mar import MarArchive, rewrite_archive, store_archives, write_archive
 from torchship.engines import engine_class
 from torchship.engines.base import Engine
 from torchship.engines.ray.launcher import RayServe
@@ -34,7 +33,7 @@ from torchship.engines.torchserve.launcher import TorchServe
 from torchship.errors import EngineError, ReliabilityError, SignatureRefused
 from torchship.handlers.codec import Signature, decode_response, encode_request
 from torchship.handlers.errors import UnsafeArchive
-from torchship.handlers.names import CHECKSUMS_FILE, LOAD_REFUSED_MARKER, MANIFEST_FILE, REFERENCE_FILE, bearer
+from torchship.handlers.names import LOAD_REFUSED_MARKER, MANIFEST_FILE, REFERENCE_FILE, bearer
 from torchship.reliability.corpus import Oracle, Target, auth_headers, load_corpus, run_corpus, run_fuzz, send
 from torchship.reliability.grpc_corpus import run_grpc_corpus
 from torchship.reliability.ops import OpsCounts, ops_markdown, ops_problems, plot_soak, run_operations
@@ -133,14 +132,13 @@ def tamper_manifest(mar: Path, out: Path) -> Path:
     """An archive whose manifest's sha256 for the model no longer matches the file, with the checksum listing
     rewritten to match the new manifest: the handler's own sha256 check must still refuse it."""
     archive = MarArchive(mar)
-    members = dict(archive.entries)
     manifest = archive.manifest
     manifest["formats"][archive.format]["sha256"] = "0" * 64
-    members[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode("utf-8")
-    listing = json.loads(members[CHECKSUMS_FILE])
-    listing[MANIFEST_FILE] = hashlib.sha256(members[MANIFEST_FILE]).hexdigest()
-    members[CHECKSUMS_FILE] = json.dumps(listing, indent=2).encode("utf-8")
-    return write_entries(members, out)
+
+    def edit(members: dict[str, bytes]) -> None:
+        members[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode("utf-8")
+
+    return rewrite_archive(mar, out, edit)
 
 
 TAMPERS: dict[str, Callable[[Path, Path], Path]] = {"changed byte": tamper_byte, "manifest sha256": tamper_manifest}
