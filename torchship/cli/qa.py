@@ -5,7 +5,6 @@ torchship these commands say so (run them in a checkout: `make bench`, `make rel
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +66,17 @@ def cmd_reliability(args: argparse.Namespace, out: Console, err: Console) -> int
     workdir = rel.default_workdir()
     store = rel.build_store(artifacts, workdir / "store")
 
-    def say(line: str) -> None:
-        err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(line)}")
+    from dataclasses import asdict
 
     from torchship.reliability.ops import OPS_FULL, OPS_QUICK
+    from torchship.reliability.progress import StepClock, earlier_steps
 
-    report = rel.run_reliability(store, workdir, counts, say, ops_counts=OPS_QUICK if args.quick else OPS_FULL)
+    ops_counts = OPS_QUICK if args.quick else OPS_FULL
+    step_counts = {"counts": asdict(counts), "ops": asdict(ops_counts)}
+    # Every line: the time, the time elapsed and, from an earlier run with these counts, an estimate of the time left.
+    say = StepClock(lambda line: err.print(escape(line)), earlier_steps(Path(args.out) / "reliability.json", step_counts))
+    report = rel.run_reliability(store, workdir, counts, say, ops_counts=ops_counts)
+    report["steps"], report["step_counts"] = say.times(), step_counts
     json_path, md_path = rel.write_reliability_report(report, Path(args.out))
     out.print(rel.markdown(report))
     problems = rel.problems(report)

@@ -337,11 +337,13 @@ def run_soak(
     server_pid: int,
     pool: Sequence[LoadRequest],
     *,
-    requests_total: int,
+    requests_total: int | None = None,
+    duration_s: float | None = None,
     concurrency: int = 16,
     sample_s: float = 0.5,
 ) -> SoakResult:
-    """`requests_total` checked requests at steady concurrency while the server tree's RSS is sampled."""
+    """Checked requests at steady concurrency, `requests_total` of them or for `duration_s`, while the server tree's
+    RSS is sampled; the first SOAK_WARMUP_FRACTION of the requests (or of the time) is warm-up."""
     from torchship.reliability.traffic import run_load
 
     samples: list[tuple[float, float]] = []
@@ -355,13 +357,18 @@ def run_soak(
             done.wait(sample_s)
 
     def progress(count: int) -> None:
-        if not warm_at and count >= requests_total * SOAK_WARMUP_FRACTION:
+        warm = count >= requests_total * SOAK_WARMUP_FRACTION if requests_total else False
+        if duration_s:
+            warm = time.monotonic() - t0 >= duration_s * SOAK_WARMUP_FRACTION
+        if not warm_at and warm:
             warm_at.append(time.monotonic() - t0)
 
     thread = threading.Thread(target=sampler, name="soak-rss", daemon=True)
     thread.start()
     try:
-        shots = run_load(target, pool, requests_total=requests_total, concurrency=concurrency, on_done=progress)
+        shots = run_load(
+            target, pool, requests_total=requests_total, duration_s=duration_s, concurrency=concurrency, on_done=progress
+        )
     finally:
         done.set()
         thread.join()
@@ -568,8 +575,10 @@ def run_slow_clients(
 
 @dataclass(frozen=True)
 class OpsCounts:
+    #: the soak: this many requests, or (when set) this many seconds of steady load
     soak_requests: int
     slow_requests: int
+    soak_seconds: float | None = None
     idle_connections: int = 200
     slow_senders: int = 20
     drain_clients: int = 16
@@ -577,7 +586,9 @@ class OpsCounts:
     body_timeout_s: float = 10.0
 
 
-OPS_FULL = OpsCounts(soak_requests=30_000, slow_requests=1_000)
+#: The full soak is bounded by time, not count: 4 minutes of steady load per engine (30,000 requests took Ray Serve over
+#: 12 minutes here, so the whole run went past 30).
+OPS_FULL = OpsCounts(soak_requests=0, slow_requests=1_000, soak_seconds=240.0)
 OPS_QUICK = OpsCounts(soak_requests=2_000, slow_requests=300)
 #: Soak traffic: small batches, so the count is requests rather than rows.
 SOAK_BATCHES = (1, 2)
@@ -601,9 +612,12 @@ def run_operations(
             target, pool, requests_total=counts.slow_requests, idle_connections=counts.idle_connections,
             slow_senders=counts.slow_senders, linger_s=counts.body_timeout_s + 2,
         )  # fmt: skip
-        say(f"{engine}: soak, {counts.soak_requests} checked requests, server memory sampled")
-        soak = run_soak(target, server.process.pid, make_pool(oracle, endpoints, batches=SOAK_BATCHES),
-                        requests_total=counts.soak_requests)  # fmt: skip
+        length = f"{counts.soak_seconds:g} s of" if counts.soak_seconds else f"{counts.soak_requests}"
+        say(f"{engine}: soak, {length} checked requests, server memory sampled")
+        soak = run_soak(
+            target, server.process.pid, make_pool(oracle, endpoints, batches=SOAK_BATCHES),
+            requests_total=None if counts.soak_seconds else counts.soak_requests, duration_s=counts.soak_seconds,
+        )  # fmt: skip
         say(f"{engine}: SIGTERM under {counts.drain_clients} clients (drain)")
         drained = run_drain(cli_stoppable(server), pool, clients=counts.drain_clients)
     finally:

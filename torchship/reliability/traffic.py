@@ -58,14 +58,15 @@ def run_load(
     target: Target,
     pool: Sequence[LoadRequest],
     *,
-    requests_total: int,
+    requests_total: int | None,
     concurrency: int,
+    duration_s: float | None = None,
     seed: int = 0,
     timeout_s: float = 60.0,
     on_done: Callable[[int], None] | None = None,
 ) -> list[Shot]:
-    """`requests_total` requests from `concurrency` clients, each a seeded random pick of the pool (JSON or binary
-    alike); every 200 is compared with eager. on_done(n) runs after the n-th answer."""
+    """`requests_total` requests (or as many as `duration_s` allows) from `concurrency` clients, each a seeded random
+    pick of the pool (JSON or binary alike); every 200 is compared with eager. on_done(n) runs after the n-th answer."""
     done = 0
 
     def counted(_shot: Shot) -> bool:
@@ -76,7 +77,7 @@ def run_load(
         return False
 
     return load.run_load(
-        target.url, pool, clients=concurrency, auth=auth_headers(target), requests_total=requests_total,
+        target.url, pool, clients=concurrency, auth=auth_headers(target), requests_total=requests_total, duration_s=duration_s,
         pick=load.seeded_random(len(pool), seed), timeout_s=timeout_s, on_shot=counted,
     )  # fmt: skip
 
