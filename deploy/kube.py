@@ -29,6 +29,7 @@ from torchship.deploy.pod_config import IMAGE_MODEL_STORE, frontend_limit_bytes,
 from torchship.errors import DeployError
 from torchship.handlers.names import DRAIN_FILE_ENV, MAX_REQUEST_BYTES_ENV, TOKEN_FILE_ENV
 from torchship.settings import (
+    CONFIG_FILES,
     FLUSH_TIMEOUT_S,
     POD_WINDOW_S,
     RAY_SERVE_CONFIG,
@@ -551,7 +552,7 @@ class Step:
 
 
 def _lint_yaml(k8s_dir: Path) -> list[str]:
-    targets = [str(k8s_dir), str(config_file(RAY_SERVE_CONFIG))]
+    targets = [str(k8s_dir), *(str(config_file(name)) for name in CONFIG_FILES if name.endswith(".yaml"))]
     proc = subprocess.run(
         [find_tool("yamllint"), "--strict", "-c", str(YAMLLINT_CONFIG), *targets],
         capture_output=True, text=True, timeout=120, check=False,

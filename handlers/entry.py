@@ -22,8 +22,8 @@ LOAD_REFUSED_MARKER = "TORCHSHIP-LOAD-REFUSED"
 def handler_origin(package: str = PACKAGE) -> Path | None:
     """The folder that holds the package `import package` would load, found without running any of its code."""
     spec = importlib.util.find_spec(package)
-    if spec is None or not spec.origin:
-        return None
+    if spec is None or not spec.origin or spec.submodule_search_locations is None:
+        return None  # not found, or a module of that name rather than the package
     return Path(spec.origin).resolve().parent.parent
 
 

@@ -48,7 +48,10 @@ def config_dir() -> Path:
     if chosen:
         path = Path(chosen)
         if not path.is_dir():
-            raise ConfigError(f"{CONFIG_DIR_ENV}={chosen} is not a folder; write one with `torchship init {chosen}`")
+            raise ConfigError(
+                f"the config folder {chosen} (--config-dir or {CONFIG_DIR_ENV}) does not exist; "
+                f"write it with `torchship init {chosen}`"
+            )
         return path
     return packaged_configs()
 

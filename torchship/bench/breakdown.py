@@ -83,9 +83,19 @@ def measure(
     body, headers = encode_request({"x": x}, binary=case.binary, parameters={"binary_data_output": True} if case.binary else None)
     request = LoadRequest(endpoint, body, headers, load.expect_outputs(("logits",), (expected,), tol))
     auth = engine.auth_headers()
-    load.run_load(engine.url, [request], clients=1, auth=auth, requests_total=3)  # warm the connection and the worker
-    before = ts_counters(engine, endpoint) if isinstance(engine, TorchServe) else None
-    shots = load.run_load(engine.url, [request], clients=1, auth=auth, requests_total=requests_n, keep_headers=(TIMING_HEADER,))
+    before: dict[str, float] | None = None
+    warm = 3  # the first requests warm the kept-alive connection and the worker; the counters start after them
+
+    def counters_after_warm_up(shot: load.Shot) -> bool:
+        nonlocal before
+        if shot.index == warm - 1 and isinstance(engine, TorchServe):
+            before = ts_counters(engine, endpoint)
+        return False
+
+    shots = load.run_load(
+        engine.url, [request], clients=1, auth=auth, requests_total=warm + requests_n, keep_headers=(TIMING_HEADER,),
+        on_shot=counters_after_warm_up,
+    )[warm:]  # fmt: skip
     after = ts_counters(engine, endpoint) if isinstance(engine, TorchServe) else None
     client_ms = [s.latency_ms for s in shots]
     errors = sum(s.outcome not in ("ok", "wrong") for s in shots)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from torchship.cli import build, deploy, qa, serve
-from torchship.cli.common import interrupt
+from torchship.cli.common import interrupt_once
 from torchship.errors import TorchshipError
 
 
@@ -64,14 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.config_dir:
-        from torchship.settings import CONFIG_DIR_ENV
+    from torchship.settings import CONFIG_DIR_ENV
 
-        # Through the environment, so that the engines' own processes (the Ray child, TorchServe's workers) see it too.
-        os.environ[CONFIG_DIR_ENV] = str(Path(args.config_dir).resolve())
+    # Through the environment, absolute, so that the engines' own processes (the Ray child, TorchServe's workers),
+    # which run in other folders, see the same one.
+    config_dir = args.config_dir or os.environ.get(CONFIG_DIR_ENV)
+    if config_dir:
+        os.environ[CONFIG_DIR_ENV] = str(Path(config_dir).resolve())
     # SIGTERM (a time limit, a supervisor) stops any command the way Ctrl-C does: every `finally` runs, so whatever it
     # started (servers, their process groups) is stopped with it.
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, interrupt_once)
     # Off a terminal rich assumes 80 columns, which wraps the summary table into an unreadable column.
     out = Console(width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)

@@ -84,5 +84,14 @@ def print_progress(model: str, stage: str, message: str) -> None:
 
 
 def interrupt(signum: int, _frame: object) -> None:
-    """SIGTERM handler: stop the server the way Ctrl-C does."""
+    """SIGTERM handler of `torchship serve`: stop the server the way Ctrl-C does (a second one stops it at once)."""
+    raise KeyboardInterrupt
+
+
+def interrupt_once(signum: int, _frame: object) -> None:
+    """SIGTERM handler of every other command: stop the way Ctrl-C does, and ignore further SIGTERMs, so that the
+    cleanup it starts (stopping every server the command started) runs to its end."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt

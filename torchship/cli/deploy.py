@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from torchship.cli.common import verify_table
-from torchship.errors import EXIT_FAILED, EXIT_OK
+from torchship.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def _k8s_dir(args: argparse.Namespace) -> Path:
@@ -27,9 +28,18 @@ def _docker_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_deploy_sync(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from torchship.deploy.kube import sync
+    from torchship.deploy.kube import K8S_DIR, sync
+    from torchship.settings import CONFIG_DIR_ENV
 
-    written = sync(_k8s_dir(args))
+    target = _k8s_dir(args)
+    # The shipped tree is the repository's own (in a checkout, deploy/k8s); a user's settings go into a copy of it.
+    if not args.k8s_dir and (os.environ.get(CONFIG_DIR_ENV) or not os.access(K8S_DIR, os.W_OK)):
+        err.print(
+            "[red]error:[/] deploy sync writes the kustomize tree's generated files from your settings: pass --k8s-dir "
+            f"with a copy of the shipped tree ({escape(str(K8S_DIR))})"
+        )
+        return EXIT_USAGE
+    written = sync(target)
     out.print("\n".join(f"wrote {escape(str(p))}" for p in written) or "generated files already in step with configs/")
     return EXIT_OK
 

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,15 @@ class CliServer:
     model_store: Path
     #: the shared inference token it was started with (Ray; TorchServe makes its own, in key_file.json)
     shared_token: str | None = None
+    #: the process groups under the CLI (the engine runs in a session of its own), recorded once it is ready: a kill
+    #: still reaches them when the CLI itself has already exited
+    groups: set[int] = field(default_factory=set)
+
+    def record_groups(self) -> None:
+        import psutil
+
+        with contextlib.suppress(psutil.Error, OSError):
+            self.groups |= {os.getpgid(p.pid) for p in psutil.Process(self.process.pid).children(recursive=True)}
 
     def token(self) -> str | None:
         if self.engine == "ray":
@@ -72,16 +81,11 @@ class CliServer:
     def kill(self) -> None:
         """SIGKILL the CLI and every process under it: the engine runs in a process group of its own, which a kill
         of the CLI's group alone would leave running."""
-        import psutil
 
-        with contextlib.suppress(psutil.Error, OSError):
-            groups = {os.getpgid(p.pid) for p in psutil.Process(self.process.pid).children(recursive=True)}
-            for pgid in groups | {self.process.pid}:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-        if self.process.poll() is None:
+        self.record_groups()
+        for pgid in self.groups | {self.process.pid}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+                os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=30)
 
@@ -112,9 +116,11 @@ def start_cli_server(
     log_path = workdir.with_name(f"{workdir.name}.cli.log")
     cmd = [*(command or [sys.executable, "-m", "torchship.cli"]), "serve", engine, "--model-store", str(model_store)]
     cmd += ["--port", str(port), "--workdir", str(workdir), *args]
-    full_env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | dict(env or {})
+    full_env = {**os.environ, **(env or {})}
     if engine == "ray":
-        full_env.setdefault(TOKEN_ENV, CLI_TOKEN)
+        full_env[TOKEN_ENV] = (env or {}).get(TOKEN_ENV) or CLI_TOKEN
+    else:
+        full_env.pop(TOKEN_ENV, None)
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True)
     server = CliServer(
@@ -127,6 +133,7 @@ def start_cli_server(
             server.kill()
             raise RuntimeError(f"torchship serve {engine} did not become ready:\n{tail}")
         time.sleep(0.5)
+    server.record_groups()
     return server
 
 
@@ -575,10 +582,15 @@ def run_slow_clients(
 
 @dataclass(frozen=True)
 class OpsCounts:
-    #: the soak: this many requests, or (when set) this many seconds of steady load
-    soak_requests: int
+    #: the soak: this many requests, or this many seconds of steady load (one of the two)
+    soak_requests: int | None
     slow_requests: int
     soak_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.soak_requests is None) == (self.soak_seconds is None):
+            raise ValueError("a soak is bounded by soak_requests or by soak_seconds, one of the two")
+
     idle_connections: int = 200
     slow_senders: int = 20
     drain_clients: int = 16
@@ -588,7 +600,7 @@ class OpsCounts:
 
 #: The full soak is bounded by time, not count: 4 minutes of steady load per engine (30,000 requests took Ray Serve over
 #: 12 minutes here, so the whole run went past 30).
-OPS_FULL = OpsCounts(soak_requests=0, slow_requests=1_000, soak_seconds=240.0)
+OPS_FULL = OpsCounts(soak_requests=None, slow_requests=1_000, soak_seconds=240.0)
 OPS_QUICK = OpsCounts(soak_requests=2_000, slow_requests=300)
 #: Soak traffic: small batches, so the count is requests rather than rows.
 SOAK_BATCHES = (1, 2)
@@ -616,7 +628,7 @@ def run_operations(
         say(f"{engine}: soak, {length} checked requests, server memory sampled")
         soak = run_soak(
             target, server.process.pid, make_pool(oracle, endpoints, batches=SOAK_BATCHES),
-            requests_total=None if counts.soak_seconds else counts.soak_requests, duration_s=counts.soak_seconds,
+            requests_total=counts.soak_requests, duration_s=counts.soak_seconds,
         )  # fmt: skip
         say(f"{engine}: SIGTERM under {counts.drain_clients} clients (drain)")
         drained = run_drain(cli_stoppable(server), pool, clients=counts.drain_clients)

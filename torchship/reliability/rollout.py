@@ -272,6 +272,9 @@ def _gate(target: Target, endpoint: str, version: str, oracle: _Versions) -> boo
         check = load.expect_outputs(checker.output_names(endpoint), checker.eager(endpoint, inputs), checker.tolerances[endpoint])
         pool.append(LoadRequest(endpoint, body, headers, check, path=f"/predictions/{endpoint}/{version}"))
     shots = load.run_load(target.url, pool, clients=1, auth=auth_headers(target), requests_total=len(pool))
+    unanswered = [s for s in shots if s.outcome in ("refused", "hung")]
+    if unanswered:
+        raise RuntimeError(f"the gate got no answer from version {version}: {unanswered[0].detail}")
     return len(shots) == len(pool) and all(s.outcome == "ok" for s in shots)
 
 

@@ -67,6 +67,8 @@ def run_load(
 ) -> list[Shot]:
     """`requests_total` requests (or as many as `duration_s` allows) from `concurrency` clients, each a seeded random
     pick of the pool (JSON or binary alike); every 200 is compared with eager. on_done(n) runs after the n-th answer."""
+    if requests_total is None and duration_s is None:
+        raise ValueError("a load run needs requests_total or duration_s")
     done = 0
 
     def counted(_shot: Shot) -> bool:
