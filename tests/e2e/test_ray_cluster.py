@@ -58,11 +58,13 @@ def _wait_for_port(port: int, node: subprocess.Popen[bytes], log: Path, timeout_
 DRIVER = textwrap.dedent(
     """
     import json, sys, time
-    import ray, requests, torch
+    import ray, torch
     from ray import serve
     from torchship.engines.ray.app import app
-    from torchship.handlers.codec import decode_response, encode_request
+    from torchship.handlers.codec import encode_request
     from torchship.models import ZOO
+    from torchship.spec import Tolerance
+    from torchship.verify import load
 
     address, store, cache, http_port = sys.argv[1:5]
     ray.init(address=address, log_to_driver=False)
@@ -75,20 +77,22 @@ DRIVER = textwrap.dedent(
               name="torchship", route_prefix="/", blocking=False)
     spec = ZOO["dynamic_router"]
     eager = spec.factory()
-    seen, wrong = {}, 0
+    pool = []
     for i in range(80):
         x = spec.make_inputs(1 + i % 4, seed_offset=i)["x"]
-        body, headers = encode_request({"x": x})
-        r = requests.post(f"http://127.0.0.1:{http_port}/predictions/dynamic_router", data=body, headers=headers, timeout=60)
-        assert r.status_code == 200, r.text
-        y = decode_response(r.content)["outputs"]["y"]
-        node = r.headers["X-Torchship-Node"]
         with torch.no_grad():
-            ok = torch.allclose(y, eager(x), atol=1e-5, rtol=1e-4)
+            check = load.expect_outputs(("y",), (eager(x),), Tolerance(1e-5, 1e-4))
+        pool.append(load.LoadRequest("dynamic_router", *encode_request({"x": x}), check))
+    # The one checked load loop, one client, every request once, in order; which node answered is kept.
+    shots = load.run_load(f"http://127.0.0.1:{http_port}", pool, clients=1, requests_total=len(pool),
+                          keep_headers=("X-Torchship-Node",))
+    assert all(s.status == 200 for s in shots), [s.detail for s in shots if s.status != 200][:3]
+    seen = {}
+    for s in shots:
+        node = s.headers["x-torchship-node"]
         seen[node] = seen.get(node, 0) + 1
-        wrong += not ok
     serve.shutdown()
-    print(json.dumps({"nodes": nodes, "answered_by": seen, "wrong": wrong}))
+    print(json.dumps({"nodes": nodes, "answered_by": seen, "wrong": sum(s.outcome != "ok" for s in shots)}))
     """
 )
 
