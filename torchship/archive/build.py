@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from torchship import handlers
-from torchship.archive.mar import MarArchive, write_archive
+from torchship.archive.mar import rewrite_archive
 from torchship.errors import ArchiveError
 from torchship.handlers.codec import Signature, model_metadata
 from torchship.handlers.names import (
@@ -82,11 +82,13 @@ def archiver() -> str:
 
 def _normalise(src: Path, dest: Path) -> None:
     """Rewrite a .mar deterministically: sorted entries, fixed dates and modes, fixed createdOn."""
-    entries = dict(MarArchive(src).entries)
-    mar_manifest = json.loads(entries[MAR_MANIFEST_FILE])
-    mar_manifest["createdOn"] = FIXED_CREATED_ON
-    entries[MAR_MANIFEST_FILE] = (json.dumps(mar_manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    write_archive(entries, dest)
+
+    def fixed_date(entries: dict[str, bytes]) -> None:
+        mar_manifest = json.loads(entries[MAR_MANIFEST_FILE])
+        mar_manifest["createdOn"] = FIXED_CREATED_ON
+        entries[MAR_MANIFEST_FILE] = (json.dumps(mar_manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+    rewrite_archive(src, dest, fixed_date)
 
 
 def archive_endpoint(model_dir: Path, manifest: Manifest, fmt: str, *, out_dir: Path, model_config: dict[str, Any]) -> Endpoint:

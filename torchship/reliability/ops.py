@@ -256,7 +256,6 @@ def run_drain(
     )  # fmt: skip
     exit_code: int | None = None
     exit_s: float | None = None
-    signal_at = time.monotonic()
     stuck = False
     try:
         time.sleep(signal_after_s)
@@ -364,11 +363,13 @@ def run_soak(
             done.wait(sample_s)
 
     def progress(count: int) -> None:
-        warm = count >= requests_total * SOAK_WARMUP_FRACTION if requests_total else False
+        elapsed = time.monotonic() - t0
         if duration_s:
-            warm = time.monotonic() - t0 >= duration_s * SOAK_WARMUP_FRACTION
-        if not warm_at and warm:
-            warm_at.append(time.monotonic() - t0)
+            warm = elapsed >= duration_s * SOAK_WARMUP_FRACTION
+        else:
+            warm = count >= (requests_total or 0) * SOAK_WARMUP_FRACTION
+        if warm and not warm_at:
+            warm_at.append(elapsed)
 
     thread = threading.Thread(target=sampler, name="soak-rss", daemon=True)
     thread.start()
@@ -586,16 +587,15 @@ class OpsCounts:
     soak_requests: int | None
     slow_requests: int
     soak_seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        if (self.soak_requests is None) == (self.soak_seconds is None):
-            raise ValueError("a soak is bounded by soak_requests or by soak_seconds, one of the two")
-
     idle_connections: int = 200
     slow_senders: int = 20
     drain_clients: int = 16
     #: the Ray app's request-body timeout for this run (TORCHSHIP_BODY_TIMEOUT_S), short enough to watch it cut
     body_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if (self.soak_requests is None) == (self.soak_seconds is None):
+            raise ValueError("a soak is bounded by soak_requests or by soak_seconds, one of the two")
 
 
 #: The full soak is bounded by time, not count: 4 minutes of steady load per engine (30,000 requests took Ray Serve over

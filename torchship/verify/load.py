@@ -252,25 +252,23 @@ class LoadRun:
             req = self.pool[k]
             sent += 1
             start = time.monotonic()
-            tag, kept = "", {}
+            reply: HttpReply | None = None
             try:
                 async with session.post(f"{self.url}{req.url_path}", data=req.body, headers={**req.headers, **self.auth}) as r:
-                    raw = await r.read()
-                    # The latency ends with the answer: checking it is the client's time, not the server's.
-                    answered = time.monotonic()
-                    reply = HttpReply(r.status, raw, {k.lower(): v for k, v in r.headers.items()})
+                    reply = HttpReply(r.status, await r.read(), {k.lower(): v for k, v in r.headers.items()})
+            except TimeoutError as exc:
+                outcome, detail = "hung", f"no answer within {self.timeout_s:g} s ({type(exc).__name__})"
+            except aiohttp.ClientConnectionError as exc:
+                outcome, detail = "refused", f"{type(exc).__name__}: {exc}"[:200]
+            except aiohttp.ClientError as exc:
+                outcome, detail = "error", f"{type(exc).__name__}: {exc}"[:200]
+            # The latency ends with the answer (or with giving up): checking it is the client's time, not the server's.
+            answered = time.monotonic()
+            tag, kept, status = "", {}, 0
+            if reply is not None:
                 outcome, detail, tag = classify(reply, req.check)
                 status = reply.status
                 kept = {h: reply.headers[h] for h in self.keep if h in reply.headers}
-            except TimeoutError as exc:
-                answered = time.monotonic()
-                outcome, detail, status = "hung", f"no answer within {self.timeout_s:g} s ({type(exc).__name__})", 0
-            except aiohttp.ClientConnectionError as exc:
-                answered = time.monotonic()
-                outcome, detail, status = "refused", f"{type(exc).__name__}: {exc}"[:200], 0
-            except aiohttp.ClientError as exc:
-                answered = time.monotonic()
-                outcome, detail, status = "error", f"{type(exc).__name__}: {exc}"[:200], 0
             shot = Shot(g, n, k, req.endpoint, req.batch, req.binary, start, answered, status, outcome, detail, tag, kept)
             self.shots.append(shot)
             if self.on_shot is not None and self.on_shot(shot):
