@@ -173,6 +173,7 @@ class _Ingress:
         self.versions = {"toy": "1.0"}
         self.token = "secret"
         self.max_request_bytes = 1024
+        self.foreign: frozenset[str] = frozenset()
         self.draining = draining
         self.accepted = 0
         self.server_metadata: dict[str, Any] = {"name": "torchship", "version": "9.9", "extensions": ["binary_tensor_data"]}

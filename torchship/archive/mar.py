@@ -83,7 +83,21 @@ class MarArchive:
 
     @property
     def version(self) -> str:
+        if not self.is_torchship:  # TorchServe's own field, what its frontend serves the archive as
+            return str(self.mar_manifest.get("model", {}).get("modelVersion", "1.0"))
         return str(self.manifest["version"])
+
+    @cached_property
+    def names(self) -> frozenset[str]:
+        """Every entry's name (nothing read)."""
+        with zipfile.ZipFile(self.path) as z:
+            return frozenset(info.filename for info in z.infolist() if not info.is_dir())
+
+    @property
+    def is_torchship(self) -> bool:
+        """Built by `torchship archive` (it carries the endpoint document); otherwise a foreign archive, served by its
+        own handler as TorchServe would (torchship/archive/foreign.py)."""
+        return ENDPOINT_FILE in self.names
 
     @property
     def output_names(self) -> list[str]:
@@ -97,8 +111,12 @@ class MarArchive:
 
     @cached_property
     def model_config(self) -> dict[str, Any]:
-        """TorchServe's model-config.yaml (batch size and delay, workers; the Ray app reads the same)."""
-        doc: dict[str, Any] = yaml.safe_load(self.read(MODEL_CONFIG_FILE))
+        """TorchServe's model config (batch size and delay, workers; the Ray app reads the same): the file the
+        MANIFEST names (`--config-file`), else model-config.yaml, else none ({}: TorchServe's defaults)."""
+        name = self.mar_manifest.get("model", {}).get("configFile") or MODEL_CONFIG_FILE
+        if name not in self.names:
+            return {}
+        doc: dict[str, Any] = yaml.safe_load(self.read(name)) or {}
         return doc
 
     @cached_property

@@ -3,7 +3,8 @@
 An engine is launched in its own process group with its own work folder and log, waited for until every endpoint
 of the model store is ready (asked of the engine itself, never read from printed text), and stopped with its whole
 process tree. Everything else (CLI, pipeline, verify, bench, reliability, tests) asks it for its URL, token,
-auth headers and pids. A handler's refusal to load an archive is reported from LOAD_REFUSED_MARKER.
+auth headers and pids. An endpoint whose archive refuses to load is reported from LOAD_REFUSED_MARKER and left out;
+the rest of the store serves.
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ def endpoints_in(model_store: Path) -> list[str]:
     return sorted(p.stem for p in model_store.glob("*.mar"))
 
 
+def endpoint_refusals(text: str, endpoints: list[str]) -> dict[str, str]:
+    """{endpoint: line} for each `<marker> <endpoint>: <cause>` line of `text` that names one of `endpoints`."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        at = line.find(LOAD_REFUSED_MARKER)
+        if at < 0:
+            continue
+        refusal = line[at:].strip()
+        endpoint = refusal[len(LOAD_REFUSED_MARKER) :].strip().split(":", 1)[0].strip()
+        if endpoint in endpoints:
+            found.setdefault(endpoint, refusal)
+    return found
+
+
 def refusal_in(text: str) -> str | None:
     """The first load refusal in an engine's log or status text: the marker's line, from the marker on."""
     for line in text.splitlines():
@@ -98,6 +113,8 @@ class Engine(ABC):
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / f"{self.name}.log"
         self.started_at: float | None = None
+        #: {endpoint: refusal line} for each endpoint of the store that refused to load; the others serve.
+        self.refused: dict[str, str] = {}
 
     # -- what an engine must say about itself --------------------------------------------------
 
@@ -123,9 +140,13 @@ class Engine(ABC):
     def pids(self, endpoint: str) -> list[int]:
         """The processes running `endpoint`'s model (TorchServe workers, Ray replicas)."""
 
-    def _refusal(self) -> str | None:
-        """A handler's load refusal, when the engine reports one."""
-        return refusal_in(self.log_text())
+    def _refusals(self) -> dict[str, str]:
+        """{endpoint: its refusal line} for each endpoint the engine reported refused (the engine's log lines that
+        start with LOAD_REFUSED_MARKER and name an endpoint of the store)."""
+        return endpoint_refusals(self.log_text(), self.endpoints)
+
+    def _forget(self, endpoint: str) -> None:  # noqa: B027  (most engines drop a refused endpoint themselves)
+        """Stop the engine trying to load a refused endpoint again."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -168,13 +189,28 @@ class Engine(ABC):
         except ArchiveError as exc:  # SignatureRefused, or a verify key that cannot be read
             raise EngineError(str(exc)) from None
 
+    def _note_refusals(self, pending: set[str]) -> None:
+        """Move each newly refused endpoint out of `pending`; raise EngineError once every endpoint is refused."""
+        for endpoint, line in self._refusals().items():
+            if endpoint not in self.refused:
+                self.refused[endpoint] = line
+                self._forget(endpoint)
+            pending.discard(endpoint)
+        if self.refused and set(self.refused) >= set(self.endpoints):
+            lines = "\n".join(self.refused[e] for e in sorted(self.refused))
+            raise EngineError(f"{self.name}: every endpoint refused to load:\n{lines}")
+
     def wait_ready(self, poll_s: float = 0.5) -> None:
+        """Wait until every endpoint serves or is refused (EngineError when all are refused, the engine exits, or
+        the time is up); the refused ones are left in `refused` and out of `endpoints`."""
         deadline = time.monotonic() + self.ready_timeout_s
         pending = set(self.endpoints)
         while pending:
-            if refusal := self._refusal():
-                raise EngineError(f"{self.name}: an endpoint refused to load: {refusal}")
+            self._note_refusals(pending)
+            if not pending:
+                break
             if not self.running():
+                self._note_refusals(pending)  # what it printed before it exited
                 code = self.process.returncode if self.process else None
                 raise EngineError(f"{self.name} exited with code {code} while starting:\n{self.log_tail()}")
             if time.monotonic() > deadline:
@@ -188,6 +224,7 @@ class Engine(ABC):
                     break
             if pending:
                 time.sleep(poll_s)
+        self.endpoints = [e for e in self.endpoints if e not in self.refused]
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

