@@ -58,6 +58,8 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"starting {label} with {len(engine.endpoints)} endpoints; log: {escape(str(engine.log_path))}")
         engine.start()
         out.print(f"{label} ready at {engine.url}  (endpoints: {', '.join(engine.endpoints)})")
+        for line in engine.refused.values():  # the rest of the store serves without these
+            err.print(f"[yellow]refused:[/] {escape(line)}")
         if isinstance(engine, TorchServe) and engine.token_auth:
             out.print(f"inference token: {escape(str(engine.key_file))} (key 'inference'; send 'Authorization: Bearer <key>')")
         else:
@@ -83,6 +85,32 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         return EXIT_OK
     finally:
         engine.stop()
+
+
+def cmd_migrate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from torchship.migrate import migrate, write_report
+
+    model_store = Path(args.model_store)
+    if not model_store.is_dir():
+        err.print(f"[red]error:[/] no model store {escape(str(model_store))}")
+        return EXIT_USAGE
+    requests = Path(args.requests) if args.requests else None
+    if requests is None:
+        err.print("no --requests: sending torchship archives' own reference inputs (foreign archives need requests)")
+    ray_store = Path(args.ray_model_store) if args.ray_model_store else None
+    result = migrate(
+        model_store, requests, ray_model_store=ray_store, atol=args.atol, progress=lambda line: err.print(escape(line))
+    )
+    for model in result.unsent:
+        err.print(f"[yellow]not compared:[/] {model}: no requests for it (pass --requests with a {model}/ folder)")
+    json_path, md_path = write_report(result, Path(args.report), model_store=model_store, atol=args.atol)
+    for row in result.rows:
+        if row.differences:
+            out.print(f"[red]differs:[/] {row.model}/{row.request} ({row.mode}): {escape('; '.join(row.differences))}")
+    same = len(result.rows) - result.differences
+    out.print(f"{same}/{len(result.rows)} answers the same on TorchServe and Ray Serve")
+    out.print(f"report: {escape(str(md_path))}, {escape(str(json_path))}")
+    return EXIT_OK if result.passed else EXIT_FAILED
 
 
 def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -151,6 +179,26 @@ def register(sub: Any) -> None:
         help="ray: also serve OIP v2 gRPC through Ray's gRPC proxy on this port (0: a free one; default: no gRPC)",
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "migrate", help="serve a model store on TorchServe and on Ray Serve, send both the same requests, compare answers"
+    )
+    p.add_argument("--model-store", required=True, help="folder of .mar files, any TorchServe archives")
+    p.add_argument(
+        "--requests",
+        default=None,
+        help="folder with one sub-folder per model, one file per request body (<file>.headers.json: its headers); "
+        "default: torchship archives' own reference inputs",
+    )
+    p.add_argument(
+        "--ray-model-store",
+        default=None,
+        help="serve this store on Ray Serve instead (the same models rebuilt, e.g. with handlers changed for the move); "
+        "default: the --model-store",
+    )
+    p.add_argument("--report", default="reports/migrate", help="where migrate.json and migrate.md go (default: reports/migrate)")
+    p.add_argument("--atol", type=float, default=1e-5, help="how far JSON numbers may differ (default 1e-5)")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("verify", help="send every reference input over HTTP and compare with eager")
     p.add_argument("--engine", required=True, choices=("torchserve", "ray", "all"), help="'all' starts both engines itself")

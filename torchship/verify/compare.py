@@ -42,9 +42,10 @@ class VerifyRow:
 
 
 def archived_endpoints(model_store: Path, names: list[str] | None = None) -> list[MarArchive]:
-    """The store's archives (only `names`, when given; an unknown name is an error)."""
+    """The store's torchship archives, the ones with references (only `names`, when given; an unknown name is an
+    error). Archives torchship did not build carry none: `torchship migrate` compares those between the engines."""
     try:
-        found = store_archives(model_store)
+        found = [mar for mar in store_archives(model_store) if mar.is_torchship]
     except FileNotFoundError as exc:
         raise TorchshipError(str(exc)) from None
     if names:

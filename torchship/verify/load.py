@@ -124,6 +124,8 @@ class Shot:
     tag: str = ""
     #: The reply headers the run was asked to keep (keep_headers), lower-case names.
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: The whole answer, when the run was asked to keep replies (keep_replies).
+    reply: HttpReply | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -179,6 +181,7 @@ class LoadRun:
         pick: Pick | None = None,
         timeout_s: float = 60.0,
         keep_headers: Sequence[str] = (),
+        keep_replies: bool = False,
         on_shot: Callable[[Shot], bool | None] | None = None,
     ) -> None:
         if not pool:
@@ -195,6 +198,7 @@ class LoadRun:
         self.pick = pick or cycle(len(self.pool))
         self.timeout_s = timeout_s
         self.keep = tuple(h.lower() for h in keep_headers)
+        self.keep_replies = keep_replies
         self.on_shot = on_shot
         self.shots: list[Shot] = []
         #: time.monotonic() when the clients started and when the last one ended.
@@ -269,7 +273,10 @@ class LoadRun:
                 outcome, detail, tag = classify(reply, req.check)
                 status = reply.status
                 kept = {h: reply.headers[h] for h in self.keep if h in reply.headers}
-            shot = Shot(g, n, k, req.endpoint, req.batch, req.binary, start, answered, status, outcome, detail, tag, kept)
+            kept_reply = reply if self.keep_replies else None
+            shot = Shot(
+                g, n, k, req.endpoint, req.batch, req.binary, start, answered, status, outcome, detail, tag, kept, kept_reply
+            )
             self.shots.append(shot)
             if self.on_shot is not None and self.on_shot(shot):
                 return

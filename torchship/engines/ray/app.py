@@ -163,7 +163,7 @@ class ForeignDeployment:
         verify_key_file: str | None = None,
         archive_sha256: str | None = None,
     ) -> None:
-        from torchship.archive.foreign import handler_spec, oip_metadata, refusal
+        from torchship.archive.foreign import handler_spec, oip_metadata
         from torchship.engines.ray.torchserve_worker import TorchServeWorker
 
         archive, model_dir = unpack_checked(mar, cache_dir, verify_key_file, archive_sha256)
@@ -173,7 +173,7 @@ class ForeignDeployment:
             self.worker = TorchServeWorker(model_dir, name, handler_spec(archive), gpu_id=_gpu_id(), batch_size=max_batch_size)
         except Exception as exc:  # the archive's own code: whatever it raised is the refusal's cause
             cause = f"the handler failed to load: {type(exc).__name__}: {exc}".splitlines()[0]
-            raise ArtifactError(refusal(name, cause)) from None
+            raise ArtifactError(f"{name}: {cause}") from None
         self.infer_batch.set_max_batch_size(max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 

@@ -215,7 +215,8 @@ def deploy_failure(status: Any, name: str = APP_NAME) -> str | None:
 
 def endpoint_refusal(endpoint: str, reason: str) -> str:
     """A failed endpoint's line, the marker first and the endpoint named (what Engine.refusals reads)."""
-    return f"{LOAD_REFUSED_MARKER} {endpoint}: {reason.removeprefix(LOAD_REFUSED_MARKER).strip()}"
+    cause = reason.removeprefix(LOAD_REFUSED_MARKER).strip().removeprefix(f"{endpoint}: ")
+    return f"{LOAD_REFUSED_MARKER} {endpoint}: {cause}"
 
 
 def _last_line(message: str) -> str:
