@@ -22,8 +22,6 @@ from torchship.engines.torchserve.launcher import TorchServe
 from torchship.handlers.errors import UnsafeArchive
 from torchship.handlers.names import LOAD_REFUSED_MARKER
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

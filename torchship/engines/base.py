@@ -145,8 +145,8 @@ class Engine(ABC):
         start with LOAD_REFUSED_MARKER and name an endpoint of the store)."""
         return endpoint_refusals(self.log_text(), self.endpoints)
 
-    def _forget(self, endpoint: str) -> None:  # noqa: B027  (most engines drop a refused endpoint themselves)
-        """Stop the engine trying to load a refused endpoint again."""
+    def _forget(self, endpoints: list[str]) -> None:  # noqa: B027  (most engines drop a refused endpoint themselves)
+        """Stop the engine trying to load refused endpoints again."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -191,14 +191,14 @@ class Engine(ABC):
 
     def _note_refusals(self, pending: set[str]) -> None:
         """Move each newly refused endpoint out of `pending`; raise EngineError once every endpoint is refused."""
-        for endpoint, line in self._refusals().items():
-            if endpoint not in self.refused:
-                self.refused[endpoint] = line
-                self._forget(endpoint)
-            pending.discard(endpoint)
+        new = {e: line for e, line in self._refusals().items() if e not in self.refused}
+        self.refused.update(new)
+        pending.difference_update(self.refused)
         if self.refused and set(self.refused) >= set(self.endpoints):
             lines = "\n".join(self.refused[e] for e in sorted(self.refused))
             raise EngineError(f"{self.name}: every endpoint refused to load:\n{lines}")
+        if new:
+            self._forget(sorted(new))
 
     def wait_ready(self, poll_s: float = 0.5) -> None:
         """Wait until every endpoint serves or is refused (EngineError when all are refused, the engine exits, or

@@ -300,21 +300,35 @@ def rollout_app(build: Any, app_args: dict[str, object], url: str) -> str:
             serve.delete(CANDIDATE_APP)
 
 
+def leave_out(app_args: dict[str, object], failed: dict[str, str]) -> bool:
+    """Report each failed endpoint and add it to the app's `exclude`; False when the ingress itself failed."""
+    for endpoint, reason in failed.items():
+        print(endpoint_refusal(endpoint, reason), flush=True)
+    excluded = app_args.get("exclude") or []
+    app_args["exclude"] = sorted({*(excluded if isinstance(excluded, list) else []), *failed})
+    return "ingress" not in failed
+
+
 def deploy(build: Any, app_args: dict[str, object]) -> bool:
-    """Build and run the app; False (and why, printed) when it cannot be built or Ray refuses it at once."""
+    """Build and run the app, leaving out each endpoint whose replicas refuse to load (Ray keeps the unchanged
+    deployments' replicas when it runs the app again); False (and why, printed) when no app can run."""
     from ray import serve
 
-    try:
-        application = build(app_args)
-    except Exception as exc:  # no endpoint left, a bad argument: the app cannot exist
-        print(f"Ray Serve: the torchship app failed to deploy: {exc}", flush=True)
-        return False
-    try:
-        serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
-    except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
-        print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(serve.status()) or exc}", flush=True)
-        return False
-    return True
+    while True:
+        try:
+            application = build(app_args)
+        except Exception as exc:  # no endpoint left, a bad argument: the app cannot exist
+            print(f"Ray Serve: the torchship app failed to deploy: {exc}", flush=True)
+            return False
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+            return True
+        except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
+            status = serve.status()
+            failed = failed_deployments(status)
+            if not failed or not leave_out(app_args, failed):
+                print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(status) or exc}", flush=True)
+                return False
 
 
 def app_builder(ref: str) -> Any:
@@ -369,15 +383,10 @@ def serve_forever(args: argparse.Namespace) -> int:
         while True:
             if time.monotonic() >= next_check:
                 status = serve.status()
-                if failed := failed_deployments(status):
-                    # An endpoint whose replicas refused to load is left out and the rest deployed again (Ray keeps
-                    # the unchanged deployments' replicas); the ingress failing, or no endpoint left, ends the run.
-                    for endpoint, reason in failed.items():
-                        print(endpoint_refusal(endpoint, reason), flush=True)
-                    excluded = sorted({*app_args.get("exclude", ()), *failed})  # type: ignore[misc]
-                    app_args["exclude"] = excluded
-                    if "ingress" in failed or not deploy(app, app_args):
-                        return EXIT_DEPLOY_FAILED
+                # An endpoint whose replicas refused to load is left out and the rest deployed again; the ingress
+                # failing, or no endpoint left, ends the run.
+                if (failed := failed_deployments(status)) and not (leave_out(app_args, failed) and deploy(app, app_args)):
+                    return EXIT_DEPLOY_FAILED
                 app_status = status.applications.get(APP_NAME)
                 running = app_status is not None and app_status.status == "RUNNING"
                 next_check = time.monotonic() + (STATUS_POLL_RUNNING_S if running else STATUS_POLL_S)

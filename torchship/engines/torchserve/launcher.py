@@ -4,15 +4,12 @@ and while workers crash in a loop)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import ClassVar
-
-import requests
 
 from torchship.archive.foreign import refusal
 from torchship.engines.base import DRAIN_WINDOW_S, Engine, free_port
@@ -22,7 +19,7 @@ from torchship.engines.torchserve.java import find_java, java_home
 from torchship.engines.torchserve.probe import model_ready, worker_pids
 from torchship.errors import EngineError, NotReady
 from torchship.handlers.codec import inference_token
-from torchship.handlers.names import DRAIN_FILE_ENV, LOAD_REFUSED_MARKER, MAX_REQUEST_BYTES_ENV, bearer
+from torchship.handlers.names import DRAIN_FILE_ENV, LOAD_REFUSED_MARKER, MAX_REQUEST_BYTES_ENV
 from torchship.settings import CONFIG_PROPERTIES, FRONTEND_LIMIT_FACTOR, config_file, read_properties
 
 KEY_FILE = "key_file.json"
@@ -98,6 +95,8 @@ class TorchServe(Engine):
         #: shared token from TORCHSHIP_INFERENCE_TOKEN[_FILE] instead), so there is no key file to wait for.
         self.token_auth = props.get("disable_token_authorization", "false").lower() != "true"
         self._preflight_refused: dict[str, str] = {}
+        #: Models left out of the next start because their workers died loading them.
+        self._excluded: set[str] = set()
 
     @property
     def drain_file(self) -> Path:
@@ -140,19 +139,21 @@ class TorchServe(Engine):
     def _refusals(self) -> dict[str, str]:
         """The preflight's refusals, and each model TorchServe failed to load, with the last exception its worker
         logged (the handler's own refusal line when it gave one)."""
-        found = dict(self._preflight_refused)
+        found = dict(self._preflight_refused) | {e: self.refused[e] for e in self._excluded if e in self.refused}
         text = self.log_text()
         for endpoint in sorted(set(LOAD_FAILED.findall(text)) - set(found)):
             if endpoint in self.endpoints and (cause := load_failure_cause(text, endpoint)):
                 found[endpoint] = refusal(endpoint, cause)
         return found
 
-    def _forget(self, endpoint: str) -> None:
-        """Unregister a refused model, so TorchServe stops restarting its workers (a request for it gets a 404)."""
-        if endpoint in self._preflight_refused:
-            return  # never registered
-        with contextlib.suppress(requests.RequestException, EngineError):
-            requests.delete(f"{self.management_url}/models/{endpoint}", headers=bearer(self.management_key()), timeout=10)
+    def _forget(self, endpoints: list[str]) -> None:
+        """Models whose workers died loading them: TorchServe would restart them forever, and its management API may
+        not unregister models (enable_model_api=false), so TorchServe starts again without them (a 404, as on Ray)."""
+        loaded = set(endpoints) - set(self._preflight_refused) - self._excluded  # the preflight's were never registered
+        if loaded:
+            self._excluded |= loaded
+            self.stop()
+            self.launch()
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         self._preflight()
@@ -191,8 +192,8 @@ class TorchServe(Engine):
             "METRICS_LOCATION": str(self.workdir / "logs"),
         }
         models = [self.models]
-        if self._preflight_refused:
-            models = [f"{e}={e}.mar" for e in self.endpoints if e not in self._preflight_refused]
+        if left_out := {*self._preflight_refused, *self._excluded}:
+            models = [f"{e}={e}.mar" for e in self.endpoints if e not in left_out]
         cmd = [
             _torchserve_exe(), "--start", "--foreground", "--ncs", "--ts-config", str(config),
             "--model-store", str(self.model_store), "--models", *models,
