@@ -17,10 +17,11 @@ from tests.foreign_store import FIXTURES, GOOD, build_broken, build_good, write_
 from tests.helpers import run_cli
 from torchship.archive.foreign import oip_metadata
 from torchship.archive.mar import MarArchive
+from torchship.archive.signing import load_signing_key, load_verify_key, sign_archive, verify_archive, write_key_pair
 from torchship.engines.ray.launcher import RayServe
 from torchship.engines.torchserve.launcher import TorchServe
 from torchship.handlers.errors import UnsafeArchive
-from torchship.handlers.names import LOAD_REFUSED_MARKER
+from torchship.handlers.names import LOAD_REFUSED_MARKER, VERIFY_KEY_ENV
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +32,36 @@ def foreign(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "store", write_requests(root / "requests")
 
 
-def _migrate(tmp_path: Path, store: Path, reqs: Path, *extra: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+@pytest.fixture(scope="module")
+def signed(foreign: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a copy of the store with every foreign archive signed, the verify key)."""
+    root = tmp_path_factory.mktemp("signed")
+    private, public = write_key_pair(root / "keys")
+    store = shutil.copytree(foreign[0], root / "store")
+    key = load_signing_key(private)
+    for mar in sorted(store.glob("*.mar")):
+        sign_archive(mar, key)
+        verify_archive(mar, load_verify_key(public))
+        assert not MarArchive(mar).is_torchship
+    return store, public
+
+
+def _migrate(tmp_path: Path, store: Path, reqs: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
     report = tmp_path / "report"
     proc = run_cli("migrate", "--model-store", str(store), "--requests", str(reqs), "--report", str(report), *extra,
-                   check=False, timeout_s=900)  # fmt: skip
+                   check=False, timeout_s=900, env=env)  # fmt: skip
     assert (report / "migrate.md").is_file(), proc.stdout + proc.stderr
     assert "torchserve: ready" in proc.stderr and "ray: ready" in proc.stderr, proc.stderr  # progress shown
     return proc.returncode, json.loads((report / "migrate.json").read_text())
 
 
-def test_migrate_finds_every_answer_the_same_sequential_and_concurrent(foreign: tuple[Path, Path], tmp_path: Path) -> None:
-    store, reqs = foreign
-    code, report = _migrate(tmp_path, store, reqs)
+def test_migrate_finds_every_answer_the_same_sequential_and_concurrent(
+    foreign: tuple[Path, Path], signed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Signed foreign archives, both engines configured to serve only archives signed by that key."""
+    _store, reqs = foreign
+    store, public = signed
+    code, report = _migrate(tmp_path, store, reqs, env={VERIFY_KEY_ENV: str(public)})
     assert report["differences"] == 0, [r for r in report["rows"] if not r["same"]]
     assert code == 0 and report["passed"]
     rows = report["rows"]

@@ -59,6 +59,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += breakdown_table(srv["engines"])
     lines += sweep_table(srv["engines"])
     lines += peer_table(srv["engines"])
+    lines += foreign_table(srv.get("foreign", {}))
     lines += models_table(srv["engines"])
     lines += ray_sweep_table(srv["engines"])
     lines += profile_table(srv["engines"])
@@ -117,6 +118,33 @@ def peer_table(engines: dict[str, Any]) -> list[str]:
             errors, wrong = seq["errors"] + load["errors"], seq["wrong"] + load["wrong"]
             lines.append(f"| {name} | {who} | {seq['p50_ms']:.2f} | {seq['overhead_p50_ms']:.2f} | {load['rows_per_s']:.1f} "
                          f"({load['clients']}) | {errors} | {wrong} |")  # fmt: skip
+    return lines
+
+
+def foreign_table(foreign: dict[str, Any]) -> list[str]:
+    """The stock handler's archive (not built by torchship) alone on each engine: TorchServe natively, Ray Serve through
+    torchship's TorchServe worker."""
+    if not foreign:
+        return []
+    lines = ["", "### A .mar torchship did not build (the stock handler's archive), alone on each engine", "",
+             "| engine | 3x32x32 JSON batch 1 p50 ms | overhead ms | 3x224x224 JSON img/s (clients) | resident memory "
+             "| errors | wrong |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, runs in foreign.items():
+        seq, load = runs["sequential_json32"], runs["clients_json224"]
+        errors, wrong = seq["errors"] + load["errors"], seq["wrong"] + load["wrong"]
+        lines.append(f"| {name} | {seq['p50_ms']:.2f} | {seq['overhead_p50_ms']:.2f} | {load['rows_per_s']:.1f} "
+                     f"({load['clients']}) | {runs['rss_mib']:.0f} MiB | {errors} | {wrong} |")  # fmt: skip
+    if {"torchserve", "ray"} <= set(foreign):
+        ts, ray = foreign["torchserve"], foreign["ray"]
+
+        def ratio(key: str, field: str) -> float:
+            return float(ray[key][field]) / max(float(ts[key][field]), 1e-9)
+
+        lines += [
+            "",
+            f"Ray Serve / TorchServe: batch-1 overhead {ratio('sequential_json32', 'overhead_p50_ms'):.2f}x, "
+            f"throughput {ratio('clients_json224', 'rows_per_s'):.2f}x, memory {ray['rss_mib'] / ts['rss_mib']:.2f}x.",
+        ]
     return lines
 
 

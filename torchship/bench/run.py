@@ -240,6 +240,9 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
             ray_peer = {"name": "stock", "app": RAY_APP, "route_prefix": f"/predictions/{PEER}",
                         "args": {"model_store": str(stock_ray_store(model_file, Path(tmp) / "ray-peer-model"))}}  # fmt: skip
             peer_options["ray"] = {"extra_apps": [ray_peer]}
+        # The stock handler's archive on both engines (TorchServe's run of it is also its stock-peer row when peers
+        # run apart: the same archive alone in the same kind of start).
+        doc["foreign"] = foreign_runs(run, model_file, Path(tmp), say)
         for name in ENGINES:
             say(f"{name}: starting on the bench store ({endpoints} endpoints; {BATCHED}: batching on, {UNBATCHED}: batchSize 1)"
                 + ("" if settings.peers_apart else ", with the stock peer"))  # fmt: skip
@@ -261,7 +264,9 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                     if name == "ray":  # Ray's readiness covers torchship's app only (TorchServe's, every archive)
                         wait_answering(f"{running.url}/predictions/{PEER}")
                     e["peer"] = json_runs(run, running, PEER, say, f"{name}: stock peer (same start)")
-            if settings.peers_apart:
+            if settings.peers_apart and name == "torchserve":
+                e["peer"] = {k: v for k, v in doc["foreign"][name].items() if k != "rss_mib"}
+            elif settings.peers_apart:
                 e["peer"] = peer_runs(run, name, model_file, Path(tmp), say)
         if settings.ray_sweep and settings.ray_sweep_apart:
             say(f"ray: starting again for the deployment-settings sweep ({', '.join(settings.ray_sweep)})")
@@ -340,6 +345,25 @@ def sweep_rows(
             rows.append(r)
             say(f"{endpoint} {setting}, {clients} clients: {r['rows_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, "
                 f"p99 {r['p99_ms']:.1f} ms, shed (503) {r['shed']}, errors {r['errors']}, wrong {r['wrong']}")  # fmt: skip
+    return rows
+
+
+def foreign_runs(run: ServedRun, model_file: Path, tmp: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """The stock handler's archive, a .mar torchship did not build, alone in an engine start on each engine: TorchServe
+    runs it natively, Ray Serve through TorchServe's worker code (docs/migrate.md). The same archive, requests and
+    checks on both; each engine's whole process tree's memory."""
+    store = tmp / "store-foreign"
+    store.mkdir()
+    stock_torchserve_archive(model_file, store, run.model_config)
+    rows: dict[str, Any] = {}
+    for name in ENGINES:
+        say(f"{name}: starting the stock handler's archive alone (a foreign archive on {name})")
+        with engine(name, store, tmp / f"{name}-foreign") as (running, footprint):
+            if name == "ray":  # readiness asks the endpoint's replica; the first request may still be slow
+                wait_answering(f"{running.url}/predictions/{PEER}")
+            rows[name] = json_runs(run, running, PEER, say, f"{name}: foreign archive")
+            rows[name]["rss_mib"] = footprint() / 2**20
+            say(f"{name}: foreign archive, {rows[name]['rss_mib']:.0f} MiB resident")
     return rows
 
 

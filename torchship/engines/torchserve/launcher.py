@@ -23,25 +23,33 @@ from torchship.handlers.names import DRAIN_FILE_ENV, LOAD_REFUSED_MARKER, MAX_RE
 from torchship.settings import CONFIG_PROPERTIES, FRONTEND_LIMIT_FACTOR, config_file, read_properties
 
 KEY_FILE = "key_file.json"
-#: TorchServe's log line when a model's worker died while loading it (it then restarts the worker, again and again).
-LOAD_FAILED = re.compile(r"Load model failed: (\S+), error: ")
+#: TorchServe's log lines when a model's worker died while loading it (it then restarts the worker, again and again):
+#: the frontend's "Load model failed", or its worker thread's retry (when the worker answered the load with an error).
+LOAD_FAILED = re.compile(
+    r"W-\d+-(.+)_[^_\s]+ org\.pytorch\.serve\.wlm\.(?:BatchAggregator - Load model failed|WorkerThread - Retry worker)"
+)
 #: The last line of a Python exception, as a worker's output reaches TorchServe's log.
-EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Refused|Mismatch|Archive)\b:? ?.*$")
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception)\b:? ?.*$")
+#: The worker's own re-raise after a failed load ("RuntimeError: 500 - Unknown exception"): not the cause.
+WORKER_RERAISE = re.compile(r"^RuntimeError: \d+ - ")
 
 
 def load_failure_cause(log: str, endpoint: str) -> str | None:
-    """Why `endpoint`'s worker died loading it: the last exception line its worker wrote (a worker's output may reach
-    the log after the frontend's failure line), None until one has."""
-    worker = re.compile(rf"W-\d+-{re.escape(endpoint)}_\S+-stdout MODEL_LOG - (.*)$")
-    last = None
+    """Why `endpoint`'s worker died loading it: a refusal line it wrote (torchship's own archives), else the last
+    exception it wrote (a worker's output may reach the log after the frontend's failure line); None until one has."""
+    worker = re.compile(rf"W-\d+-{re.escape(endpoint)}_[^_\s]+-stdout MODEL_LOG - (.*)$")
+    refused, last = None, None
     for line in log.splitlines():
-        if (m := worker.search(line)) and EXCEPTION_LINE.match(m.group(1).strip()):
-            last = m.group(1).strip()
-    if last is None:
-        return None
-    if LOAD_REFUSED_MARKER in last:  # the handler's own refusal: its sentence, without the marker and archive folder
-        return last[last.find(LOAD_REFUSED_MARKER) + len(LOAD_REFUSED_MARKER) :].strip()
-    return f"the handler failed to load: {last}"
+        if not (m := worker.search(line)):
+            continue
+        text = m.group(1).strip()
+        if LOAD_REFUSED_MARKER in text:  # the handler's own refusal: its sentence, without the marker and the folder
+            refused = text[text.find(LOAD_REFUSED_MARKER) + len(LOAD_REFUSED_MARKER) :].strip()
+        elif EXCEPTION_LINE.match(text) and not WORKER_RERAISE.match(text):
+            last = text
+    if refused is not None:
+        return refused
+    return f"the handler failed to load: {last}" if last is not None else None
 
 
 def write_properties(path: Path, props: dict[str, str]) -> None:
