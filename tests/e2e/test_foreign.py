@@ -18,7 +18,7 @@ from tests.helpers import run_cli
 from torchship.archive.foreign import oip_metadata
 from torchship.archive.mar import MarArchive
 from torchship.archive.signing import load_signing_key, load_verify_key, sign_archive, verify_archive, write_key_pair
-from torchship.engines.ray.launcher import RayServe
+from torchship.engines.ray.launcher import RayServe, app_builder
 from torchship.engines.torchserve.launcher import TorchServe
 from torchship.handlers.errors import UnsafeArchive
 from torchship.handlers.names import LOAD_REFUSED_MARKER, VERIFY_KEY_ENV
@@ -139,3 +139,22 @@ def test_a_foreign_archive_that_would_unpack_outside_its_folder_is_refused(forei
     with pytest.raises(UnsafeArchive, match=LOAD_REFUSED_MARKER):
         MarArchive(evil).unpack_cached(tmp_path / "cache")
     assert not (tmp_path / "escape.py").exists()
+
+
+def test_the_rayservice_serve_config_builds_an_app_over_a_foreign_store(foreign: tuple[Path, Path], tmp_path: Path) -> None:
+    """The RayService's serveConfigV2 is configs/ray-serve.yaml (deploy check holds them equal): its import path and
+    args, on a store of foreign archives, give each archive a deployment that runs its own handler."""
+    import yaml
+
+    from torchship.engines.ray.app import ForeignDeployment
+    from torchship.settings import config_file
+
+    store, _reqs = foreign
+    application = yaml.safe_load(config_file("ray-serve.yaml").read_text(encoding="utf-8"))["applications"][0]
+    assert application["import_path"] == "torchship.engines.ray.app:app"
+    built = app_builder(application["import_path"])({**application["args"], "model_store": str(store),
+                                                     "cache_dir": str(tmp_path)})  # fmt: skip
+    endpoints = built._bound_deployment.init_args[0]
+    assert sorted(endpoints) == sorted(GOOD)
+    assert all(d._bound_deployment.func_or_class is ForeignDeployment for d in endpoints.values())
+    assert built._bound_deployment.init_kwargs["foreign"] == frozenset(GOOD)

@@ -4,6 +4,8 @@ answer read back, the load-failure reading of TorchServe's log, the requirements
 from __future__ import annotations
 
 import json
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +122,14 @@ def test_migrate_compares_json_within_atol_and_everything_else_exactly() -> None
 def test_foreign_metadata_is_one_bytes_input_and_output_of_unknown_length() -> None:
     doc = oip_metadata("m", "2.0")
     assert doc["versions"] == ["2.0"] and doc["inputs"][0]["shape"] == [-1] and doc["outputs"][0]["datatype"] == "BYTES"
+
+
+def test_a_torchserve_drain_probes_only_the_archives_whose_handler_answers_its_marker(tmp_path: Path) -> None:
+    from torchship.engines.torchserve.drain import markable
+
+    for name, entries in (("own", ["endpoint.json", "MAR-INF/MANIFEST.json"]), ("theirs", ["MAR-INF/MANIFEST.json"])):
+        with zipfile.ZipFile(tmp_path / f"{name}.mar", "w") as z:
+            for entry in entries:
+                z.writestr(entry, "{}")
+    (tmp_path / "broken.mar").write_bytes(b"not a zip")
+    assert markable(tmp_path, ["broken", "own", "theirs", "gone"]) == ["own"]

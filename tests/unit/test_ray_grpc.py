@@ -231,3 +231,17 @@ def test_server_ready_is_false_while_draining() -> None:
     for draining, ready in (("", True), ("not_ready", False)):
         answer = asyncio.run(GrpcFrontend(_Ingress(draining)).call("ServerReady", b"", _Context([])))
         assert answer.ready is ready
+
+
+def test_model_infer_on_a_foreign_endpoint_is_unimplemented_before_any_endpoint_is_asked() -> None:
+    """An archive's own TorchServe handler takes a request body, not tensors: REST only."""
+    import asyncio
+
+    from torchship.engines.ray.grpc_servicer import GrpcFrontend
+
+    ingress = _Ingress("")
+    ingress.foreign = frozenset({"toy"})
+    context = _Context([("authorization", "Bearer secret")])
+    answer = asyncio.run(GrpcFrontend(ingress).call("ModelInfer", _request(raw=True).SerializeToString(), context))
+    assert (context.code, answer) == (grpc.StatusCode.UNIMPLEMENTED, pb.ModelInferResponse())
+    assert "POST /predictions/toy" in str(context.details)

@@ -5,6 +5,10 @@ Each archive is unpacked into a cache (sha256-named, no entry outside it), loade
 model-config.yaml. An ingress deployment answers TorchServe's `POST /predictions/<endpoint>` and the rest of OIP v2
 REST. A replica imports only the handler package, the archive reader, Ray and Starlette.
 
+An archive torchship did not build (no endpoint.json) is served by its own TorchServe handler instead, run by
+TorchServe's worker code (`ForeignDeployment`, torchserve_worker.py; docs/migrate.md). An archive that refuses to load
+is left out by the builder (`exclude`), and the rest of the store is served.
+
 `app(args)` is the application builder that `serve run` / `serve deploy` and KubeRay's `serveConfigV2` import.
 """
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 from torchship.archive.foreign import refusal
 from torchship.engines.base import DRAIN_WINDOW_S, Engine, free_port
 from torchship.engines.torchserve import oip_agent
-from torchship.engines.torchserve.drain import drain
+from torchship.engines.torchserve.drain import drain, markable
 from torchship.engines.torchserve.java import find_java, java_home
 from torchship.engines.torchserve.probe import model_ready, worker_pids
 from torchship.errors import EngineError, NotReady
@@ -222,4 +222,5 @@ class TorchServe(Engine):
 
     def _drain(self) -> None:
         """TorchServe resets accepted requests on SIGTERM, so the drain runs before it (drain.py, as a pod's preStop)."""
-        drain(self.url, self.endpoints, self.drain_file, token=self.token, window_s=self.drain_window_s)
+        endpoints = markable(self.model_store, self.endpoints)
+        drain(self.url, endpoints, self.drain_file, token=self.token, window_s=self.drain_window_s)
