@@ -113,8 +113,11 @@ def _gpu_id() -> int | None:
     return 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else None
 
 
-class EndpointDeployment:
-    """One endpoint (one .mar) as a Ray Serve deployment: Ray's adapter over `EndpointCore`."""
+class ArchiveDeployment:
+    """One endpoint (one .mar) as a Ray Serve deployment: the archive checked and unpacked, batching set from its
+    model config; a subclass loads what serves it (`_load`) and defines `infer_batch`."""
+
+    infer_batch: Any  # a subclass's @serve.batch method
 
     def __init__(
         self,
@@ -127,14 +130,24 @@ class EndpointDeployment:
         archive_sha256: str | None = None,
     ) -> None:
         archive, self.model_dir = unpack_checked(mar, cache_dir, verify_key_file, archive_sha256)
+        self._load(archive, Path(mar).stem, max_batch_size)
+        self.infer_batch.set_max_batch_size(max_batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _load(self, archive: MarArchive, name: str, max_batch_size: int) -> None:
+        raise NotImplementedError
+
+
+class EndpointDeployment(ArchiveDeployment):
+    """A torchship archive: Ray's adapter over `EndpointCore`."""
+
+    def _load(self, archive: MarArchive, name: str, max_batch_size: int) -> None:
         check_same_handler(self.model_dir)
         self.core = EndpointCore(
             self.model_dir, device=pick_device(_gpu_id()), environ=os.environ, model_config=archive.model_config
         )
         # Which Ray node answered: lets a multi-node deployment show that replicas on every node serve.
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.infer_batch.set_max_batch_size(max_batch_size)
-        self.infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def infer_batch(self, requests: list[CoreRequest]) -> list[Reply]:
@@ -153,33 +166,22 @@ class EndpointDeployment:
         return self.core.metadata()
 
 
-class ForeignDeployment:
-    """An archive torchship did not build, as a Ray Serve deployment: its own handler run by TorchServe's worker code
-    (torchserve_worker.py), batched as its model config says."""
+class ForeignDeployment(ArchiveDeployment):
+    """An archive torchship did not build: its own handler run by TorchServe's worker code (torchserve_worker.py),
+    batched as its model config says."""
 
-    def __init__(
-        self,
-        mar: str,
-        cache_dir: str,
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
-        *,
-        verify_key_file: str | None = None,
-        archive_sha256: str | None = None,
-    ) -> None:
+    def _load(self, archive: MarArchive, name: str, max_batch_size: int) -> None:
         from torchship.archive.foreign import handler_spec, oip_metadata
         from torchship.engines.ray.torchserve_worker import TorchServeWorker
 
-        archive, model_dir = unpack_checked(mar, cache_dir, verify_key_file, archive_sha256)
-        name = Path(mar).stem
         self._metadata = oip_metadata(name, archive.version)
         try:
-            self.worker = TorchServeWorker(model_dir, name, handler_spec(archive), gpu_id=_gpu_id(), batch_size=max_batch_size)
+            self.worker = TorchServeWorker(
+                self.model_dir, name, handler_spec(archive), gpu_id=_gpu_id(), batch_size=max_batch_size
+            )
         except Exception as exc:  # the archive's own code: whatever it raised is the refusal's cause
             cause = f"the handler failed to load: {type(exc).__name__}: {exc}".splitlines()[0]
             raise ArtifactError(f"{name}: {cause}") from None
-        self.infer_batch.set_max_batch_size(max_batch_size)
-        self.infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.1)
     async def infer_batch(self, requests: list[Any]) -> list[Any]:
@@ -195,6 +197,16 @@ class ForeignDeployment:
 def _json(status: int, doc: Any, headers: Mapping[str, str] | None = None) -> Response:
     return Response(
         json.dumps(doc).encode("utf-8"), status_code=status, headers=dict(headers or {}), media_type="application/json"
+    )
+
+
+def _queue_full(name: str) -> Response:
+    """The endpoint's queue is full (jobQueueSize): refuse now, as TorchServe does, rather than queue forever."""
+    return Response(
+        encode_error(f"endpoint {name!r} is at its queue limit; retry later"),
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+        media_type="application/json",
     )
 
 
@@ -341,13 +353,7 @@ class Ingress:
         try:
             reply: Reply = await self.endpoints[name].infer.remote(body, headers)
         except BackPressureError:
-            # The endpoint's queue is full (jobQueueSize): refuse now, as TorchServe does, rather than queue forever.
-            return Response(
-                encode_error(f"endpoint {name!r} is at its queue limit; retry later"),
-                status_code=503,
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-                media_type="application/json",
-            )
+            return _queue_full(name)
         # The ingress's own total joins the handler's phases: the gap is Ray's routing and the batch wait.
         timing = server_timing({"ingress": (time.perf_counter() - started) * 1000.0})
         handler_timing = reply.headers.get(TIMING_HEADER)
@@ -365,12 +371,7 @@ class Ingress:
         try:
             reply = await self.endpoints[name].infer.remote(ts_request)
         except BackPressureError:
-            return Response(
-                encode_error(f"endpoint {name!r} is at its queue limit; retry later"),
-                status_code=503,
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-                media_type="application/json",
-            )
+            return _queue_full(name)
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
     # -- OIP v2 gRPC: Ray's gRPC proxy calls the method named after the RPC with the message's bytes -----------------
