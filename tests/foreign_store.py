@@ -25,7 +25,7 @@ TEXT_REQUESTS = ("good movie", "bad plot and bad acting", "a good plot", "acting
 TEXT_LABELS = {"0": "negative", "1": "neutral", "2": "positive"}
 
 
-def _archive(
+def archive_foreign(
     store: Path,
     name: str,
     handler: str,
@@ -38,6 +38,8 @@ def _archive(
     config: dict[str, object] | None = None,
     requirements: str | None = None,
 ) -> Path:
+    """One archive by the stock torch-model-archiver into `store` (made if missing); `work` holds its inputs."""
+    store.mkdir(parents=True, exist_ok=True)
     store, work = store.resolve(), work.resolve()
     cmd = [archiver(), "--model-name", name, "--version", version, "--handler", handler, "--export-path", str(store), "-f"]
     if model_file:
@@ -91,25 +93,25 @@ def build_good(store: Path, work: Path, *, scale_handler: Path | None = None) ->
     cnn = _load_class(FIXTURES / "tiny_cnn.py", "TinyCNN")()
     names = work / "index_to_name.json"
     names.write_text(json.dumps({str(i): f"class-{i}" for i in range(5)}), encoding="utf-8")
-    image = _archive(
+    image = archive_foreign(
         store, "image", str(FIXTURES / "image_handler.py"), work=work, model_file=FIXTURES / "tiny_cnn.py",
         serialized=_state_dict(cnn, work / "tiny_cnn.pth"), extra=[names],
     )  # fmt: skip
     torch.manual_seed(11)
     scripted = torch.jit.script(nn.Sequential(nn.Linear(6, 4), nn.Tanh()))
     scripted.save(str(work / "batched.pt"))
-    batched = _archive(
+    batched = archive_foreign(
         store, "batched", str(FIXTURES / "batched_handler.py"), work=work, version="2.0", serialized=work / "batched.pt",
         config={"batchSize": 4, "maxBatchDelay": 200, "minWorkers": 1, "maxWorkers": 1},
     )  # fmt: skip
-    scale = _archive(store, "scale", str(scale_handler or FIXTURES / "scale_handler.py"), work=work)
+    scale = archive_foreign(store, "scale", str(scale_handler or FIXTURES / "scale_handler.py"), work=work)
     torch.manual_seed(13)
     text_net = _load_class(FIXTURES / "text_net.py", "TextNet")()
     vocab_dir = work / "text"
     vocab_dir.mkdir(exist_ok=True)
     torch.save(_vocab(), vocab_dir / "source_vocab.pt")
     (vocab_dir / "index_to_name.json").write_text(json.dumps(TEXT_LABELS), encoding="utf-8")
-    text = _archive(
+    text = archive_foreign(
         store, "text", "text_classifier", work=work, model_file=FIXTURES / "text_net.py",
         serialized=_state_dict(text_net, work / "text_net.pth"),
         extra=[vocab_dir / "source_vocab.pt", vocab_dir / "index_to_name.json"],
@@ -165,13 +167,15 @@ def build_broken(store: Path, work: Path) -> dict[str, str]:
     """Broken foreign archives, each with the cause its refusal must name: {endpoint: words the cause contains}."""
     store.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    _archive(store, "raises", str(FIXTURES / "raising_handler.py"), work=work)
+    archive_foreign(store, "raises", str(FIXTURES / "raising_handler.py"), work=work)
     torch.manual_seed(3)
     scripted = torch.jit.script(nn.Linear(2, 2))
     scripted.save(str(work / "linear.pt"))
-    missing = _archive(store, "missing", str(FIXTURES / "batched_handler.py"), work=work, serialized=work / "linear.pt")
+    missing = archive_foreign(store, "missing", str(FIXTURES / "batched_handler.py"), work=work, serialized=work / "linear.pt")
     _rewrite(missing, lambda entries: entries.pop("linear.pt"))
-    nohandler = _archive(store, "nohandler", str(FIXTURES / "batched_handler.py"), work=work, serialized=work / "linear.pt")
+    nohandler = archive_foreign(
+        store, "nohandler", str(FIXTURES / "batched_handler.py"), work=work, serialized=work / "linear.pt"
+    )
 
     def drop_handler(entries: dict[str, bytes]) -> None:
         doc = json.loads(entries["MAR-INF/MANIFEST.json"])
@@ -179,11 +183,11 @@ def build_broken(store: Path, work: Path) -> dict[str, str]:
         entries["MAR-INF/MANIFEST.json"] = json.dumps(doc, indent=2).encode()
 
     _rewrite(nohandler, drop_handler)
-    _archive(
+    archive_foreign(
         store, "needs", str(FIXTURES / "batched_handler.py"), work=work, serialized=work / "linear.pt",
         requirements="torchship-no-such-package==1.0\n",
     )  # fmt: skip
-    _archive(store, "vision", "image_classifier", work=work, serialized=work / "linear.pt")
+    archive_foreign(store, "vision", "image_classifier", work=work, serialized=work / "linear.pt")
     return {
         "raises": "the label file is corrupt",
         "missing": "linear.pt",

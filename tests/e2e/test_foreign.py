@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.foreign_store import FIXTURES, GOOD, build_broken, build_good, write_requests
+from tests.foreign_store import FIXTURES, GOOD, archive_foreign, build_broken, build_good, write_requests
 from tests.helpers import run_cli
 from torchship.archive.foreign import oip_metadata
 from torchship.archive.mar import MarArchive
 from torchship.archive.signing import load_signing_key, load_verify_key, sign_archive, verify_archive, write_key_pair
 from torchship.engines.ray.launcher import RayServe, app_builder
+from torchship.engines.ray.torchserve_worker import batch_error
 from torchship.engines.torchserve.launcher import TorchServe
 from torchship.handlers.errors import UnsafeArchive
 from torchship.handlers.names import LOAD_REFUSED_MARKER, VERIFY_KEY_ENV
@@ -128,6 +129,11 @@ def test_broken_archives_are_refused_with_one_sentence_and_the_neighbours_serve(
         assert ready.status_code == 200 and ready.json()["ready"] is True
         refused = requests.post(f"{engine.url}/predictions/raises", data=b"1", headers=auth, timeout=30)
         assert refused.status_code == 404
+        # A handler that raises: TorchServe's status and JSON body for the failed batch, on both engines.
+        failed = requests.post(f"{engine.url}/predictions/batched", data=b"not json", timeout=30,
+                               headers={**auth, "Content-Type": "application/json"})  # fmt: skip
+        assert (failed.status_code, failed.content) == (503, batch_error(503, "Prediction failed"))
+        assert failed.headers["content-type"] == "application/json"
 
 
 def test_a_foreign_archive_that_would_unpack_outside_its_folder_is_refused(foreign: tuple[Path, Path], tmp_path: Path) -> None:
@@ -158,3 +164,11 @@ def test_the_rayservice_serve_config_builds_an_app_over_a_foreign_store(foreign:
     assert sorted(endpoints) == sorted(GOOD)
     assert all(d._bound_deployment.func_or_class is ForeignDeployment for d in endpoints.values())
     assert built._bound_deployment.init_kwargs["foreign"] == frozenset(GOOD)
+    # A foreign archive's minWorkers sets its replicas (TorchServe starts that many workers); none: the app's default.
+    three = tmp_path / "three"
+    archive_foreign(three, "three", str(FIXTURES / "scale_handler.py"), work=tmp_path, config={"minWorkers": 3})
+    shutil.copy(store / "scale.mar", three)
+    built = app_builder(application["import_path"])({**application["args"], "model_store": str(three),
+                                                     "cache_dir": str(tmp_path)})  # fmt: skip
+    replicas = {name: d._bound_deployment.num_replicas for name, d in built._bound_deployment.init_args[0].items()}
+    assert replicas == {"three": 3, "scale": application["args"].get("num_replicas", 1)}

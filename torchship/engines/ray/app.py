@@ -464,7 +464,10 @@ def app(args: dict[str, Any]) -> serve.Application:
         deployment_class = EndpointDeployment if mar.is_torchship else ForeignDeployment
         deployment = serve.deployment(deployment_class).options(
             name=mar.path.stem,
-            num_replicas=int(own.get("num_replicas", num_replicas)),
+            # A foreign archive's minWorkers is its replicas, as TorchServe starts that many workers for it.
+            num_replicas=int(
+                own.get("num_replicas", num_replicas if mar.is_torchship else config.get("minWorkers", num_replicas))
+            ),
             # Batches never exceed max_ongoing_requests.
             max_ongoing_requests=int(own.get("max_ongoing_requests", ONGOING_BATCHES * batch)),
             # The model config's jobQueueSize, TorchServe's per-model queue limit: past it the ingress answers 503.
