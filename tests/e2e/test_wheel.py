@@ -239,3 +239,26 @@ def _no_checkout_on_path() -> Iterator[None]:
     """The user's commands run with the checkout nowhere on their path (only its venv's site-packages)."""
     assert str(REPO) not in os.environ.get("PYTHONPATH", "")
     yield
+
+
+def test_migrate_from_the_users_folder_serves_a_foreign_archive_on_both_engines(
+    venv: Path, user_dir: Path, store: Path, tmp_path: Path
+) -> None:
+    """The installed torchship, run where the user keeps a TorchServe archive of their own next to a torchship one."""
+    from tests.foreign_store import FIXTURES, archive_foreign
+
+    leaving = user_dir / "leaving"
+    archive_foreign(leaving, "scale", str(FIXTURES / "scale_handler.py"), work=tmp_path)
+    shutil.copyfile(store / "user_mlp.mar", leaving / "user_mlp.mar")
+    requests_dir = user_dir / "requests" / "scale"
+    requests_dir.mkdir(parents=True)
+    (requests_dir / "a.txt").write_bytes(b"1 2")
+    (requests_dir / "a.txt.headers.json").write_text(json.dumps({"X-Scale": "4"}), encoding="utf-8")
+    proc = _run(venv, user_dir, "migrate", "--model-store", "leaving", "--requests", "requests", "--report", "migrate")
+    report = json.loads((user_dir / "migrate" / "migrate.json").read_text(encoding="utf-8"))
+    assert report["passed"] and report["differences"] == 0, proc.stdout
+    assert [(r["mode"], r["torchserve"]["status"], r["ray"]["status"]) for r in report["rows"]] == [
+        ("one at a time", 201, 201),
+        ("all at once", 201, 201),
+    ]
+    assert report["unsent"] == ["user_mlp"] and "not compared: user_mlp" in " ".join(proc.stderr.split())
