@@ -145,8 +145,10 @@ class Engine(ABC):
         start with LOAD_REFUSED_MARKER and name an endpoint of the store)."""
         return endpoint_refusals(self.log_text(), self.endpoints)
 
-    def _forget(self, endpoints: list[str]) -> None:  # noqa: B027  (most engines drop a refused endpoint themselves)
-        """Stop the engine trying to load refused endpoints again."""
+    def _forget(self, endpoints: list[str]) -> bool:
+        """Stop the engine trying to load refused endpoints again; True when that started it again (most engines drop
+        a refused endpoint themselves: False)."""
+        return False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -197,8 +199,8 @@ class Engine(ABC):
         if self.refused and set(self.refused) >= set(self.endpoints):
             lines = "\n".join(self.refused[e] for e in sorted(self.refused))
             raise EngineError(f"{self.name}: every endpoint refused to load:\n{lines}")
-        if new:
-            self._forget(sorted(new))
+        if new and self._forget(sorted(new)):  # started again: every endpoint still served must answer again
+            pending.update(e for e in self.endpoints if e not in self.refused)
 
     def wait_ready(self, poll_s: float = 0.5) -> None:
         """Wait until every endpoint serves or is refused (EngineError when all are refused, the engine exits, or

@@ -300,35 +300,43 @@ def rollout_app(build: Any, app_args: dict[str, object], url: str) -> str:
             serve.delete(CANDIDATE_APP)
 
 
-def leave_out(app_args: dict[str, object], failed: dict[str, str]) -> bool:
-    """Report each failed endpoint and add it to the app's `exclude`; False when the ingress itself failed."""
-    for endpoint, reason in failed.items():
-        print(endpoint_refusal(endpoint, reason), flush=True)
+def leave_out(app_args: dict[str, object], failed: dict[str, str]) -> list[str]:
+    """Add each failed endpoint to the app's `exclude`; its refusal line, to print once the app runs without it."""
     excluded = app_args.get("exclude") or []
     app_args["exclude"] = sorted({*(excluded if isinstance(excluded, list) else []), *failed})
-    return "ingress" not in failed
+    return [endpoint_refusal(endpoint, reason) for endpoint, reason in failed.items()]
 
 
-def deploy(build: Any, app_args: dict[str, object]) -> bool:
+def deploy(build: Any, app_args: dict[str, object], refusals: list[str] | None = None) -> bool:
     """Build and run the app, leaving out each endpoint whose replicas refuse to load (Ray keeps the unchanged
-    deployments' replicas when it runs the app again); False (and why, printed) when no app can run."""
+    deployments' replicas when it runs the app again); False (and why, printed) when no app can run. The refusal
+    lines are printed once the app runs without those endpoints: a launcher that reads them then finds the rest
+    of the store served by the new app."""
     from ray import serve
+
+    lines = list(refusals or [])
+
+    def report(failure: str | None = None) -> bool:
+        for line in lines:
+            print(line, flush=True)
+        if failure is not None:
+            print(f"Ray Serve: the torchship app failed to deploy: {failure}", flush=True)
+        return failure is None
 
     while True:
         try:
             application = build(app_args)
         except Exception as exc:  # no endpoint left, a bad argument: the app cannot exist
-            print(f"Ray Serve: the torchship app failed to deploy: {exc}", flush=True)
-            return False
+            return report(str(exc))
         try:
             serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
-            return True
+            return report()
         except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
             status = serve.status()
             failed = failed_deployments(status)
-            if not failed or not leave_out(app_args, failed):
-                print(f"Ray Serve: the torchship app failed to deploy: {deploy_failure(status) or exc}", flush=True)
-                return False
+            if not failed or "ingress" in failed:
+                return report(deploy_failure(status) or str(exc))
+            lines += leave_out(app_args, failed)
 
 
 def app_builder(ref: str) -> Any:
@@ -385,8 +393,12 @@ def serve_forever(args: argparse.Namespace) -> int:
                 status = serve.status()
                 # An endpoint whose replicas refused to load is left out and the rest deployed again; the ingress
                 # failing, or no endpoint left, ends the run.
-                if (failed := failed_deployments(status)) and not (leave_out(app_args, failed) and deploy(app, app_args)):
-                    return EXIT_DEPLOY_FAILED
+                if failed := failed_deployments(status):
+                    if "ingress" in failed:
+                        print(f"Ray Serve: the torchship app failed: {deploy_failure(status)}", flush=True)
+                        return EXIT_DEPLOY_FAILED
+                    if not deploy(app, app_args, leave_out(app_args, failed)):
+                        return EXIT_DEPLOY_FAILED
                 app_status = status.applications.get(APP_NAME)
                 running = app_status is not None and app_status.status == "RUNNING"
                 next_check = time.monotonic() + (STATUS_POLL_RUNNING_S if running else STATUS_POLL_S)

