@@ -17,7 +17,7 @@ from tests.foreign_store import FIXTURES, GOOD, archive_foreign, build_broken, b
 from tests.helpers import run_cli
 from torchship.archive.foreign import oip_metadata
 from torchship.archive.mar import MarArchive
-from torchship.archive.signing import load_signing_key, load_verify_key, sign_archive, verify_archive, write_key_pair
+from torchship.archive.signing import load_verify_key, verify_archive, write_key_pair
 from torchship.engines.ray.launcher import RayServe, app_builder
 from torchship.engines.ray.torchserve_worker import batch_error
 from torchship.engines.torchserve.launcher import TorchServe
@@ -39,11 +39,14 @@ def signed(foreign: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("signed")
     private, public = write_key_pair(root / "keys")
     store = shutil.copytree(foreign[0], root / "store")
-    key = load_signing_key(private)
-    for mar in sorted(store.glob("*.mar")):
-        sign_archive(mar, key)
+    mars = sorted(store.glob("*.mar"))
+    signed = run_cli("sign", "--key", str(private), *map(str, mars))
+    assert f"signed {len(mars)} archives" in signed.stdout
+    for mar in mars:
         verify_archive(mar, load_verify_key(public))
         assert not MarArchive(mar).is_torchship
+    refused = run_cli("sign", "--key", str(private), str(root / "missing.mar"), check=False)
+    assert refused.returncode == 2 and "no such archive" in refused.stderr
     return store, public
 
 

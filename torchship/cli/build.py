@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from torchship.cli.common import cross_table, print_progress, size_text, summary_table
-from torchship.errors import EXIT_FAILED, EXIT_OK, TorchshipError
+from torchship.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TorchshipError
 
 if TYPE_CHECKING:
     from torchship.export.exporter import ModelExport
@@ -93,6 +93,27 @@ def cmd_archive(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def cmd_sign(args: argparse.Namespace, out: Console, err: Console) -> int:
+    """Sign archives already built, in place: torchship's or any TorchServe .mar."""
+    import zipfile
+
+    from torchship.archive.signing import key_id, load_signing_key, sign_archive
+
+    mars = [Path(m) for m in args.archives]
+    if missing := [str(m) for m in mars if not m.is_file()]:
+        err.print(f"[red]error:[/] no such archive: {escape(', '.join(missing))}")
+        return EXIT_USAGE
+    key = load_signing_key(Path(args.key))
+    for mar in mars:
+        try:
+            sign_archive(mar, key)
+        except zipfile.BadZipFile:
+            err.print(f"[red]error:[/] {escape(str(mar))} is not a .mar (not a zip archive)")
+            return EXIT_USAGE
+    out.print(f"signed {len(mars)} archives with key id {key_id(key.public_key())}; serve them with --verify-key")
+    return EXIT_OK
+
+
 def cmd_pipeline(args: argparse.Namespace, out: Console, err: Console) -> int:
     from torchship.pipeline import run_pipeline
 
@@ -163,6 +184,11 @@ def register(sub: Any) -> None:
     p.add_argument("--model-config", default=None, help="model-config YAML (default: the settings' one; torchship init)")
     p.add_argument("--sign", default=None, metavar="KEY", help="sign every archive with this ed25519 private key (PEM)")
     p.set_defaults(func=cmd_archive)
+
+    p = sub.add_parser("sign", help="sign .mar files in place (torchship's or any TorchServe archive) with an ed25519 key")
+    p.add_argument("archives", nargs="+", metavar="ARCHIVE", help=".mar files to sign")
+    p.add_argument("--key", required=True, help="the ed25519 private key (PEM)")
+    p.set_defaults(func=cmd_sign)
 
     p = sub.add_parser("pipeline", help="export -> archive -> serve on TorchServe and Ray Serve -> verify both -> stop")
     p.add_argument("--artifacts", default="artifacts", help="export folder (default: artifacts)")
