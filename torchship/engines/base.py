@@ -60,10 +60,8 @@ def endpoint_refusals(text: str, endpoints: list[str]) -> dict[str, str]:
     """{endpoint: line} for each `<marker> <endpoint>: <cause>` line of `text` that names one of `endpoints`."""
     found: dict[str, str] = {}
     for line in text.splitlines():
-        at = line.find(LOAD_REFUSED_MARKER)
-        if at < 0:
+        if (refusal := refusal_in(line)) is None:
             continue
-        refusal = line[at:].strip()
         endpoint = refusal[len(LOAD_REFUSED_MARKER) :].strip().split(":", 1)[0].strip()
         if endpoint in endpoints:
             found.setdefault(endpoint, refusal)

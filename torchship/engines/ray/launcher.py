@@ -215,8 +215,9 @@ def deploy_failure(status: Any, name: str = APP_NAME) -> str | None:
 
 def endpoint_refusal(endpoint: str, reason: str) -> str:
     """A failed endpoint's line, the marker first and the endpoint named (what Engine.refusals reads)."""
-    cause = reason.removeprefix(LOAD_REFUSED_MARKER).strip().removeprefix(f"{endpoint}: ")
-    return f"{LOAD_REFUSED_MARKER} {endpoint}: {cause}"
+    from torchship.archive.foreign import refusal
+
+    return refusal(endpoint, reason.removeprefix(LOAD_REFUSED_MARKER).strip().removeprefix(f"{endpoint}: "))
 
 
 def _last_line(message: str) -> str:

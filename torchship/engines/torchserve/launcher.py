@@ -147,7 +147,7 @@ class TorchServe(Engine):
     def _refusals(self) -> dict[str, str]:
         """The preflight's refusals, and each model TorchServe failed to load, with the last exception its worker
         logged (the handler's own refusal line when it gave one)."""
-        found = dict(self._preflight_refused) | {e: self.refused[e] for e in self._excluded if e in self.refused}
+        found = dict(self._preflight_refused)
         text = self.log_text()
         for endpoint in sorted(set(LOAD_FAILED.findall(text)) - set(found)):
             if endpoint in self.endpoints and (cause := load_failure_cause(text, endpoint)):
