@@ -34,6 +34,18 @@ from .codec import (
     token_matches,
 )
 from .errors import ArtifactError, BadRequest, ClientError, NotFound, TokenRefused
+from .metrics import (
+    BATCH_REQUESTS,
+    LOAD_REFUSALS,
+    PARITY_CHECKED,
+    PARITY_CHECKS,
+    PARITY_OK,
+    PARITY_WORST_ABS,
+    REQUESTS,
+    SHED,
+    STAGE_SECONDS,
+    Metrics,
+)
 from .names import (
     AUTHORIZATION_HEADER,
     BATCH_REQUESTS_HEADER,
@@ -44,10 +56,13 @@ from .names import (
     EXPLAIN_HEADER,
     MANIFEST_FILE,
     MAX_REQUEST_BYTES_ENV,
+    REFERENCE_FILE,
+    TEST_DRIFT_ENV,
     TIMING_HEADER,
     TOPK_FILE,
     VERSION_HEADER,
 )
+from .parity import Comparison, Tolerance, compare_all
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +196,38 @@ def parse_server_timing(value: str | None) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
+class ParityCheck:
+    """One run of an archive's reference cases in this process: the worst comparison, when and how long."""
+
+    comparison: Comparison
+    cases: int
+    checked_at: float
+    duration_ms: float
+
+
+def test_drift(environ: Mapping[str, str], endpoint: str) -> float | None:
+    """TEST_DRIFT_ENV's delta for `endpoint` (a test hook: `<endpoint>=<delta>[,...]`), or None."""
+    for part in environ.get(TEST_DRIFT_ENV, "").split(","):
+        name, sep, delta = part.strip().partition("=")
+        if sep and name == endpoint:
+            return float(delta)
+    return None
+
+
+def _drifted(model: Callable[..., Any], delta: float) -> Callable[..., Any]:
+    """The model with `delta` added to each of its floating-point outputs (TEST_DRIFT_ENV only)."""
+
+    def run(*args: Any) -> Any:
+        raw = model(*args)
+        values = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw)
+        shifted = tuple(v + delta if v.is_floating_point() else v for v in values)
+        return shifted[0] if isinstance(raw, torch.Tensor) else shifted
+
+    log.warning("%s is set: %s answers %+g off its model (a test hook)", TEST_DRIFT_ENV, model, delta)
+    return run
+
+
+@dataclass(frozen=True)
 class Request:
     """One request as the engine received it: the body (bytes, or a JSON document the engine already parsed; None
     when there was none) and the headers, names lower-cased."""
@@ -220,6 +267,7 @@ class EndpointCore:
         """Load the unpacked archive at model_dir; raises ArtifactError (message marked LOAD_REFUSED_MARKER) when
         anything in it was changed after it was built or its format failed its parity gate. model_config is the
         archive's model-config.yaml as the engine read it (torchThreads)."""
+        self.metrics = Metrics.from_environ(environ, _endpoint_label(model_dir))
         try:
             verify_checksums(model_dir)
             manifest = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -234,14 +282,19 @@ class EndpointCore:
                 raise ArtifactError(
                     f"{self.endpoint}: {artifact.name} is missing or does not match its sha256; rebuild the archive"
                 )
+            tol = manifest["tolerance"][self.format]
+            self.tolerance = Tolerance(atol=float(tol["atol"]), rtol=float(tol["rtol"]))
         except ArtifactError as exc:
-            log.error("%s", exc)
+            self._refused("archive", exc)
             raise
         self.device = device
         self.threads = torch_threads((model_config or {}).get("torchThreads"))
         torch.set_num_threads(self.threads)
         self.signature = Signature.from_manifest(manifest)
         self.model: Callable[..., Any] = LOADERS[self.format](str(artifact), device, entry.get("options"))
+        drift = test_drift(environ, self.endpoint)
+        if drift is not None:
+            self.model = _drifted(self.model, drift)
         self.topk: Callable[..., Any] | None = None
         topk_file = model_dir / TOPK_FILE
         if self.signature.task == "classifier" and topk_file.is_file():
@@ -249,10 +302,61 @@ class EndpointCore:
         # Set only where the engine cannot enforce a shared token itself (TorchServe in Kubernetes; see the README).
         self.token = inference_token(environ)
         self.max_request_bytes = max_request_bytes(environ)
+        # Parity before ready: this process answers the archive's reference inputs on its own device, through the
+        # same predict() every request takes, before the engine hears that it loaded. It doubles as the warm-up.
+        self.parity = self.check_references(model_dir / REFERENCE_FILE)
+        if not self.parity.comparison.passed:
+            refusal = ArtifactError(
+                f"{self.endpoint}: its answers on {device} differ from the archive's references: worst |diff| "
+                f"{self.parity.comparison.max_abs:.6g} (atol={self.tolerance.atol:g}, rtol={self.tolerance.rtol:g}); "
+                f"{self.parity.comparison.reason}"
+            )
+            self._refused("parity", refusal)
+            raise refusal
         log.info(
-            "torchship endpoint %s: %s on %s, %d torch threads (token check %s)",
-            *(self.endpoint, self.format, device, self.threads, bool(self.token)),
+            "torchship endpoint %s: %s on %s, %d torch threads (token check %s); parity at load: %d reference "
+            "cases within tolerance, worst |diff| %.3g, %.0f ms",
+            *(self.endpoint, self.format, device, self.threads, bool(self.token), self.parity.cases),
+            *(self.parity.comparison.max_abs, self.parity.duration_ms),
         )
+        if self.metrics is not None:
+            self.metrics.start()
+
+    # -- parity --------------------------------------------------------------------------------------------------
+
+    def check_references(self, reference_file: Path) -> ParityCheck:
+        """Run every reference case the archive carries through predict() and compare with the eager outputs
+        within the manifest's tolerance for this format (the comparison verify uses); recorded in the metrics."""
+        started = time.perf_counter()
+        cases = torch.load(str(reference_file), map_location="cpu", weights_only=True)["cases"]
+        in_names = [s.name for s in self.signature.inputs]
+        out_names = [s.name for s in self.signature.outputs]
+        results: list[Comparison] = []
+        for case in cases:
+            args = [case["inputs"][n].to(self.device) for n in in_names]
+            outputs = self.predict([*args, *self._extra_args(None)])
+            expected = tuple(case["outputs"][n] for n in out_names)
+            results.append(compare_all(tuple(outputs[n] for n in out_names), expected, self.tolerance))
+        worst = Comparison(
+            max_abs=max((c.max_abs for c in results), default=0.0),
+            max_rel=max((c.max_rel for c in results), default=0.0),
+            passed=bool(results) and all(c.passed for c in results),
+            reason="; ".join(c.reason for c in results if c.reason) or ("" if results else "the archive has no references"),
+        )
+        check = ParityCheck(worst, len(results), time.time(), _ms_since(started))
+        if self.metrics is not None:
+            endpoint = self.endpoint
+            self.metrics.set(PARITY_OK, 1.0 if worst.passed else 0.0, endpoint=endpoint)
+            self.metrics.set(PARITY_WORST_ABS, worst.max_abs, endpoint=endpoint)
+            self.metrics.set(PARITY_CHECKED, check.checked_at, endpoint=endpoint)
+            self.metrics.count(PARITY_CHECKS, endpoint=endpoint, result="ok" if worst.passed else "failed")
+        return check
+
+    def _refused(self, reason: str, exc: ArtifactError) -> None:
+        log.error("%s", exc)
+        if self.metrics is not None:
+            self.metrics.count(LOAD_REFUSALS, endpoint=self.metrics.path.name.split(".")[0], reason=reason)
+            self.metrics.flush()
 
     # -- one batch from the engine -------------------------------------------------------------
 
@@ -287,7 +391,28 @@ class EndpointCore:
             out.append(reply)
         if len(out) != len(requests):
             raise RuntimeError(f"handler produced {len(out)} replies for {len(requests)} requests")
+        if self.metrics is not None:
+            self._record(out, timings, handler_ms)
         return out
+
+    def _record(self, replies: Sequence[Reply], timings: Sequence[Mapping[str, float]], handler_ms: float) -> None:
+        metrics, endpoint = self.metrics, self.endpoint
+        assert metrics is not None
+        codes: dict[int, int] = {}
+        for reply in replies:
+            codes[reply.status] = codes.get(reply.status, 0) + 1
+        for code, n in codes.items():
+            metrics.count(REQUESTS, n, endpoint=endpoint, code=str(code))
+        for stage in ("decode", "model", "encode"):
+            metrics.observe(STAGE_SECONDS, [t[stage] / 1000.0 for t in timings if stage in t], endpoint=endpoint, stage=stage)
+        metrics.observe(STAGE_SECONDS, [handler_ms / 1000.0] * len(replies), endpoint=endpoint, stage="handler")
+        metrics.observe(BATCH_REQUESTS, [len(replies)], endpoint=endpoint)
+
+    def count_shed(self, n: int) -> None:
+        """Requests the engine's adapter answered 503 itself (draining): counted as answered and as shed."""
+        if self.metrics is not None and n:
+            self.metrics.count(REQUESTS, n, endpoint=self.endpoint, code="503")
+            self.metrics.count(SHED, n, endpoint=self.endpoint)
 
     def _decode(self, request: Request) -> InferRequest:
         if self.token and not token_matches(request.headers.get(AUTHORIZATION_HEADER), self.token):
@@ -348,9 +473,13 @@ class EndpointCore:
             timings[i].update(model=model_ms, encode=_ms_since(t1))
 
     def _model_kwargs(self, request: InferRequest) -> tuple[int, ...]:
-        """Extra positional arguments the model itself takes: top_k for the post-processing endpoint."""
+        return self._extra_args(request.parameters.get("top_k"))
+
+    def _extra_args(self, top_k: Any) -> tuple[int, ...]:
+        """Extra positional arguments the model itself takes: top_k for the post-processing endpoint (its output
+        width when the request names none, as the references were made)."""
         if self.signature.task == "postprocess":
-            return (int(request.parameters.get("top_k", self.signature.outputs[0].shape[-1])),)
+            return (int(top_k if top_k is not None else self.signature.outputs[0].shape[-1]),)
         return ()
 
     def predict(self, args: list[Any]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ HANDLER_ENTRY_FILE = "torchship_entry.py"
 #: PYTHONPATH shadows it by accident (and the entry file refuses the load when something does).
 HANDLER_PACKAGE = "torchship_handler"
 #: The handler package files that travel inside every archive (torch + stdlib only).
-HANDLER_PACKAGE_FILES = ("__init__.py", "codec.py", "core.py", "errors.py", "names.py", "service.py")
+HANDLER_PACKAGE_FILES = ("__init__.py", "codec.py", "core.py", "errors.py", "metrics.py", "names.py", "parity.py", "service.py")
 
 # -- HTTP ------------------------------------------------------------------------------------------------------------
 #: OIP v2 binary-data extension: length of the JSON header that precedes the raw tensor bytes (lower-case).
@@ -62,6 +62,13 @@ MAX_REQUEST_BYTES_ENV = "TORCHSHIP_MAX_REQUEST_BYTES"
 DRAIN_FILE_ENV = "TORCHSHIP_DRAIN_FILE"
 DRAIN_HEADER = "X-Torchship-Drain"
 DRAINING_MESSAGE = "server is shutting down; retry on another replica"
+
+#: The folder each worker or replica writes its metrics snapshot into (handlers/metrics.py); `torchship serve
+#: --metrics-port` and the Kubernetes overlays' exporter read it. Unset: no metrics are kept.
+METRICS_DIR_ENV = "TORCHSHIP_METRICS_DIR"
+#: A test hook, never set in production: `<endpoint>=<delta>[,...]` adds delta to every floating-point output of that
+#: endpoint's model in this process, so a test can make one replica's answers differ from its references.
+TEST_DRIFT_ENV = "TORCHSHIP_TEST_DRIFT"
 
 #: Every refusal to load an archive (tampered, wrong handler code, unsafe entry) starts with this marker, in the
 #: exception message and so in the engine's log or deployment status: engines report load refusals by it.

@@ -76,6 +76,7 @@ class TorchshipHandler:
         replies = self.core.infer_batch(requests[:served]) if served else []
         # Draining: the drain marker and whatever was queued behind it get the 503 at once.
         replies += [Reply.error(DRAINING_MESSAGE, 503) for _ in data[served:]]
+        self.core.count_shed(len(data) - served)
         for idx, reply in enumerate(replies):
             if reply.status != 200:
                 context.set_response_status(code=reply.status, phrase=_phrase(reply.body), idx=idx)

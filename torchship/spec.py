@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from torchship.errors import SpecError
+from torchship.handlers import parity as _parity
 from torchship.handlers.codec import DATATYPES
 
 ExportMethod = Literal["trace", "script", "hybrid"]
@@ -101,13 +102,8 @@ class TensorSpec:
         return sizes
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """Elementwise |actual - eager| <= atol + rtol * |eager|; integer outputs must match exactly."""
-
-    atol: float
-    rtol: float
-
+#: Defined beside the comparison, in the handler package that travels inside every archive.
+Tolerance = _parity.Tolerance
 
 DEFAULT_TOLERANCE: Mapping[str, Tolerance] = {
     "torchscript": Tolerance(atol=1e-5, rtol=1e-4),

@@ -17,8 +17,18 @@ from torchship.archive.build import Endpoint
 from torchship.handlers.codec import decode_response, encode_request
 from torchship.handlers.core import parse_server_timing
 from torchship.handlers.errors import TOKEN_FAILED, ArtifactError
-from torchship.handlers.names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE, TOKEN_ENV, TOKEN_FILE_ENV
+from torchship.handlers.names import (
+    DRAIN_FILE_ENV,
+    DRAIN_HEADER,
+    DRAINING_MESSAGE,
+    LOAD_REFUSED_MARKER,
+    METRICS_DIR_ENV,
+    TEST_DRIFT_ENV,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+)
 from torchship.handlers.service import TorchshipHandler
+from torchship.metrics import collect, parse_samples
 from torchship.parity import compare_all
 from torchship.spec import Tolerance
 
@@ -361,3 +371,55 @@ def test_the_endpoint_loads_what_export_measured_and_checked(archives: dict[str,
     assert cnn.core is not None and router.core is not None
     assert "prim::mkldnn_convolution" in str(cnn.core.model.graph)  # type: ignore[attr-defined]
     assert "mkldnn" not in str(router.core.model.graph)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["simple_cnn_pt2", "process_outputs"])
+def test_a_model_whose_answers_differ_from_its_references_never_loads(
+    archives: dict[str, Endpoint], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # The drift hook stands in for a chip, driver or build of torch that computes something else on this replica.
+    metrics_dir = tmp_path / "metrics"
+    monkeypatch.setenv(METRICS_DIR_ENV, str(metrics_dir))
+    monkeypatch.setenv(TEST_DRIFT_ENV, f"other=1,{name}=0.001")
+    model_dir = unpack(archives[name].mar, tmp_path / name)
+    with pytest.raises(ArtifactError) as refused:
+        TorchshipHandler().initialize(torchserve_context(model_dir))
+    message = str(refused.value)
+    assert message.startswith(f"{LOAD_REFUSED_MARKER} {name}: its answers on cpu differ from the archive's references")
+    assert "worst |diff| 0.001" in message
+    samples = parse_samples(collect(metrics_dir))
+    assert samples[f'torchship_load_refusals_total{{endpoint="{name}",reason="parity"}}'] == 1
+    assert samples[f'torchship_parity_ok{{endpoint="{name}"}}'] == 0
+    assert samples[f'torchship_parity_checks_total{{endpoint="{name}",result="failed"}}'] == 1
+
+
+def test_a_loaded_endpoint_has_checked_its_references_on_its_device(archives: dict[str, Endpoint], tmp_path: Path) -> None:
+    handler, _ = _handler(archives, "simple_cnn", tmp_path)
+    assert handler.core is not None
+    parity = handler.core.parity
+    model_dir = unpack(archives["simple_cnn"].mar, tmp_path / "again")
+    assert parity.comparison.passed and parity.cases == len(_reference(model_dir)) and parity.duration_ms > 0
+    assert parity.comparison.max_abs <= 1e-5
+
+
+def test_metrics_count_every_request_by_endpoint_and_status(
+    archives: dict[str, Endpoint], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics_dir = tmp_path / "metrics"
+    monkeypatch.setenv(METRICS_DIR_ENV, str(metrics_dir))
+    handler, model_dir = _handler(archives, "dynamic_router", tmp_path)
+    good = _request({"x": torch.randn(1, 256)})
+    bad = ({"body": bytearray(b"{not json")}, {"content-type": "application/json"})
+    _run(handler, model_dir, [good, good, bad])
+    _run(handler, model_dir, [good])
+    assert handler.core is not None and handler.core.metrics is not None
+    handler.core.metrics.flush()
+    samples = parse_samples(collect(metrics_dir))
+    assert samples['torchship_requests_total{code="200",endpoint="dynamic_router"}'] == 3
+    assert samples['torchship_requests_total{code="400",endpoint="dynamic_router"}'] == 1
+    assert samples['torchship_stage_seconds_count{endpoint="dynamic_router",stage="model"}'] == 3
+    assert samples['torchship_stage_seconds_count{endpoint="dynamic_router",stage="handler"}'] == 4
+    assert samples['torchship_batch_requests_bucket{endpoint="dynamic_router",le="1"}'] == 1
+    assert samples['torchship_batch_requests_bucket{endpoint="dynamic_router",le="4"}'] == 2
+    assert samples['torchship_parity_ok{endpoint="dynamic_router"}'] == 1
+    assert samples['torchship_parity_checks_total{endpoint="dynamic_router",result="ok"}'] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     from torchship.engines.ray.launcher import RayServe
     from torchship.engines.torchserve.launcher import TorchServe
     from torchship.handlers.names import TOKEN_ENV
+    from torchship.metrics import MetricsServer
 
     signal.signal(signal.SIGTERM, interrupt)
     model_store = Path(args.model_store)
@@ -41,6 +43,7 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         ready_timeout_s=args.ready_timeout_s,
         verify_key=Path(args.verify_key) if args.verify_key else None,
         drain_window_s=args.drain_window_s,
+        metrics_dir=workdir / "metrics" if args.metrics_port is not None else None,
         **extra,
     )
     label = {"torchserve": "TorchServe", "ray": "Ray Serve"}[args.engine]
@@ -64,6 +67,9 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
             out.print(f"inference token: {escape(str(engine.key_file))} (key 'inference'; send 'Authorization: Bearer <key>')")
         else:
             out.print(f"inference token: {'$' + TOKEN_ENV if token else f'none (set {TOKEN_ENV} to require one)'}")
+        if engine.metrics_dir is not None:
+            exporter = MetricsServer(engine.metrics_dir, port=args.metrics_port).start()
+            out.print(f"metrics (Prometheus text, the same names on both engines): {exporter.url}")
         if isinstance(engine, RayServe) and engine.grpc_port:
             out.print(f"OIP gRPC (inference.GRPCInferenceService) on port {engine.grpc_port}")
             # Ray 2.60's gRPC proxy binds [::]:<port>; its gRPCOptions has no host.
@@ -85,6 +91,23 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         return EXIT_OK
     finally:
         engine.stop()
+
+
+def cmd_metrics(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from torchship.metrics import MetricsServer
+
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    exporter = MetricsServer(folder, port=args.port, host=args.host).start()
+    out.print(f"serving the metrics in {escape(str(folder))} at {exporter.url}; Ctrl-C or SIGTERM stops it")
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        exporter.close()
 
 
 def cmd_migrate(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -178,7 +201,21 @@ def register(sub: Any) -> None:
         default=None,
         help="ray: also serve OIP v2 gRPC through Ray's gRPC proxy on this port (0: a free one; default: no gRPC)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve torchship's Prometheus metrics at http://127.0.0.1:PORT/metrics (0: a free port; default: no metrics)",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "metrics", help="serve the metrics the workers and replicas write into a folder (the Kubernetes exporter sidecar)"
+    )
+    p.add_argument("--dir", required=True, help="the folder TORCHSHIP_METRICS_DIR names for the engine's processes")
+    p.add_argument("--port", type=int, default=9400, help="port for /metrics (default 9400)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a pod)")
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser(
         "migrate", help="serve a model store on TorchServe and on Ray Serve, send both the same requests, compare answers"

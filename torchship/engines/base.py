@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import ClassVar, Self
 
 from torchship.errors import ArchiveError, EngineError, NotReady
-from torchship.handlers.names import LOAD_REFUSED_MARKER, VERIFY_KEY_ENV, bearer
+from torchship.handlers.names import LOAD_REFUSED_MARKER, METRICS_DIR_ENV, VERIFY_KEY_ENV, bearer
 from torchship.settings import FLUSH_TIMEOUT_S, default_body_limit_bytes
 
 LOG_TAIL_LINES = 40
@@ -97,8 +97,11 @@ class Engine(ABC):
         ready_timeout_s: float = 300.0,
         verify_key: Path | None = None,
         drain_window_s: float = DRAIN_WINDOW_S,
+        metrics_dir: Path | None = None,
     ) -> None:
         self.model_store = Path(model_store).resolve()
+        #: Where every worker or replica writes its metrics (TORCHSHIP_METRICS_DIR; torchship.metrics serves them).
+        self.metrics_dir = Path(metrics_dir).resolve() if metrics_dir else None
         self.drain_window_s = drain_window_s
         #: An ed25519 public key (PEM): with it, start() refuses a store with any archive not signed by it. Without
         #: it, TORCHSHIP_VERIFY_KEY_FILE names one when set.
@@ -172,6 +175,9 @@ class Engine(ABC):
             self._verify_signatures()
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd, env = self._command()
+        if self.metrics_dir is not None:
+            self.metrics_dir.mkdir(parents=True, exist_ok=True)
+            env = {**env, METRICS_DIR_ENV: str(self.metrics_dir)}
         self.started_at = time.monotonic()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(

@@ -37,6 +37,7 @@ from torchship.handlers.codec import encode_error, inference_token, token_matche
 from torchship.handlers.core import EndpointCore, Reply, pick_device, server_timing
 from torchship.handlers.core import Request as CoreRequest
 from torchship.handlers.errors import ArtifactError, HandlerMismatch, TokenRefused
+from torchship.handlers.metrics import REQUESTS, SHED, Metrics
 from torchship.handlers.names import (
     AUTHORIZATION_HEADER,
     DRAINING_MESSAGE,
@@ -241,6 +242,15 @@ class Ingress:
         self.draining = ""
         self.accepted = 0
         self.body_timeout_s = float(os.environ.get(BODY_TIMEOUT_ENV) or BODY_TIMEOUT_S)
+        #: The shed requests (a full queue, a drain) the replicas never see, counted as TorchServe's handler counts its own.
+        self.metrics = Metrics.from_environ(os.environ, "ingress")
+        if self.metrics is not None:
+            self.metrics.start()
+
+    def count_shed(self, name: str) -> None:
+        if self.metrics is not None and name in self.endpoints:
+            self.metrics.count(REQUESTS, endpoint=name, code="503")
+            self.metrics.count(SHED, endpoint=name)
 
     def drain(self, stage: str) -> None:
         self.draining = stage
@@ -311,6 +321,7 @@ class Ingress:
 
     async def _infer(self, request: Request, name: str, *, version: str | None = None, explain: bool | None = None) -> Response:
         if self.draining == "refusing":
+            self.count_shed(name)
             return Response(
                 encode_error(DRAINING_MESSAGE),
                 status_code=503,
@@ -353,6 +364,7 @@ class Ingress:
         try:
             reply: Reply = await self.endpoints[name].infer.remote(body, headers)
         except BackPressureError:
+            self.count_shed(name)
             return _queue_full(name)
         # The ingress's own total joins the handler's phases: the gap is Ray's routing and the batch wait.
         timing = server_timing({"ingress": (time.perf_counter() - started) * 1000.0})
@@ -371,6 +383,7 @@ class Ingress:
         try:
             reply = await self.endpoints[name].infer.remote(ts_request)
         except BackPressureError:
+            self.count_shed(name)
             return _queue_full(name)
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
 

@@ -237,6 +237,7 @@ class IngressState(Protocol):
     accepted: int
 
     async def _ready(self, name: str) -> bool: ...
+    def count_shed(self, name: str) -> None: ...
 
 
 class GrpcFrontend:
@@ -333,6 +334,7 @@ class GrpcFrontend:
         try:
             reply: Reply = await self.ingress.endpoints[request.model_name].infer.remote(body, headers)
         except BackPressureError:
+            self.ingress.count_shed(request.model_name)
             raise GrpcRefusal(
                 grpc.StatusCode.UNAVAILABLE, f"endpoint {request.model_name!r} is at its queue limit; retry later"
             ) from None

@@ -72,6 +72,7 @@ class RayServe(Engine):
         ready_timeout_s: float = 300.0,
         verify_key: Path | None = None,
         drain_window_s: float = DRAIN_WINDOW_S,
+        metrics_dir: Path | None = None,
         token: str | None = None,
         num_cpus: int = 2,
         app: str = DEFAULT_APP,
@@ -87,6 +88,7 @@ class RayServe(Engine):
             ready_timeout_s=ready_timeout_s,
             verify_key=verify_key,
             drain_window_s=drain_window_s,
+            metrics_dir=metrics_dir,
         )
         self._token = token
         self.num_cpus = num_cpus

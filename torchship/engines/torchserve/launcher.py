@@ -44,7 +44,9 @@ def load_failure_cause(log: str, endpoint: str) -> str | None:
             continue
         text = m.group(1).strip()
         if LOAD_REFUSED_MARKER in text:  # the handler's own refusal: its sentence, without the marker and the folder
-            refused = text[text.find(LOAD_REFUSED_MARKER) + len(LOAD_REFUSED_MARKER) :].strip()
+            rest = text[text.find(LOAD_REFUSED_MARKER) + len(LOAD_REFUSED_MARKER) :].strip()
+            label, sep, sentence = rest.partition(": ")  # `<endpoint or folder>: <sentence>`
+            refused = sentence if sep and " " not in label else rest
         elif EXCEPTION_LINE.match(text) and not WORKER_RERAISE.match(text):
             last = text
     if refused is not None:
@@ -79,6 +81,7 @@ class TorchServe(Engine):
         ready_timeout_s: float = 300.0,
         verify_key: Path | None = None,
         drain_window_s: float = DRAIN_WINDOW_S,
+        metrics_dir: Path | None = None,
         config_template: Path | None = None,
         overrides: dict[str, str] | None = None,
         models: str = "all",
@@ -94,6 +97,7 @@ class TorchServe(Engine):
             ready_timeout_s=ready_timeout_s,
             verify_key=verify_key,
             drain_window_s=drain_window_s,
+            metrics_dir=metrics_dir,
         )
         self.props = props
         self.models = models
