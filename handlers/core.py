@@ -56,7 +56,12 @@ from .names import (
     EXPLAIN_HEADER,
     MANIFEST_FILE,
     MAX_REQUEST_BYTES_ENV,
+    PARITY_LOST_HEADER,
+    PARITY_LOST_MARKER,
+    PARITY_PROBE_ENV,
+    PARITY_PROBE_KEY,
     REFERENCE_FILE,
+    TEST_DRIFT_CLAIM_ENV,
     TEST_DRIFT_ENV,
     TIMING_HEADER,
     TOPK_FILE,
@@ -205,26 +210,50 @@ class ParityCheck:
     duration_ms: float
 
 
-def test_drift(environ: Mapping[str, str], endpoint: str) -> float | None:
-    """TEST_DRIFT_ENV's delta for `endpoint` (a test hook: `<endpoint>=<delta>[,...]`), or None."""
+def test_drift(environ: Mapping[str, str], endpoint: str) -> tuple[float, float] | None:
+    """TEST_DRIFT_ENV's (delta, after_s) for `endpoint` in this process (a test hook), or None. With
+    TEST_DRIFT_CLAIM_ENV set, only the process that creates that file first drifts."""
     for part in environ.get(TEST_DRIFT_ENV, "").split(","):
-        name, sep, delta = part.strip().partition("=")
+        name, sep, setting = part.strip().partition("=")
         if sep and name == endpoint:
-            return float(delta)
+            delta, _, after = setting.partition("@")
+            claim = environ.get(TEST_DRIFT_CLAIM_ENV)
+            if claim:
+                try:
+                    Path(claim).open("x").close()
+                except FileExistsError:
+                    return None
+            return float(delta), float(after or 0)
     return None
 
 
-def _drifted(model: Callable[..., Any], delta: float) -> Callable[..., Any]:
-    """The model with `delta` added to each of its floating-point outputs (TEST_DRIFT_ENV only)."""
+def _drifted(model: Callable[..., Any], delta: float, after_s: float) -> Callable[..., Any]:
+    """The model with `delta` added to each of its floating-point outputs from after_s on (TEST_DRIFT_ENV only)."""
+    start = time.monotonic() + after_s
 
     def run(*args: Any) -> Any:
         raw = model(*args)
+        if time.monotonic() < start:
+            return raw
         values = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw)
         shifted = tuple(v + delta if v.is_floating_point() else v for v in values)
         return shifted[0] if isinstance(raw, torch.Tensor) else shifted
 
-    log.warning("%s is set: %s answers %+g off its model (a test hook)", TEST_DRIFT_ENV, model, delta)
+    log.warning("%s is set: this process answers %+g off its model after %g s (a test hook)", TEST_DRIFT_ENV, delta, after_s)
     return run
+
+
+def probe_interval_s(environ: Mapping[str, str], model_config: Mapping[str, Any] | None) -> float:
+    """Seconds between reference re-runs while serving: PARITY_PROBE_ENV, else the model config's
+    parityProbeIntervalS, else 0 (no probe)."""
+    raw = environ.get(PARITY_PROBE_ENV, "").strip() or (model_config or {}).get(PARITY_PROBE_KEY) or 0
+    try:
+        interval = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{PARITY_PROBE_ENV} / {PARITY_PROBE_KEY} must be a number of seconds, got {raw!r}") from None
+    if interval < 0:
+        raise ValueError(f"{PARITY_PROBE_ENV} / {PARITY_PROBE_KEY} must be 0 (off) or more, got {interval:g}")
+    return interval
 
 
 @dataclass(frozen=True)
@@ -294,7 +323,7 @@ class EndpointCore:
         self.model: Callable[..., Any] = LOADERS[self.format](str(artifact), device, entry.get("options"))
         drift = test_drift(environ, self.endpoint)
         if drift is not None:
-            self.model = _drifted(self.model, drift)
+            self.model = _drifted(self.model, *drift)
         self.topk: Callable[..., Any] | None = None
         topk_file = model_dir / TOPK_FILE
         if self.signature.task == "classifier" and topk_file.is_file():
@@ -304,7 +333,12 @@ class EndpointCore:
         self.max_request_bytes = max_request_bytes(environ)
         # Parity before ready: this process answers the archive's reference inputs on its own device, through the
         # same predict() every request takes, before the engine hears that it loaded. It doubles as the warm-up.
-        self.parity = self.check_references(model_dir / REFERENCE_FILE)
+        self.reference_file = model_dir / REFERENCE_FILE
+        self.probe_interval_s = probe_interval_s(environ, model_config)
+        self.parity = self.check_references(self.reference_file)
+        #: Set once a probe found this process's answers off its references: it answers no request again.
+        self.parity_lost: str | None = None
+        self.next_probe = time.monotonic() + self.probe_interval_s
         if not self.parity.comparison.passed:
             refusal = ArtifactError(
                 f"{self.endpoint}: its answers on {device} differ from the archive's references: worst |diff| "
@@ -352,6 +386,25 @@ class EndpointCore:
             self.metrics.count(PARITY_CHECKS, endpoint=endpoint, result="ok" if worst.passed else "failed")
         return check
 
+    def probe(self, *, now: float | None = None) -> bool:
+        """Parity while serving, between batches: re-run the references once the probe interval has passed. False
+        once this process's answers left their references (it stays so: the engine replaces it)."""
+        now = time.monotonic() if now is None else now
+        if self.parity_lost is None and self.probe_interval_s and now >= self.next_probe:
+            self.parity = self.check_references(self.reference_file)
+            self.next_probe = time.monotonic() + self.probe_interval_s
+            worst = self.parity.comparison
+            if not worst.passed:
+                self.parity_lost = (
+                    f"{PARITY_LOST_MARKER} {self.endpoint}: its answers on {self.device} no longer match the archive's "
+                    f"references: worst |diff| {worst.max_abs:.6g} (atol={self.tolerance.atol:g}, "
+                    f"rtol={self.tolerance.rtol:g}); this replica answers no more requests"
+                )
+                log.error("%s", self.parity_lost)
+                if self.metrics is not None:
+                    self.metrics.flush()
+        return self.parity_lost is None
+
     def _refused(self, reason: str, exc: ArtifactError) -> None:
         log.error("%s", exc)
         if self.metrics is not None:
@@ -362,6 +415,10 @@ class EndpointCore:
 
     def infer_batch(self, requests: Sequence[Request]) -> list[Reply]:
         """One reply per request, in order; a client's mistake fails only its own request."""
+        if not self.probe():
+            # Never a drifted answer: a 503 that says the request did not reach the model, so it may go elsewhere.
+            self.count_shed(len(requests))
+            return [self._parity_lost_reply() for _ in requests]
         started = time.perf_counter()
         replies: list[Reply | None] = [None] * len(requests)
         timings: list[dict[str, float]] = [{} for _ in requests]
@@ -407,6 +464,11 @@ class EndpointCore:
             metrics.observe(STAGE_SECONDS, [t[stage] / 1000.0 for t in timings if stage in t], endpoint=endpoint, stage=stage)
         metrics.observe(STAGE_SECONDS, [handler_ms / 1000.0] * len(replies), endpoint=endpoint, stage="handler")
         metrics.observe(BATCH_REQUESTS, [len(replies)], endpoint=endpoint)
+
+    def _parity_lost_reply(self) -> Reply:
+        reply = Reply.error(f"{self.endpoint} on this replica lost parity with its references; retry", 503)
+        reply.headers.update({PARITY_LOST_HEADER: "1", "retry-after": "1"})
+        return reply
 
     def count_shed(self, n: int) -> None:
         """Requests the engine's adapter answered 503 itself (draining): counted as answered and as shed."""

@@ -66,9 +66,21 @@ DRAINING_MESSAGE = "server is shutting down; retry on another replica"
 #: The folder each worker or replica writes its metrics snapshot into (handlers/metrics.py); `torchship serve
 #: --metrics-port` and the Kubernetes overlays' exporter read it. Unset: no metrics are kept.
 METRICS_DIR_ENV = "TORCHSHIP_METRICS_DIR"
-#: A test hook, never set in production: `<endpoint>=<delta>[,...]` adds delta to every floating-point output of that
-#: endpoint's model in this process, so a test can make one replica's answers differ from its references.
+#: Seconds between a replica's re-runs of its references while it serves (the model config's parityProbeIntervalS;
+#: this variable, when set, wins: the Kubernetes overlays turn the probe on with it). 0 or unset: no probe.
+PARITY_PROBE_ENV = "TORCHSHIP_PARITY_PROBE_S"
+PARITY_PROBE_KEY = "parityProbeIntervalS"
+#: The log line of a replica whose answers stopped matching its references while it served.
+PARITY_LOST_MARKER = "TORCHSHIP-PARITY-LOST"
+#: Set on the 503 a replica that lost parity answers: the request never reached its model and may go to another
+#: replica (the Ray ingress sends it again; a TorchServe client retries after Retry-After).
+PARITY_LOST_HEADER = "X-Torchship-Parity-Lost"
+#: A test hook, never set in production: `<endpoint>=<delta>[@<after_s>][,...]` adds delta to every floating-point
+#: output of that endpoint's model in this process (after_s seconds after it loaded, when given), so a test can make a
+#: replica's answers differ from its references at load or while it serves.
 TEST_DRIFT_ENV = "TORCHSHIP_TEST_DRIFT"
+#: With the hook: a file only the first process to create it drifts in, so one replica of several drifts.
+TEST_DRIFT_CLAIM_ENV = "TORCHSHIP_TEST_DRIFT_CLAIM"
 
 #: Every refusal to load an archive (tampered, wrong handler code, unsafe entry) starts with this marker, in the
 #: exception message and so in the engine's log or deployment status: engines report load refusals by it.

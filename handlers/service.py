@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,11 @@ from typing import Any, Protocol
 
 from .core import EndpointCore, Reply, Request, pick_device
 from .names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE
+
+#: A worker that lost parity exits this long after answering its last batch (the frontend has its replies by then),
+#: with this status, which TorchServe's log shows.
+LEAVE_AFTER_S = 0.5
+EXIT_PARITY_LOST = 3
 
 
 class Context(Protocol):
@@ -55,6 +61,8 @@ class TorchshipHandler:
         self.draining = False
         self.started = time.time()
         self.model_name = ""
+        self.leaving = False
+        self.busy = threading.Lock()
 
     def initialize(self, context: Context) -> None:
         props = context.system_properties
@@ -69,6 +77,10 @@ class TorchshipHandler:
         self.initialized = True
 
     def handle(self, data: Sequence[Mapping[str, Any]], context: Context) -> list[bytes]:
+        with self.busy:
+            return self._handle(data, context)
+
+    def _handle(self, data: Sequence[Mapping[str, Any]], context: Context) -> list[bytes]:
         if self.core is None:
             raise RuntimeError("handle() before initialize()")
         requests = [Request.of(_body(item), _headers(context, idx)) for idx, item in enumerate(data)]
@@ -77,6 +89,8 @@ class TorchshipHandler:
         # Draining: the drain marker and whatever was queued behind it get the 503 at once.
         replies += [Reply.error(DRAINING_MESSAGE, 503) for _ in data[served:]]
         self.core.count_shed(len(data) - served)
+        if self.core.parity_lost is not None:
+            self._leave()
         for idx, reply in enumerate(replies):
             if reply.status != 200:
                 context.set_response_status(code=reply.status, phrase=_phrase(reply.body), idx=idx)
@@ -85,6 +99,17 @@ class TorchshipHandler:
                 if key != "content-type":
                     context.set_response_header(idx, key, value)
         return [reply.body for reply in replies]
+
+    def _leave(self) -> None:
+        """This worker's answers left their references: it exits once TorchServe has sent this batch's 503s, and
+        TorchServe starts a fresh worker, which runs the references before it loads (a fault that stays refuses it)."""
+        if not self.leaving:
+            self.leaving = True
+            threading.Timer(LEAVE_AFTER_S, self._exit_between_batches).start()
+
+    def _exit_between_batches(self) -> None:
+        with self.busy:  # never in the middle of a batch: its requests would get TorchServe's "worker died"
+            os._exit(EXIT_PARITY_LOST)
 
     def _served_before_drain(self, requests: Sequence[Request]) -> int:
         """How many of the batch's requests to serve: all of them, unless a drain marker is among them or was seen."""

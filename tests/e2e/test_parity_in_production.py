@@ -4,6 +4,7 @@ drifted one never becomes ready), and both engines' metrics count each checked r
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -15,8 +16,18 @@ from torchship.archive.mar import MarArchive
 from torchship.engines.base import free_port
 from torchship.engines.ray.launcher import RayServe
 from torchship.engines.torchserve.launcher import TorchServe
-from torchship.handlers.names import LOAD_REFUSED_MARKER, TEST_DRIFT_ENV
-from torchship.metrics import MetricsServer, parse_samples
+from torchship.handlers.codec import decode_response, encode_request
+from torchship.handlers.names import (
+    LOAD_REFUSED_MARKER,
+    PARITY_LOST_HEADER,
+    PARITY_LOST_MARKER,
+    PARITY_PROBE_ENV,
+    TEST_DRIFT_CLAIM_ENV,
+    TEST_DRIFT_ENV,
+)
+from torchship.metrics import MetricsServer, collect, parse_samples
+from torchship.parity import compare_all
+from torchship.spec import Tolerance
 from torchship.verify.client import Client
 from torchship.verify.compare import verify_endpoint
 
@@ -73,3 +84,80 @@ def test_a_drifted_replica_never_serves_and_metrics_count_each_checked_request_o
     assert samples[f'torchship_parity_worst_abs_diff{{endpoint="{SERVED}"}}'] <= 1e-5
     assert samples[f'torchship_parity_ok{{endpoint="{DRIFTED}"}}'] == 0
     assert samples[f'torchship_load_refusals_total{{endpoint="{DRIFTED}",reason="parity"}}'] >= 1
+
+
+def _checked_stream(engine: TorchServe | RayServe, seconds: float, clients: int) -> tuple[int, list[str]]:
+    """Send the served endpoint's reference cases from several clients for `seconds`, each answer compared with
+    eager; a 503 that says its replica lost parity is sent again after its Retry-After (what a client is told to do).
+    Returns (answers checked, every request that was lost or answered wrong)."""
+    archive = MarArchive(engine.model_store / f"{SERVED}.mar")
+    cases, tolerance = archive.references(), Tolerance(*archive.tolerance)
+    failures: list[str] = []
+    checked = 0
+    lock = threading.Lock()
+
+    def send(worker: int) -> None:
+        nonlocal checked
+        client = Client(engine.url, token=engine.token)  # a session per thread
+        deadline = time.monotonic() + seconds
+        i = worker
+        while time.monotonic() < deadline:
+            case = cases[i % len(cases)]
+            i += 1
+            body, headers = encode_request(case["inputs"])
+            for _ in range(20):
+                answer = client.post_raw(SERVED, body, headers)
+                if answer.status_code == 503 and PARITY_LOST_HEADER in answer.headers:
+                    time.sleep(float(answer.headers.get("Retry-After", "1")))
+                    continue
+                if answer.status_code != 200:
+                    with lock:
+                        failures.append(f"{answer.status_code}: {answer.text[:200]}")
+                    break
+                outputs = decode_response(answer.content, None)["outputs"]
+                got = tuple(outputs[n] for n in archive.output_names)
+                verdict = compare_all(got, tuple(case["outputs"][n] for n in archive.output_names), tolerance)
+                with lock:
+                    checked += 1
+                    if not verdict.passed:
+                        failures.append(f"wrong answer: {verdict.reason}")
+                break
+            else:
+                with lock:
+                    failures.append("still refused after 20 tries")
+
+    threads = [threading.Thread(target=send, args=(w,)) for w in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return checked, failures
+
+
+@pytest.mark.parametrize("engine_class", [TorchServe, RayServe], ids=["torchserve", "ray"])
+def test_a_replica_that_drifts_while_serving_stops_serving_and_nothing_is_lost(
+    engine_class: type[TorchServe] | type[RayServe],
+    archives: dict[str, Endpoint],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(archives[SERVED].mar, store)
+    # One replica's answers move 3 s after it loaded; the probe runs before every batch, so no drifted answer leaves.
+    monkeypatch.setenv(TEST_DRIFT_ENV, f"{SERVED}=0.001@3")
+    monkeypatch.setenv(TEST_DRIFT_CLAIM_ENV, str(tmp_path / "claimed"))
+    monkeypatch.setenv(PARITY_PROBE_ENV, "0.001")
+    metrics_dir = tmp_path / "metrics"
+    extra: dict[str, object] = {"app_args": {"deployments": {SERVED: {"num_replicas": 2}}}} if engine_class is RayServe else {}
+    with engine_class(store, tmp_path / "run", metrics_dir=metrics_dir, **extra) as engine:  # type: ignore[arg-type]
+        checked, failures = _checked_stream(engine, seconds=12, clients=2)
+        log = engine.log_text()
+    assert (tmp_path / "claimed").is_file()  # one replica took the drift
+    assert not failures, failures[:5]
+    assert checked > 20
+    lost = [line for line in log.splitlines() if PARITY_LOST_MARKER in line]
+    assert lost and f"{PARITY_LOST_MARKER} {SERVED}: its answers on cpu no longer match" in lost[0], log[-3000:]
+    samples = parse_samples(collect(metrics_dir))
+    assert samples[f'torchship_parity_checks_total{{endpoint="{SERVED}",result="failed"}}'] >= 1
+    assert samples[f'torchship_shed_total{{endpoint="{SERVED}"}}'] >= 1

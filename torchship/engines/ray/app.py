@@ -34,7 +34,7 @@ from starlette.responses import Response
 from torchship import handlers
 from torchship.archive.mar import MarArchive, store_archives
 from torchship.handlers.codec import encode_error, inference_token, token_matches
-from torchship.handlers.core import EndpointCore, Reply, pick_device, server_timing
+from torchship.handlers.core import EndpointCore, Reply, pick_device, probe_interval_s, server_timing
 from torchship.handlers.core import Request as CoreRequest
 from torchship.handlers.errors import ArtifactError, HandlerMismatch, TokenRefused
 from torchship.handlers.metrics import REQUESTS, SHED, Metrics
@@ -46,6 +46,7 @@ from torchship.handlers.names import (
     HANDLER_PACKAGE_FILES,
     MAX_REQUEST_BYTES_ENV,
     NODE_HEADER,
+    PARITY_LOST_HEADER,
     TIMING_HEADER,
     VERIFY_KEY_ENV,
 )
@@ -59,6 +60,11 @@ DRAIN_POLL_S = 0.2
 ONGOING_BATCHES = 2
 #: What the app's `deployments` argument may set per endpoint.
 DEPLOYMENT_OVERRIDES = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
+#: How long the ingress keeps sending a request again that a replica without parity turned away, how long it waits
+#: between tries, and how often Ray health-checks (and so probes) replicas while the parity probe is on.
+PARITY_RETRY_S = 10.0
+PARITY_RETRY_WAIT_S = 0.05
+PROBE_HEALTH_CHECK_S = 2.0
 #: Seconds a client is told to wait after a 503 for a full queue.
 RETRY_AFTER_S = 1
 #: A request body must arrive within this (408 and the connection closed otherwise); TORCHSHIP_BODY_TIMEOUT_S sets it.
@@ -149,6 +155,12 @@ class EndpointDeployment(ArchiveDeployment):
         )
         # Which Ray node answered: lets a multi-node deployment show that replicas on every node serve.
         self.node_id = ray.get_runtime_context().get_node_id()
+
+    def check_health(self) -> None:
+        """Ray's periodic health check doubles as the idle replica's parity probe: a replica whose answers left its
+        references fails it, and Ray stops routing to it and starts a fresh one (which checks again before ready)."""
+        if not self.core.probe():
+            raise RuntimeError(self.core.parity_lost)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def infer_batch(self, requests: list[CoreRequest]) -> list[Reply]:
@@ -362,7 +374,7 @@ class Ingress:
         if name in self.foreign:
             return await self._foreign(request, name, body, headers)
         try:
-            reply: Reply = await self.endpoints[name].infer.remote(body, headers)
+            reply = await self.infer_elsewhere_if_lost(name, body, headers)
         except BackPressureError:
             self.count_shed(name)
             return _queue_full(name)
@@ -371,6 +383,16 @@ class Ingress:
         handler_timing = reply.headers.get(TIMING_HEADER)
         reply.headers[TIMING_HEADER] = f"{handler_timing}, {timing}" if handler_timing else timing
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
+
+    async def infer_elsewhere_if_lost(self, name: str, body: bytes, headers: dict[str, str]) -> Reply:
+        """The endpoint's reply; a replica that lost parity answered without running the model, so the request goes
+        again (to another replica, once Ray's health check has taken that one out) until PARITY_RETRY_S has passed."""
+        deadline = time.monotonic() + PARITY_RETRY_S
+        while True:
+            reply: Reply = await self.endpoints[name].infer.remote(body, headers)
+            if PARITY_LOST_HEADER not in reply.headers or time.monotonic() >= deadline:
+                return reply
+            await asyncio.sleep(PARITY_RETRY_WAIT_S)
 
     async def _foreign(self, request: Request, name: str, body: bytes, headers: dict[str, str]) -> Response:
         """A foreign archive's request, handed over as TorchServe's frontend hands it to a worker."""
@@ -474,6 +496,7 @@ def app(args: dict[str, Any]) -> serve.Application:
         batch = int(config.get("batchSize", default_batch))
         wait_s = float(config.get("maxBatchDelay", default_wait_ms)) / 1000.0
         own = overrides.get(mar.path.stem, {})
+        probe_on = mar.is_torchship and probe_interval_s(os.environ, config) > 0
         deployment_class = EndpointDeployment if mar.is_torchship else ForeignDeployment
         deployment = serve.deployment(deployment_class).options(
             name=mar.path.stem,
@@ -487,6 +510,9 @@ def app(args: dict[str, Any]) -> serve.Application:
             max_queued_requests=int(own.get("max_queued_requests", config.get("jobQueueSize", -1))),
             ray_actor_options=actor_options,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+            # With the parity probe on, the health check (the probe when due) runs often enough that a replica that
+            # lost parity leaves the routing table well within PARITY_RETRY_S.
+            **({"health_check_period_s": PROBE_HEALTH_CHECK_S} if probe_on and mar.is_torchship else {}),
         )
         digest = hashlib.sha256(mar.path.read_bytes()).hexdigest()
         handles[mar.path.stem] = deployment.bind(

@@ -238,6 +238,7 @@ class IngressState(Protocol):
 
     async def _ready(self, name: str) -> bool: ...
     def count_shed(self, name: str) -> None: ...
+    async def infer_elsewhere_if_lost(self, name: str, body: bytes, headers: dict[str, str]) -> Reply: ...
 
 
 class GrpcFrontend:
@@ -332,7 +333,7 @@ class GrpcFrontend:
         if authorization is not None:  # the core checks the token again where the replica has one configured
             headers[AUTHORIZATION_HEADER] = authorization
         try:
-            reply: Reply = await self.ingress.endpoints[request.model_name].infer.remote(body, headers)
+            reply: Reply = await self.ingress.infer_elsewhere_if_lost(request.model_name, body, headers)
         except BackPressureError:
             self.ingress.count_shed(request.model_name)
             raise GrpcRefusal(

@@ -28,7 +28,7 @@ import requests
 
 from torchship.engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, refusal_in
 from torchship.errors import NotReady
-from torchship.handlers.names import LOAD_REFUSED_MARKER, TOKEN_ENV
+from torchship.handlers.names import LOAD_REFUSED_MARKER, PARITY_LOST_MARKER, TOKEN_ENV
 
 APP_NAME = "torchship"
 #: The application builder the child runs (`module:function`, called with the app's args dict).
@@ -227,6 +227,33 @@ def _last_line(message: str) -> str:
     return lines[-1] if lines else message
 
 
+class MarkedLines:
+    """Lines that carry `marker`, new since the last call, from Ray's Serve controller logs: a replica whose health
+    check failed (parity lost) has its exception written there, not to this process's output."""
+
+    def __init__(self, ray_dir: Path, marker: str) -> None:
+        self.folder = ray_dir / "session_latest" / "logs" / "serve"
+        self.marker = marker
+        self.offsets: dict[Path, int] = {}
+
+    def new(self) -> list[str]:
+        found: list[str] = []
+        for path in sorted(self.folder.glob("controller_*.log")):
+            try:
+                with path.open("rb") as f:
+                    f.seek(self.offsets.get(path, 0))
+                    chunk = f.read()
+            except OSError:
+                continue
+            end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+            self.offsets[path] = self.offsets.get(path, 0) + end
+            for raw in chunk[:end].decode("utf-8", errors="replace").splitlines():
+                at = raw.find(self.marker)
+                if at >= 0 and raw[at:].strip() not in found:  # the controller repeats a traceback's last line
+                    found.append(raw[at:].strip())
+        return found
+
+
 class DrainRequested(BaseException):
     """SIGTERM in the child: drain the app (drain_app), then shut Serve and Ray down."""
 
@@ -391,7 +418,10 @@ def serve_forever(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         url = f"http://127.0.0.1:{args.port}"
         next_check = 0.0
+        parity_lost = MarkedLines(Path(args.ray_dir), PARITY_LOST_MARKER)
         while True:
+            for line in parity_lost.new():  # Ray replaces that replica; its successor checks again before it serves
+                print(line, flush=True)
             if time.monotonic() >= next_check:
                 status = serve.status()
                 # An endpoint whose replicas refused to load is left out and the rest deployed again; the ingress
