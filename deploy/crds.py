@@ -1,4 +1,5 @@
-"""The custom resources torchship writes (KubeRay's RayService, KServe's InferenceService and ServingRuntime),
+"""The custom resources torchship writes (KubeRay's RayService, KServe's InferenceService and ServingRuntime, the
+Prometheus Operator's PodMonitor and PrometheusRule),
 checked against the operators' own CRD schemas, vendored in deploy/k8s/schemas/ (sources.json says from where).
 
 A CRD's openAPIV3Schema is turned into a strict JSON Schema once per process: an object rejects fields its schema
@@ -29,6 +30,8 @@ CRD_SCHEMAS = {
     ("serving.kserve.io/v1alpha1", "ServingRuntime"): "serving.kserve.io_servingruntimes_v1alpha1.json",
     # KServe's ClusterServingRuntime CRD has the very same v1alpha1 schema (sources.json).
     ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): "serving.kserve.io_servingruntimes_v1alpha1.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors_v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules_v1.json",
 }
 #: Where each vendored schema came from (repository, path, tag, commit, sha256 of the vendored file, licence).
 SOURCES_FILE = "sources.json"

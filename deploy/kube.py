@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from torchship.deploy.monitoring import monitoring
 from torchship.deploy import kserve
 from torchship.deploy.crds import CRD_SCHEMAS, crd_problems, where
 from torchship.deploy.pod_config import IMAGE_MODEL_STORE, frontend_limit_bytes, pod_properties, properties_text
@@ -47,7 +48,9 @@ YAMLLINT_CONFIG = DEPLOY_DATA / "yamllint.yaml"
 #: What TorchServe pods run as their startup/readiness probe and preStop drain (named, not imported: no engine code here).
 PROBE_MODULE = "torchship.engines.torchserve.probe"
 DRAIN_MODULE = "torchship.engines.torchserve.drain"
-OVERLAYS = ("cpu", "gpu", "staging", "candidate", "kserve", "kserve-gpu")
+OVERLAYS = ("cpu", "gpu", "staging", "candidate", "kserve", "kserve-gpu", "monitoring")
+#: The overlay that holds the Prometheus Operator's objects and the dashboard: no serving pods of its own.
+MONITORING_OVERLAY = "monitoring"
 #: Kubernetes minor versions every object must validate against (the ones in support as of late 2026).
 K8S_VERSIONS = ("1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0")
 #: Ten endpoints share one GPU per worker pod.
@@ -638,13 +641,20 @@ def check(
         record("ports and probes", problems, "containers, probes and Services match config.properties and the Serve config")
     if "gpu" in rendered:
         record("gpu serve config", ray_ports(rendered["gpu"], serve_config(RAY_GPU_PER_REPLICA)), "num_gpus per replica set")
-    if rendered:
+    serving = {overlay: objs for overlay, objs in rendered.items() if overlay != MONITORING_OVERLAY}
+    if MONITORING_OVERLAY in rendered:
+        problems = [
+            f"{overlay}: {p}" for overlay, objs in serving.items() for p in monitoring(rendered[MONITORING_OVERLAY], objs)
+        ]
+        detail = "rules and dashboard ask only for exported metrics; every metrics-writing pod has its exporter, scraped"
+        record("monitoring", sorted(set(problems)), detail)
+    if serving:
         limit = default_body_limit_bytes()
-        problems = [f"{overlay}: {p}" for overlay, objs in rendered.items() for p in body_limits(objs)]
+        problems = [f"{overlay}: {p}" for overlay, objs in serving.items() for p in body_limits(objs)]
         detail = f"{MAX_REQUEST_BYTES_ENV}={limit} in every TorchServe pod, TorchServe's own cut at {frontend_limit_bytes(limit)}"
         record("body limit", problems, detail)
-    if rendered:
-        problems = [f"{overlay}: {p}" for overlay, objs in rendered.items() for p in graceful_drain(objs)]
+    if serving:
+        problems = [f"{overlay}: {p}" for overlay, objs in serving.items() for p in graceful_drain(objs)]
         detail = f"every TorchServe container: preStop drain, {DRAIN_FILE_ENV} writable, grace period covers the drain"
         record("graceful drain", problems, detail)
     for overlay, gpu in (("kserve", False), ("kserve-gpu", True)):

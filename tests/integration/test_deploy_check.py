@@ -125,6 +125,26 @@ def test_an_unknown_servingruntime_field_fails(k8s_copy: Path) -> None:
     _check_fails(k8s_copy, "ServingRuntime/torchship-torchserve: spec: Additional properties are not allowed ('multimodel' was")
 
 
+def test_monitoring_objects_are_checked_against_the_prometheus_operators_crds(k8s_copy: Path) -> None:
+    # A PodMonitor endpoint's `scrapeInterval` is no field of the CRD (it is `interval`): Prometheus would scrape at its
+    # default; a rule's unknown `severity` key beside `labels` would be dropped.
+    _edit(k8s_copy / "overlays/monitoring/podmonitor.yaml", "      interval: 15s", "      scrapeInterval: 15s")
+    _edit(
+        k8s_copy / "overlays/monitoring/prometheusrule.yaml", "          for: 5m\n", "          for: 5m\n          severity: x\n"
+    )
+    _check_fails(
+        k8s_copy, "PodMonitor/torchship: spec/podMetricsEndpoints/0: Additional properties are not allowed ('scrapeInterval'"
+    )
+    _check_fails(k8s_copy, "PrometheusRule/torchship: spec/groups/1/rules/0: Additional properties are not allowed ('severity'")
+
+
+def test_a_rule_on_a_metric_torchship_does_not_export_fails(k8s_copy: Path) -> None:
+    _edit(
+        k8s_copy / "overlays/monitoring/prometheusrule.yaml", "rate(torchship_shed_total[5m])", "rate(torchship_sheds_total[5m])"
+    )
+    _check_fails(k8s_copy, "TorchshipShedding: asks for ['torchship_sheds_total'], which torchship does not export")
+
+
 def test_a_rayservice_field_outside_the_official_crd_fails(k8s_copy: Path) -> None:
     # generateName is valid pod-template metadata for Kubernetes, but KubeRay's CRD lists only name, namespace,
     # labels, annotations and finalizers there: the operator would never see it.
