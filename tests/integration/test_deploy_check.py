@@ -366,11 +366,12 @@ def test_validation_reports_each_version() -> None:
 
 def test_set_image_changes_only_matching_repositories() -> None:
     objs = render(K8S_DIR / "overlays" / "cpu")
-    assert set_image(objs, "torchship/torchserve@sha256:" + "a" * 64) == 1
+    # TorchServe and its metrics exporter run the same image: a rollout moves both, and no Ray container.
+    assert set_image(objs, "torchship/torchserve@sha256:" + "a" * 64) == 2
     images = sorted(
         {c["image"] for o in objs for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])}
     )
-    assert "torchship/torchserve@sha256:" + "a" * 64 in images
+    assert images == ["torchship/torchserve@sha256:" + "a" * 64]
     assert image_repository("registry:5000/torchship/ray:1.0") == "registry:5000/torchship/ray"
 
 
