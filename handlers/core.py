@@ -68,6 +68,7 @@ from .names import (
     VERSION_HEADER,
 )
 from .parity import Comparison, Tolerance, compare_all
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,7 @@ class EndpointCore:
         anything in it was changed after it was built or its format failed its parity gate. model_config is the
         archive's model-config.yaml as the engine read it (torchThreads)."""
         self.metrics = Metrics.from_environ(environ, _endpoint_label(model_dir))
+        self.tracing = Tracing.from_environ(environ)
         try:
             verify_checksums(model_dir)
             manifest = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -421,7 +423,7 @@ class EndpointCore:
             return [self._parity_lost_reply() for _ in requests]
         started = time.perf_counter()
         replies: list[Reply | None] = [None] * len(requests)
-        timings: list[dict[str, float]] = [{} for _ in requests]
+        marks: list[dict[str, tuple[float, float]]] = [{} for _ in requests]  # (start, end) of each stage it went through
         decoded: dict[int, InferRequest] = {}
         for idx, request in enumerate(requests):
             t0 = time.perf_counter()
@@ -429,12 +431,14 @@ class EndpointCore:
                 decoded[idx] = self._decode(request)
             except ClientError as exc:
                 replies[idx] = Reply.error(exc)
-            timings[idx]["decode"] = _ms_since(t0)
+            marks[idx]["decode"] = (t0, time.perf_counter())
         rows_run: dict[int, int] = {}
         for group in self._groups(decoded):
-            self._predict_group(group, decoded, replies, timings)
+            self._predict_group(group, decoded, replies, marks)
             rows_run.update(dict.fromkeys(group, sum(decoded[i].batch_size for i in group)))
-        handler_ms = _ms_since(started)
+        ended = time.perf_counter()
+        handler_ms = (ended - started) * 1000.0
+        timings = [{stage: (end - start) * 1000.0 for stage, (start, end) in m.items()} for m in marks]
         out: list[Reply] = []
         for idx, maybe in enumerate(replies):
             # Every request must have been answered; a gap is our bug, reported as a server fault.
@@ -450,6 +454,9 @@ class EndpointCore:
             raise RuntimeError(f"handler produced {len(out)} replies for {len(requests)} requests")
         if self.metrics is not None:
             self._record(out, timings, handler_ms)
+        if self.tracing is not None:
+            headers = [r.headers for r in requests]
+            self.tracing.record_batch(self.endpoint, headers, [r.status for r in out], marks, (started, ended))
         return out
 
     def _record(self, replies: Sequence[Reply], timings: Sequence[Mapping[str, float]], handler_ms: float) -> None:
@@ -511,7 +518,7 @@ class EndpointCore:
         group: list[int],
         decoded: Mapping[int, InferRequest],
         replies: list[Reply | None],
-        timings: list[dict[str, float]],
+        marks: list[dict[str, tuple[float, float]]],
     ) -> None:
         names = [s.name for s in self.signature.inputs]
         t0 = time.perf_counter()
@@ -528,11 +535,11 @@ class EndpointCore:
         per_request = [dict(zip(outputs, parts, strict=True)) for parts in zip(*pieces, strict=True)]
         if len(per_request) != len(group):
             raise RuntimeError(f"split {len(per_request)} results for {len(group)} requests")
-        model_ms = _ms_since(t0)
+        model = (t0, time.perf_counter())
         for i, result in zip(group, per_request, strict=True):
             t1 = time.perf_counter()
             replies[i] = self._encode(decoded[i], result)
-            timings[i].update(model=model_ms, encode=_ms_since(t1))
+            marks[i].update(model=model, encode=(t1, time.perf_counter()))
 
     def _model_kwargs(self, request: InferRequest) -> tuple[int, ...]:
         return self._extra_args(request.parameters.get("top_k"))

@@ -26,8 +26,18 @@ HANDLER_ENTRY_FILE = "torchship_entry.py"
 #: The handler package's name inside an archive: a name no other distribution uses, so nothing on the worker's
 #: PYTHONPATH shadows it by accident (and the entry file refuses the load when something does).
 HANDLER_PACKAGE = "torchship_handler"
-#: The handler package files that travel inside every archive (torch + stdlib only).
-HANDLER_PACKAGE_FILES = ("__init__.py", "codec.py", "core.py", "errors.py", "metrics.py", "names.py", "parity.py", "service.py")
+#: The handler package files that travel inside every archive (torch + stdlib only; OpenTelemetry when tracing is on).
+HANDLER_PACKAGE_FILES = (
+    "__init__.py",
+    "codec.py",
+    "core.py",
+    "errors.py",
+    "metrics.py",
+    "names.py",
+    "parity.py",
+    "service.py",
+    "tracing.py",
+)
 
 # -- HTTP ------------------------------------------------------------------------------------------------------------
 #: OIP v2 binary-data extension: length of the JSON header that precedes the raw tensor bytes (lower-case).

@@ -1,8 +1,10 @@
 """Parity in production on both engines: every worker or replica checks its archive's references before it serves (a
-drifted one never becomes ready), and both engines' metrics count each checked request once, under the same names."""
+drifted one never becomes ready) and, with the probe on, while it serves; both engines' metrics count each checked
+request once under the same names; each request is one trace under its caller's traceparent."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import threading
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.otlp_receiver import OtlpReceiver
 from torchship.archive.build import Endpoint
 from torchship.archive.mar import MarArchive
 from torchship.engines.base import free_port
@@ -161,3 +164,44 @@ def test_a_replica_that_drifts_while_serving_stops_serving_and_nothing_is_lost(
     samples = parse_samples(collect(metrics_dir))
     assert samples[f'torchship_parity_checks_total{{endpoint="{SERVED}",result="failed"}}'] >= 1
     assert samples[f'torchship_shed_total{{endpoint="{SERVED}"}}'] >= 1
+
+
+@pytest.mark.parametrize("engine_class", [TorchServe, RayServe], ids=["torchserve", "ray"])
+def test_each_request_is_one_trace_under_the_callers_traceparent_with_its_stages(
+    engine_class: type[TorchServe] | type[RayServe],
+    archives: dict[str, Endpoint],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(archives[SERVED].mar, store)
+    case = MarArchive(store / f"{SERVED}.mar").references()[0]
+    body, headers = encode_request(case["inputs"])
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+        callers = [(secrets.token_hex(16), secrets.token_hex(8)) for _ in range(3)]
+        with engine_class(store, tmp_path / "run") as engine:
+            client = Client(engine.url, token=engine.token)
+            for trace_id, span_id in callers:
+                answer = client.post_raw(SERVED, body, {**headers, "traceparent": f"00-{trace_id}-{span_id}-01"})
+                assert answer.status_code == 200
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not all(len(receiver.trace(t)) >= 4 for t, _ in callers):
+                time.sleep(0.2)
+        for trace_id, caller_span in callers:
+            spans = {s.span_id: s for s in receiver.trace(trace_id)}
+            handler = [s for s in spans.values() if s.name == f"torchship {SERVED}"]
+            assert len(handler) == 1, sorted(s.name for s in spans.values())
+            stages = sorted(s.name for s in spans.values() if s.parent_span_id == handler[0].span_id)
+            assert stages == ["decode", "encode", "model"]
+            assert handler[0].attributes["http.response.status_code"] == 200
+            assert handler[0].attributes["torchship.endpoint"] == SERVED and handler[0].service == "torchship"
+            # The caller's span is the root's parent: directly on TorchServe, through the ingress's span on Ray.
+            parent = spans.get(handler[0].parent_span_id)
+            if engine_class is RayServe:
+                assert parent is not None and parent.name == f"torchship.ingress {SERVED}" and parent.kind == 2  # SERVER
+                assert parent.parent_span_id == caller_span
+            else:
+                assert parent is None and handler[0].parent_span_id == caller_span

@@ -50,6 +50,7 @@ from torchship.handlers.names import (
     TIMING_HEADER,
     VERIFY_KEY_ENV,
 )
+from torchship.handlers.tracing import Tracing
 
 #: How long a readiness probe waits for an endpoint's replica to answer.
 READY_PROBE_TIMEOUT_S = 2.0
@@ -255,6 +256,7 @@ class Ingress:
         self.accepted = 0
         self.body_timeout_s = float(os.environ.get(BODY_TIMEOUT_ENV) or BODY_TIMEOUT_S)
         #: The shed requests (a full queue, a drain) the replicas never see, counted as TorchServe's handler counts its own.
+        self.tracing = Tracing.from_environ(os.environ)
         self.metrics = Metrics.from_environ(os.environ, "ingress")
         if self.metrics is not None:
             self.metrics.start()
@@ -374,7 +376,7 @@ class Ingress:
         if name in self.foreign:
             return await self._foreign(request, name, body, headers)
         try:
-            reply = await self.infer_elsewhere_if_lost(name, body, headers)
+            reply = await self.call_endpoint(name, body, headers)
         except BackPressureError:
             self.count_shed(name)
             return _queue_full(name)
@@ -384,15 +386,26 @@ class Ingress:
         reply.headers[TIMING_HEADER] = f"{handler_timing}, {timing}" if handler_timing else timing
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
-    async def infer_elsewhere_if_lost(self, name: str, body: bytes, headers: dict[str, str]) -> Reply:
-        """The endpoint's reply; a replica that lost parity answered without running the model, so the request goes
-        again (to another replica, once Ray's health check has taken that one out) until PARITY_RETRY_S has passed."""
-        deadline = time.monotonic() + PARITY_RETRY_S
-        while True:
-            reply: Reply = await self.endpoints[name].infer.remote(body, headers)
-            if PARITY_LOST_HEADER not in reply.headers or time.monotonic() >= deadline:
-                return reply
-            await asyncio.sleep(PARITY_RETRY_WAIT_S)
+    async def call_endpoint(self, name: str, body: bytes, headers: dict[str, str]) -> Reply:
+        """The endpoint's reply (REST and gRPC alike), under the ingress's trace span when tracing is on. A replica that
+        lost parity answered without running the model, so the request goes again (to another replica, once Ray's
+        health check has taken that one out) until PARITY_RETRY_S has passed."""
+        span = self.tracing.start_server_span(f"torchship.ingress {name}", headers) if self.tracing else None
+        status = 500
+        try:
+            deadline = time.monotonic() + PARITY_RETRY_S
+            while True:
+                reply: Reply = await self.endpoints[name].infer.remote(body, headers)
+                status = reply.status
+                if PARITY_LOST_HEADER not in reply.headers or time.monotonic() >= deadline:
+                    return reply
+                await asyncio.sleep(PARITY_RETRY_WAIT_S)
+        except BackPressureError:
+            status = 503
+            raise
+        finally:
+            if span is not None and self.tracing is not None:
+                self.tracing.end_server_span(span, status)
 
     async def _foreign(self, request: Request, name: str, body: bytes, headers: dict[str, str]) -> Response:
         """A foreign archive's request, handed over as TorchServe's frontend hands it to a worker."""

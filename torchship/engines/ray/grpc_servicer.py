@@ -26,6 +26,7 @@ from torchship.handlers.codec import DATATYPES, split_body, token_matches
 from torchship.handlers.core import Reply, server_timing
 from torchship.handlers.errors import TOKEN_FAILED
 from torchship.handlers.names import AUTHORIZATION_HEADER, BINARY_HEADER, DRAINING_MESSAGE, TIMING_HEADER
+from torchship.handlers.tracing import TRACEPARENT
 
 SERVICE = "inference.GRPCInferenceService"
 #: The RPCs the ingress answers, each by its method of the same name; the service's others answer UNIMPLEMENTED.
@@ -238,7 +239,7 @@ class IngressState(Protocol):
 
     async def _ready(self, name: str) -> bool: ...
     def count_shed(self, name: str) -> None: ...
-    async def infer_elsewhere_if_lost(self, name: str, body: bytes, headers: dict[str, str]) -> Reply: ...
+    async def call_endpoint(self, name: str, body: bytes, headers: dict[str, str]) -> Reply: ...
 
 
 class GrpcFrontend:
@@ -332,8 +333,10 @@ class GrpcFrontend:
         body, headers = infer_body(request)
         if authorization is not None:  # the core checks the token again where the replica has one configured
             headers[AUTHORIZATION_HEADER] = authorization
+        if TRACEPARENT in metadata:  # W3C trace context travels as gRPC metadata, as on REST as a header
+            headers[TRACEPARENT] = metadata[TRACEPARENT]
         try:
-            reply: Reply = await self.ingress.infer_elsewhere_if_lost(request.model_name, body, headers)
+            reply: Reply = await self.ingress.call_endpoint(request.model_name, body, headers)
         except BackPressureError:
             self.ingress.count_shed(request.model_name)
             raise GrpcRefusal(
