@@ -130,6 +130,7 @@ def test_deploy_holds_cluster_code_only() -> None:
         "torchship.deploy.crds",
         "torchship.deploy.kserve",
         "torchship.deploy.kube",
+        "torchship.deploy.monitoring",
         "torchship.deploy.pod_config",
         "torchship.deploy.rollout",
     }
