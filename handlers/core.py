@@ -27,7 +27,9 @@ from .codec import (
     check_body_size,
     check_content_type,
     decode_request,
+    decode_response,
     encode_error,
+    encode_request,
     encode_response,
     inference_token,
     model_metadata,
@@ -202,6 +204,18 @@ def parse_server_timing(value: str | None) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
+class Answered:
+    """One batch's replies and where its time went: per request the stages' milliseconds and (start, end) marks, the
+    whole call's milliseconds and its (start, end)."""
+
+    replies: list[Reply]
+    timings: list[dict[str, float]]
+    marks: list[dict[str, tuple[float, float]]]
+    handler_ms: float
+    span: tuple[float, float]
+
+
+@dataclass(frozen=True)
 class ParityCheck:
     """One run of an archive's reference cases in this process: the worst comparison, when and how long."""
 
@@ -361,17 +375,25 @@ class EndpointCore:
     # -- parity --------------------------------------------------------------------------------------------------
 
     def check_references(self, reference_file: Path) -> ParityCheck:
-        """Run every reference case the archive carries through predict() and compare with the eager outputs
-        within the manifest's tolerance for this format (the comparison verify uses); recorded in the metrics."""
+        """Send every reference case the archive carries through the path a request takes (decode, batch, predict,
+        encode; JSON and the binary-data extension in turn) and compare the answers with the eager outputs within the manifest's
+        tolerance for this format (the comparison verify uses); recorded in the metrics, not counted as requests."""
         started = time.perf_counter()
         cases = torch.load(str(reference_file), map_location="cpu", weights_only=True)["cases"]
         in_names = [s.name for s in self.signature.inputs]
         out_names = [s.name for s in self.signature.outputs]
         results: list[Comparison] = []
-        for case in cases:
-            args = [case["inputs"][n].to(self.device) for n in in_names]
-            outputs = self.predict([*args, *self._extra_args(None)])
+        for i, case in enumerate(cases):
+            inputs = {n: case["inputs"][n] for n in in_names}
+            binary = i % 2 == 0  # both encodings, each way: the whole path is checked, and warm, before ready
+            body, headers = encode_request(inputs, binary=binary, parameters={"binary_data_output": binary})
+            reply = self._answer([Request.of(body, headers)], own=True).replies[0]
             expected = tuple(case["outputs"][n] for n in out_names)
+            if reply.status != 200:
+                results.append(Comparison(float("inf"), float("inf"), False, f"reference case answered {reply.status}"))
+                continue
+            length = next((v for k, v in reply.headers.items() if k.lower() == BINARY_HEADER), None)
+            outputs = decode_response(reply.body, length)["outputs"]
             results.append(compare_all(tuple(outputs[n] for n in out_names), expected, self.tolerance))
         worst = Comparison(
             max_abs=max((c.max_abs for c in results), default=0.0),
@@ -421,6 +443,16 @@ class EndpointCore:
             # Never a drifted answer: a 503 that says the request did not reach the model, so it may go elsewhere.
             self.count_shed(len(requests))
             return [self._parity_lost_reply() for _ in requests]
+        answered = self._answer(requests)
+        if self.metrics is not None:
+            self._record(answered.replies, answered.timings, answered.handler_ms)
+        if self.tracing is not None:
+            headers = [r.headers for r in requests]
+            statuses = [r.status for r in answered.replies]
+            self.tracing.record_batch(self.endpoint, headers, statuses, answered.marks, answered.span)
+        return answered.replies
+
+    def _answer(self, requests: Sequence[Request], *, own: bool = False) -> Answered:
         started = time.perf_counter()
         replies: list[Reply | None] = [None] * len(requests)
         marks: list[dict[str, tuple[float, float]]] = [{} for _ in requests]  # (start, end) of each stage it went through
@@ -428,7 +460,7 @@ class EndpointCore:
         for idx, request in enumerate(requests):
             t0 = time.perf_counter()
             try:
-                decoded[idx] = self._decode(request)
+                decoded[idx] = self._decode(request, own=own)
             except ClientError as exc:
                 replies[idx] = Reply.error(exc)
             marks[idx]["decode"] = (t0, time.perf_counter())
@@ -452,12 +484,7 @@ class EndpointCore:
             out.append(reply)
         if len(out) != len(requests):
             raise RuntimeError(f"handler produced {len(out)} replies for {len(requests)} requests")
-        if self.metrics is not None:
-            self._record(out, timings, handler_ms)
-        if self.tracing is not None:
-            headers = [r.headers for r in requests]
-            self.tracing.record_batch(self.endpoint, headers, [r.status for r in out], marks, (started, ended))
-        return out
+        return Answered(out, timings, marks, handler_ms, (started, ended))
 
     def _record(self, replies: Sequence[Reply], timings: Sequence[Mapping[str, float]], handler_ms: float) -> None:
         metrics, endpoint = self.metrics, self.endpoint
@@ -483,15 +510,17 @@ class EndpointCore:
             self.metrics.count(REQUESTS, n, endpoint=self.endpoint, code="503")
             self.metrics.count(SHED, n, endpoint=self.endpoint)
 
-    def _decode(self, request: Request) -> InferRequest:
-        if self.token and not token_matches(request.headers.get(AUTHORIZATION_HEADER), self.token):
+    def _decode(self, request: Request, *, own: bool = False) -> InferRequest:
+        """own: the replica's own reference requests, which no access rule or body limit is for."""
+        if not own and self.token and not token_matches(request.headers.get(AUTHORIZATION_HEADER), self.token):
             raise TokenRefused()
         if request.headers.get(EXPLAIN_HEADER, "").lower() == "true":
             raise NotFound(f"{self.endpoint} serves no explanations; POST /v2/models/{self.endpoint}/infer for its outputs")
         check_content_type(request.headers.get("content-type"))
         if request.body is None:
             raise BadRequest(EMPTY_BODY)
-        check_body_size(request.body, self.max_request_bytes)
+        if not own:
+            check_body_size(request.body, self.max_request_bytes)
         return decode_request(request.body, self.signature, header_length=request.headers.get(BINARY_HEADER))
 
     def _groups(self, decoded: Mapping[int, InferRequest]) -> list[list[int]]:

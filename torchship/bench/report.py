@@ -76,6 +76,7 @@ def markdown(doc: dict[str, Any]) -> str:
         ratio = lb["json"]["p50_ms"] / lb["binary"]["p50_ms"]
         for enc in ("json", "binary"):
             lines.append(f"| {name} | {enc} | {lb[enc]['body_bytes'] / 2**20:.1f} MiB | {lb[enc]['p50_ms']:.0f} | {ratio:.1f}x |")
+    lines += observe_table(doc.get("observe"))
     lines += ["", f"Run time: {doc['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -118,6 +119,24 @@ def peer_table(engines: dict[str, Any]) -> list[str]:
             errors, wrong = seq["errors"] + load["errors"], seq["wrong"] + load["wrong"]
             lines.append(f"| {name} | {who} | {seq['p50_ms']:.2f} | {seq['overhead_p50_ms']:.2f} | {load['rows_per_s']:.1f} "
                          f"({load['clients']}) | {errors} | {wrong} |")  # fmt: skip
+    return lines
+
+
+def observe_table(observe: dict[str, Any] | None) -> list[str]:
+    """Parity before ready (start-up cost, first request) and the metrics' cost per request."""
+    if not observe:
+        return []
+    lines = ["", "## Parity in production (in-process, the endpoint core both engines run)", "",
+             "| endpoint | format | load with check | the check | cases | worst abs diff | request 1 / 10 after it "
+             "| the artifact unchecked: call 1 / 10 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in observe["startup"]:
+        lines.append(f"| {r['endpoint']} | {r['format']} | {r['load_ms']:.0f} ms | {r['check_ms']:.0f} ms | {r['cases']} "
+                     f"| {r['worst_abs']:.2g} | {r['first_ms']:.2f} / {r['warm_ms']:.2f} ms "
+                     f"| {r['unchecked_first_ms']:.2f} / {r['unchecked_warm_ms']:.2f} ms |")  # fmt: skip
+    m = observe["metrics"]
+    lines += ["", f"Metrics on {m['endpoint']}, {m['requests']} batch-1 requests each, alternating: p50 "
+              f"{m['on_p50_ms']:.4f} ms on, {m['off_p50_ms']:.4f} ms off: {m['cost_ms'] * 1000:+.1f} us per request "
+              f"(means {m['on_mean_ms']:.4f} / {m['off_mean_ms']:.4f} ms)."]  # fmt: skip
     return lines
 
 

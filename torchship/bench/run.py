@@ -20,6 +20,7 @@ from torchship.archive.build import archive_default_endpoint, load_model_config
 from torchship.archive.mar import MarArchive
 from torchship.bench.breakdown import CASES, inprocess_ms, measure
 from torchship.bench.inprocess import LABELS, VARIANTS, Workload, bench_workload
+from torchship.bench.observe import observability
 from torchship.bench.peers import PEER, RAY_APP, StockRayServe, stock_ray_store, stock_torchserve_archive, wait_answering
 from torchship.bench.profile import profile
 from torchship.bench.served import (
@@ -81,6 +82,8 @@ class Settings:
     #: Serve each stock peer in an engine start of its own (out of torchship's memory figure); otherwise it joins the
     #: engine's main start (TorchServe: its archive beside torchship's; Ray: its app beside torchship's app).
     peers_apart: bool
+    #: Batch-1 requests each with metrics on and off for their cost per request (bench/observe.py).
+    observe_requests: int = 2000
 
 
 FULL = Settings(
@@ -111,6 +114,7 @@ QUICK = Settings(
     cpp_repeat=0, served_models=("dynamic_router",), ray_sweep={"simple_cnn_mo4": {"max_ongoing_requests": 4}},
     profile_seconds=1.0, ray_sweep_apart=False,  # one Ray start fewer (about 20 s of make test)
     peers_apart=False,  # two engine starts fewer (about 20 s): quick's memory figures include the peers
+    observe_requests=50,
 )  # fmt: skip
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224
@@ -506,6 +510,11 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def observe_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    cost = doc["observe"]["metrics"]["cost_ms"]
+    return [_target("metrics cost per batch-1 request (on vs off, in-process) < 0.1 ms", cost, "ms", cost < 0.1)]
+
+
 def peer_targets(name: str, e: dict[str, Any]) -> list[dict[str, Any]]:
     """torchship against the stock peer on the same engine: our best batch-1 overhead (binary, batching off) against
     the peer's (JSON, all it reads), and our binary throughput against the peer's JSON throughput."""
@@ -537,7 +546,9 @@ def run(settings: Settings, artifacts: Path, out: Path, say: Callable[[str], Non
                                            min_iters=settings.min_iters, warmup=settings.warmup, progress=say)  # fmt: skip
     doc["cpp"] = cpp_rows(artifacts, settings.cpp_repeat, say) if settings.cpp_repeat else []
     doc["served"] = served(settings, artifacts, say)
-    doc["targets"] = targets(doc)
+    doc["observe"] = observability(artifacts, ("simple_cnn", *settings.served_models), load_model_config(),
+                                   requests=settings.observe_requests, say=say)  # fmt: skip
+    doc["targets"] = targets(doc) + observe_targets(doc)
     doc["seconds"] = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
