@@ -84,7 +84,7 @@ def collect(folder: Path, *, now: float | None = None) -> str:
         if not samples and not cells:
             continue
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        lines += [f"{name}{_format_labels(labels)} {_number(value)}" for (_, labels), value in sorted(samples)]
+        lines += [f"{name}{format_labels(labels)} {format_number(value)}" for (_, labels), value in sorted(samples)]
         for (_, labels), counts in cells:
             lines += _histogram_lines(name, labels, counts)
     return "\n".join(lines) + "\n" if lines else ""
@@ -95,15 +95,15 @@ def _histogram_lines(name: str, labels: tuple[tuple[str, str], ...], cells: list
     out, running = [], 0.0
     for bound, count in zip(bounds, cells, strict=False):
         running += count
-        out.append(f"{name}_bucket{_format_labels((*labels, ('le', _number(float(bound)))))} {_number(running)}")
+        out.append(f"{name}_bucket{format_labels((*labels, ('le', format_number(float(bound)))))} {format_number(running)}")
     total_sum, total_count = cells[-2], cells[-1]
-    out.append(f"{name}_bucket{_format_labels((*labels, ('le', '+Inf')))} {_number(total_count)}")
-    out.append(f"{name}_sum{_format_labels(labels)} {_number(total_sum)}")
-    out.append(f"{name}_count{_format_labels(labels)} {_number(total_count)}")
+    out.append(f"{name}_bucket{format_labels((*labels, ('le', '+Inf')))} {format_number(total_count)}")
+    out.append(f"{name}_sum{format_labels(labels)} {format_number(total_sum)}")
+    out.append(f"{name}_count{format_labels(labels)} {format_number(total_count)}")
     return out
 
 
-def _format_labels(labels: tuple[tuple[str, str], ...]) -> str:
+def format_labels(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
         return ""
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
@@ -113,12 +113,21 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     if math.isnan(value):
         return "NaN"
     return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def series_key(name: str, labels: Mapping[str, str]) -> str:
+    """`name{a="1",b="2"}` as the exporter writes that series (labels sorted, a bucket's `le` last): a key into
+    parse_samples()."""
+    ordered = sorted((k, v) for k, v in labels.items() if k != "le")
+    if "le" in labels:
+        ordered.append(("le", labels["le"]))
+    return name + format_labels(tuple(ordered))
 
 
 def parse_samples(text: str) -> dict[str, float]:

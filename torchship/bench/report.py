@@ -77,6 +77,13 @@ def markdown(doc: dict[str, Any]) -> str:
         for enc in ("json", "binary"):
             lines.append(f"| {name} | {enc} | {lb[enc]['body_bytes'] / 2**20:.1f} MiB | {lb[enc]['p50_ms']:.0f} | {ratio:.1f}x |")
     lines += observe_table(doc.get("observe"))
+    if doc.get("dashboard"):
+        d = doc["dashboard"]
+        counts = "; ".join(
+            f"{engine}: " + ", ".join(f"{n} {k}" for k, n in sorted(o.items())) for engine, o in d["outcomes"].items()
+        )
+        lines += ["", f"The dashboard's panels from a real run ({d['endpoint']}, each engine alone, checked load: {counts}): "
+                  "bench/dashboard.png."]  # fmt: skip
     lines += ["", f"Run time: {doc['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 

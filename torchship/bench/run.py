@@ -19,6 +19,7 @@ import torch
 from torchship.archive.build import archive_default_endpoint, load_model_config
 from torchship.archive.mar import MarArchive
 from torchship.bench.breakdown import CASES, inprocess_ms, measure
+from torchship.bench.dashboard import dashboard
 from torchship.bench.inprocess import LABELS, VARIANTS, Workload, bench_workload
 from torchship.bench.observe import observability
 from torchship.bench.peers import PEER, RAY_APP, StockRayServe, stock_ray_store, stock_torchserve_archive, wait_answering
@@ -84,6 +85,8 @@ class Settings:
     peers_apart: bool
     #: Batch-1 requests each with metrics on and off for their cost per request (bench/observe.py).
     observe_requests: int = 2000
+    #: Draw the Grafana dashboard's panels from a run of each engine's scrapes (bench/dashboard.py; about 70 s).
+    dashboard: bool = True
 
 
 FULL = Settings(
@@ -115,6 +118,7 @@ QUICK = Settings(
     profile_seconds=1.0, ray_sweep_apart=False,  # one Ray start fewer (about 20 s of make test)
     peers_apart=False,  # two engine starts fewer (about 20 s): quick's memory figures include the peers
     observe_requests=50,
+    dashboard=False,
 )  # fmt: skip
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224
@@ -548,6 +552,11 @@ def run(settings: Settings, artifacts: Path, out: Path, say: Callable[[str], Non
     doc["served"] = served(settings, artifacts, say)
     doc["observe"] = observability(artifacts, ("simple_cnn", *settings.served_models), load_model_config(),
                                    requests=settings.observe_requests, say=say)  # fmt: skip
+    if settings.dashboard:
+        with tempfile.TemporaryDirectory(prefix="torchship-bench-dashboard-") as tmp:
+            mar = archive_default_endpoint("simple_cnn", artifacts=artifacts, out_dir=Path(tmp) / "store",
+                                           model_config=load_model_config()).mar  # fmt: skip
+            doc["dashboard"] = dashboard(mar, Path(tmp) / "run", out / "bench", say)
     doc["targets"] = targets(doc) + observe_targets(doc)
     doc["seconds"] = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
