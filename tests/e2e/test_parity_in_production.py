@@ -38,6 +38,14 @@ SERVED = "dynamic_router"
 DRIFTED = "process_outputs"
 
 
+def _store(tmp_path: Path, archives: dict[str, Endpoint], *names: str) -> Path:
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in names:
+        shutil.copy(archives[name].mar, store)
+    return store
+
+
 def _scrape(url: str) -> dict[str, float]:
     answer = requests.get(url, timeout=10)
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -45,48 +53,87 @@ def _scrape(url: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("engine_class", [TorchServe, RayServe], ids=["torchserve", "ray"])
-def test_a_drifted_replica_never_serves_and_metrics_count_each_checked_request_once(
+def test_a_drifted_replica_never_serves_metrics_count_each_request_once_and_each_is_one_trace(
     engine_class: type[TorchServe] | type[RayServe],
     archives: dict[str, Endpoint],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    for name in (SERVED, DRIFTED):
-        shutil.copy(archives[name].mar, store)
+    store = _store(tmp_path, archives, SERVED, DRIFTED)
     monkeypatch.setenv(TEST_DRIFT_ENV, f"{DRIFTED}=0.001")
     metrics_dir = tmp_path / "metrics"
-    with engine_class(store, tmp_path / "run", metrics_dir=metrics_dir) as engine:
-        # The drifted endpoint refused to load with the marker, its worst difference and its device; the other serves.
-        assert engine.endpoints == [SERVED] and list(engine.refused) == [DRIFTED]
-        line = engine.refused[DRIFTED]
-        assert line.startswith(f"{LOAD_REFUSED_MARKER} {DRIFTED}: its answers on cpu differ from the archive's references")
-        assert "worst |diff| 0.001" in line
-        refused = requests.post(f"{engine.url}/v2/models/{DRIFTED}/infer", json={}, headers=engine.auth_headers(), timeout=30)
-        assert refused.status_code == 404
+    archive = MarArchive(store / f"{SERVED}.mar")
+    case, names, tolerance = archive.references()[0], archive.output_names, Tolerance(*archive.tolerance)
+    body, headers = encode_request(case["inputs"])
+    callers = [(secrets.token_hex(16), secrets.token_hex(8)) for _ in range(3)]
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+        with engine_class(store, tmp_path / "run", metrics_dir=metrics_dir) as engine:
+            # The drifted endpoint refused to load with the marker, its worst difference and its device; the other
+            # serves.
+            assert engine.endpoints == [SERVED] and list(engine.refused) == [DRIFTED]
+            line = engine.refused[DRIFTED]
+            assert line.startswith(f"{LOAD_REFUSED_MARKER} {DRIFTED}: its answers on cpu differ from the archive's references")
+            assert "worst |diff| 0.001" in line
+            auth = engine.auth_headers()
+            refused = requests.post(f"{engine.url}/v2/models/{DRIFTED}/infer", json={}, headers=auth, timeout=30)
+            assert refused.status_code == 404
 
-        rows = verify_endpoint(Client(engine.url, token=engine.token), engine.name, MarArchive(store / f"{SERVED}.mar"))
-        assert rows and all(r.passed for r in rows), [r.reason for r in rows if not r.passed]
-        exporter = MetricsServer(metrics_dir, port=free_port()).start()
-        try:
-            counted = f'torchship_requests_total{{code="200",endpoint="{SERVED}"}}'
-            deadline = time.monotonic() + 15
-            samples = _scrape(exporter.url)
-            while samples.get(counted) != len(rows) and time.monotonic() < deadline:
-                time.sleep(0.25)
-                samples = _scrape(exporter.url)
-            time.sleep(1.5)  # longer than a worker's write interval: nothing more arrives later
-            samples = _scrape(exporter.url)
-        finally:
-            exporter.close()
-    assert samples.get(counted) == len(rows), {k: v for k, v in samples.items() if "requests_total" in k}
+            client = Client(engine.url, token=engine.token)
+            for trace_id, span_id in callers:  # checked requests that carry their caller's trace context
+                answer = client.post_raw(SERVED, body, {**headers, "traceparent": f"00-{trace_id}-{span_id}-01"})
+                got = decode_response(answer.content, answer.headers.get("Inference-Header-Content-Length"))["outputs"]
+                expected = tuple(case["outputs"][n] for n in names)
+                assert answer.status_code == 200 and compare_all(tuple(got[n] for n in names), expected, tolerance).passed
+            rows = verify_endpoint(client, engine.name, archive)
+            assert rows and all(r.passed for r in rows), [r.reason for r in rows if not r.passed]
+            sent = len(callers) + len(rows)
+            samples = _scrape_until(metrics_dir, f'torchship_requests_total{{code="200",endpoint="{SERVED}"}}', sent)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not all(len(receiver.trace(t)) >= 4 for t, _ in callers):
+                time.sleep(0.2)
+    # Metrics: exactly the requests sent, under the same names on both engines; parity ok where it loaded.
+    counted = f'torchship_requests_total{{code="200",endpoint="{SERVED}"}}'
+    assert samples.get(counted) == sent, {k: v for k, v in samples.items() if "requests_total" in k}
     assert not [k for k in samples if k.startswith("torchship_requests_total") and k != counted]
-    assert samples[f'torchship_stage_seconds_count{{endpoint="{SERVED}",stage="model"}}'] == len(rows)
+    assert samples[f'torchship_stage_seconds_count{{endpoint="{SERVED}",stage="model"}}'] == sent
     assert samples[f'torchship_parity_ok{{endpoint="{SERVED}"}}'] == 1
     assert samples[f'torchship_parity_worst_abs_diff{{endpoint="{SERVED}"}}'] <= 1e-5
     assert samples[f'torchship_parity_ok{{endpoint="{DRIFTED}"}}'] == 0
     assert samples[f'torchship_load_refusals_total{{endpoint="{DRIFTED}",reason="parity"}}'] >= 1
+    # Traces: each traced request is one trace under its caller's span, with its stages.
+    for trace_id, caller_span in callers:
+        spans = {s.span_id: s for s in receiver.trace(trace_id)}
+        handler = [s for s in spans.values() if s.name == f"torchship {SERVED}"]
+        assert len(handler) == 1, sorted(s.name for s in spans.values())
+        stages = sorted(s.name for s in spans.values() if s.parent_span_id == handler[0].span_id)
+        assert stages == ["decode", "encode", "model"]
+        assert handler[0].attributes["http.response.status_code"] == 200
+        assert handler[0].attributes["torchship.endpoint"] == SERVED and handler[0].service == "torchship"
+        # The caller's span is the root's parent: directly on TorchServe, through the ingress's span on Ray.
+        parent = spans.get(handler[0].parent_span_id)
+        if engine_class is RayServe:
+            assert parent is not None and parent.name == f"torchship.ingress {SERVED}" and parent.kind == 2  # SERVER
+            assert parent.parent_span_id == caller_span
+        else:
+            assert parent is None and handler[0].parent_span_id == caller_span
+
+
+def _scrape_until(metrics_dir: Path, series: str, expected: float) -> dict[str, float]:
+    """The exporter's samples once `series` reads `expected` (or after 15 s), read again a little later so that
+    nothing counted late goes unseen."""
+    exporter = MetricsServer(metrics_dir, port=free_port()).start()
+    try:
+        deadline = time.monotonic() + 15
+        samples = _scrape(exporter.url)
+        while samples.get(series) != expected and time.monotonic() < deadline:
+            time.sleep(0.25)
+            samples = _scrape(exporter.url)
+        time.sleep(1.5)  # longer than a worker's write interval: nothing more arrives later
+        return _scrape(exporter.url)
+    finally:
+        exporter.close()
 
 
 def _checked_stream(engine: TorchServe | RayServe, seconds: float, clients: int) -> tuple[int, list[str]]:
@@ -144,9 +191,7 @@ def test_a_replica_that_drifts_while_serving_stops_serving_and_nothing_is_lost(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    shutil.copy(archives[SERVED].mar, store)
+    store = _store(tmp_path, archives, SERVED)
     # One replica's answers move 3 s after it loaded; the probe runs before every batch, so no drifted answer leaves.
     monkeypatch.setenv(TEST_DRIFT_ENV, f"{SERVED}=0.001@3")
     monkeypatch.setenv(TEST_DRIFT_CLAIM_ENV, str(tmp_path / "claimed"))
@@ -164,44 +209,3 @@ def test_a_replica_that_drifts_while_serving_stops_serving_and_nothing_is_lost(
     samples = parse_samples(collect(metrics_dir))
     assert samples[f'torchship_parity_checks_total{{endpoint="{SERVED}",result="failed"}}'] >= 1
     assert samples[f'torchship_shed_total{{endpoint="{SERVED}"}}'] >= 1
-
-
-@pytest.mark.parametrize("engine_class", [TorchServe, RayServe], ids=["torchserve", "ray"])
-def test_each_request_is_one_trace_under_the_callers_traceparent_with_its_stages(
-    engine_class: type[TorchServe] | type[RayServe],
-    archives: dict[str, Endpoint],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    shutil.copy(archives[SERVED].mar, store)
-    case = MarArchive(store / f"{SERVED}.mar").references()[0]
-    body, headers = encode_request(case["inputs"])
-    with OtlpReceiver() as receiver:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
-        callers = [(secrets.token_hex(16), secrets.token_hex(8)) for _ in range(3)]
-        with engine_class(store, tmp_path / "run") as engine:
-            client = Client(engine.url, token=engine.token)
-            for trace_id, span_id in callers:
-                answer = client.post_raw(SERVED, body, {**headers, "traceparent": f"00-{trace_id}-{span_id}-01"})
-                assert answer.status_code == 200
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and not all(len(receiver.trace(t)) >= 4 for t, _ in callers):
-                time.sleep(0.2)
-        for trace_id, caller_span in callers:
-            spans = {s.span_id: s for s in receiver.trace(trace_id)}
-            handler = [s for s in spans.values() if s.name == f"torchship {SERVED}"]
-            assert len(handler) == 1, sorted(s.name for s in spans.values())
-            stages = sorted(s.name for s in spans.values() if s.parent_span_id == handler[0].span_id)
-            assert stages == ["decode", "encode", "model"]
-            assert handler[0].attributes["http.response.status_code"] == 200
-            assert handler[0].attributes["torchship.endpoint"] == SERVED and handler[0].service == "torchship"
-            # The caller's span is the root's parent: directly on TorchServe, through the ingress's span on Ray.
-            parent = spans.get(handler[0].parent_span_id)
-            if engine_class is RayServe:
-                assert parent is not None and parent.name == f"torchship.ingress {SERVED}" and parent.kind == 2  # SERVER
-                assert parent.parent_span_id == caller_span
-            else:
-                assert parent is None and handler[0].parent_span_id == caller_span

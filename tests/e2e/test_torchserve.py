@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,7 @@ def test_serve_command_prints_url_and_token_and_stops_on_sigterm(artifacts_dir: 
     store = tmp_path / "store"
     archive_models(["dynamic_router"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
     workdir = tmp_path / "work"
-    with serve_command("torchserve", store, workdir=workdir) as server:
+    with serve_command("torchserve", store, workdir=workdir, args=["--metrics-port", "0"]) as server:
         text = server.printed()
         assert "TorchServe ready at http://127.0.0.1:" in text, text
         url = text.split("ready at ")[1].split()[0]
@@ -213,6 +214,15 @@ def test_serve_command_prints_url_and_token_and_stops_on_sigterm(artifacts_dir: 
         token = json.loads((workdir / "key_file.json").read_text())["inference"]["key"]
         y = Client(url, token=token).infer("dynamic_router", {"x": torch.randn(2, 256)}).outputs["y"]
         assert y.shape == (2, 256)
+        # --metrics-port: the printed URL serves torchship's metrics, which counted that one request.
+        deadline = time.monotonic() + 10
+        while "/metrics" not in server.printed() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        metrics_url = server.printed().split("metrics (Prometheus text, the same names on both engines): ")[1].split()[0]
+        counted = 'torchship_requests_total{code="200",endpoint="dynamic_router"} 1'
+        while counted not in requests.get(metrics_url, timeout=5).text and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert counted in requests.get(metrics_url, timeout=5).text
 
 
 # -- OIP v2 REST (docs/rest.md, "OIP v2 REST"): the same table and stock clients run on the Ray app in test_ray.py -------
