@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from torchship.deploy.monitoring import monitoring
 from torchship.deploy import kserve
 from torchship.deploy.crds import CRD_SCHEMAS, crd_problems, where
+from torchship.deploy.monitoring import monitoring
 from torchship.deploy.pod_config import IMAGE_MODEL_STORE, frontend_limit_bytes, pod_properties, properties_text
 from torchship.errors import DeployError
 from torchship.handlers.names import DRAIN_FILE_ENV, MAX_REQUEST_BYTES_ENV, TOKEN_FILE_ENV

@@ -309,9 +309,11 @@ class EndpointCore:
         self, model_dir: Path, *, device: torch.device, environ: Mapping[str, str], model_config: Mapping[str, Any] | None = None
     ) -> None:
         """Load the unpacked archive at model_dir; raises ArtifactError (message marked LOAD_REFUSED_MARKER) when
-        anything in it was changed after it was built or its format failed its parity gate. model_config is the
-        archive's model-config.yaml as the engine read it (torchThreads)."""
-        self.metrics = Metrics.from_environ(environ, _endpoint_label(model_dir))
+        anything in it was changed after it was built, its format failed its parity gate, or this process's answers
+        to the archive's references differ from them. model_config is the archive's model-config.yaml as the engine
+        read it (torchThreads, parityProbeIntervalS)."""
+        self.label = _endpoint_label(model_dir)
+        self.metrics = Metrics.from_environ(environ, self.label)
         self.tracing = Tracing.from_environ(environ)
         try:
             verify_checksums(model_dir)
@@ -348,7 +350,7 @@ class EndpointCore:
         self.token = inference_token(environ)
         self.max_request_bytes = max_request_bytes(environ)
         # Parity before ready: this process answers the archive's reference inputs on its own device, through the
-        # same predict() every request takes, before the engine hears that it loaded. It doubles as the warm-up.
+        # path every request takes, before the engine hears that it loaded. It doubles as the warm-up.
         self.reference_file = model_dir / REFERENCE_FILE
         self.probe_interval_s = probe_interval_s(environ, model_config)
         self.parity = self.check_references(self.reference_file)
@@ -376,8 +378,9 @@ class EndpointCore:
 
     def check_references(self, reference_file: Path) -> ParityCheck:
         """Send every reference case the archive carries through the path a request takes (decode, batch, predict,
-        encode; JSON and the binary-data extension in turn) and compare the answers with the eager outputs within the manifest's
-        tolerance for this format (the comparison verify uses); recorded in the metrics, not counted as requests."""
+        encode; JSON and the binary-data extension in turn) and compare the answers with the eager outputs, within
+        the manifest's tolerance for this format (the comparison verify uses). Recorded in the metrics as a check,
+        not counted as requests."""
         started = time.perf_counter()
         cases = torch.load(str(reference_file), map_location="cpu", weights_only=True)["cases"]
         in_names = [s.name for s in self.signature.inputs]
@@ -432,7 +435,7 @@ class EndpointCore:
     def _refused(self, reason: str, exc: ArtifactError) -> None:
         log.error("%s", exc)
         if self.metrics is not None:
-            self.metrics.count(LOAD_REFUSALS, endpoint=self.metrics.path.name.split(".")[0], reason=reason)
+            self.metrics.count(LOAD_REFUSALS, endpoint=self.label, reason=reason)
             self.metrics.flush()
 
     # -- one batch from the engine -------------------------------------------------------------
@@ -571,13 +574,9 @@ class EndpointCore:
             marks[i].update(model=model, encode=(t1, time.perf_counter()))
 
     def _model_kwargs(self, request: InferRequest) -> tuple[int, ...]:
-        return self._extra_args(request.parameters.get("top_k"))
-
-    def _extra_args(self, top_k: Any) -> tuple[int, ...]:
-        """Extra positional arguments the model itself takes: top_k for the post-processing endpoint (its output
-        width when the request names none, as the references were made)."""
+        """Extra positional arguments the model itself takes: top_k for the post-processing endpoint."""
         if self.signature.task == "postprocess":
-            return (int(top_k if top_k is not None else self.signature.outputs[0].shape[-1]),)
+            return (int(request.parameters.get("top_k", self.signature.outputs[0].shape[-1])),)
         return ()
 
     def predict(self, args: list[Any]) -> dict[str, torch.Tensor]:
