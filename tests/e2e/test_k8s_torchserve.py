@@ -1,5 +1,6 @@
 """The pod's TorchServe config on a real TorchServe: the ports, probe commands and token rule the manifests rely on,
-and the parity gate accepting the real archive and refusing a drifted one."""
+and the parity gate accepting the real archive and refusing a drifted one (which its worker already refused to
+load: parity before ready)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ def test_the_readiness_probe_command_passes_on_the_ready_server(pod_server: Torc
     command = _container()["readinessProbe"]["exec"]["command"]
     proc = run_readiness_probe(command, pod_server.management_url)  # the manifest's probe, at this server's management port
     assert proc.returncode == 0, proc.stderr
-    assert "2 models ready" in proc.stdout
+    # The drifted archive refused to load (its worker's reference check failed), so the pod serves the other one.
+    assert "1 models ready" in proc.stdout
+    assert "simple_cnn_pt2: its answers on cpu differ from the archive's references" in pod_server.refused["simple_cnn_pt2"]
 
 
 def test_the_probe_fails_when_nothing_listens(tmp_path: Path) -> None:
