@@ -44,7 +44,6 @@ from .metrics import (
     PARITY_OK,
     PARITY_WORST_ABS,
     REQUESTS,
-    SHED,
     STAGE_SECONDS,
     Metrics,
 )
@@ -510,8 +509,7 @@ class EndpointCore:
     def count_shed(self, n: int) -> None:
         """Requests the engine's adapter answered 503 itself (draining): counted as answered and as shed."""
         if self.metrics is not None and n:
-            self.metrics.count(REQUESTS, n, endpoint=self.endpoint, code="503")
-            self.metrics.count(SHED, n, endpoint=self.endpoint)
+            self.metrics.shed(self.endpoint, n)
 
     def _decode(self, request: Request, *, own: bool = False) -> InferRequest:
         """own: the replica's own reference requests, which no access rule or body limit is for."""

@@ -26,8 +26,8 @@ FLUSH_INTERVAL_S = 0.5
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 3 * HEARTBEAT_S
 #: Histogram bucket bounds, in seconds (per-stage latency) and in requests (batch sizes).
-SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SECONDS_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # -- the metric names (the exporter writes their HELP lines from the same table) ---------------------------------
 REQUESTS = "torchship_requests_total"
@@ -64,6 +64,11 @@ def _labels(**labels: str) -> Labels:
     return tuple(sorted(labels.items()))
 
 
+def bucket_bounds(name: str) -> tuple[float, ...]:
+    """A histogram's upper bounds (without +Inf): requests for batch sizes, seconds for everything else."""
+    return BATCH_BUCKETS if name == BATCH_REQUESTS else SECONDS_BUCKETS
+
+
 class Metrics:
     """One process's counters, histograms and gauges, and the thread that writes them to `path`."""
 
@@ -94,7 +99,7 @@ class Metrics:
         self._dirty.set()
 
     def observe(self, name: str, values: Iterable[float], **labels: str) -> None:
-        bounds = BATCH_BUCKETS if name == BATCH_REQUESTS else SECONDS_BUCKETS
+        bounds = bucket_bounds(name)
         key = (name, _labels(**labels))
         with self._lock:
             cells = self._histograms.setdefault(key, [0.0] * (len(bounds) + 2))
@@ -106,6 +111,12 @@ class Metrics:
                 cells[-2] += value
                 cells[-1] += 1
         self._dirty.set()
+
+    def shed(self, endpoint: str, n: int = 1) -> None:
+        """Requests answered 503 before the model (a full queue, a drain, a replica without parity): counted as
+        answered with 503 and as shed."""
+        self.count(REQUESTS, n, endpoint=endpoint, code="503")
+        self.count(SHED, n, endpoint=endpoint)
 
     def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:

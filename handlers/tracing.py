@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ SERVICE_NAME = "torchship"
 Marks = Mapping[str, tuple[float, float]]
 
 
-def _epoch_ns() -> Any:
+def _epoch_ns() -> Callable[[float], int]:
     """perf_counter seconds -> Unix nanoseconds, for spans recorded after the fact."""
     offset = time.time_ns() - int(time.perf_counter() * 1e9)
     return lambda pc: int(pc * 1e9) + offset

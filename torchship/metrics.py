@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from torchship.handlers.metrics import (
-    BATCH_BUCKETS,
-    BATCH_REQUESTS,
     METRICS,
     PARITY_CHECKED,
     PARITY_OK,
     PARITY_WORST_ABS,
-    SECONDS_BUCKETS,
     STALE_AFTER_S,
+    bucket_bounds,
 )
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -91,7 +89,7 @@ def collect(folder: Path, *, now: float | None = None) -> str:
 
 
 def _histogram_lines(name: str, labels: tuple[tuple[str, str], ...], cells: list[float]) -> list[str]:
-    bounds = BATCH_BUCKETS if name == BATCH_REQUESTS else SECONDS_BUCKETS
+    bounds = bucket_bounds(name)
     out, running = [], 0.0
     for bound, count in zip(bounds, cells, strict=False):
         running += count

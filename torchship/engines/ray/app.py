@@ -37,7 +37,7 @@ from torchship.handlers.codec import encode_error, inference_token, token_matche
 from torchship.handlers.core import EndpointCore, Reply, pick_device, probe_interval_s, server_timing
 from torchship.handlers.core import Request as CoreRequest
 from torchship.handlers.errors import ArtifactError, HandlerMismatch, TokenRefused
-from torchship.handlers.metrics import REQUESTS, SHED, Metrics
+from torchship.handlers.metrics import Metrics
 from torchship.handlers.names import (
     AUTHORIZATION_HEADER,
     DRAINING_MESSAGE,
@@ -255,16 +255,15 @@ class Ingress:
         self.draining = ""
         self.accepted = 0
         self.body_timeout_s = float(os.environ.get(BODY_TIMEOUT_ENV) or BODY_TIMEOUT_S)
-        #: The shed requests (a full queue, a drain) the replicas never see, counted as TorchServe's handler counts its own.
         self.tracing = Tracing.from_environ(os.environ)
+        #: The shed requests (a full queue, a drain) the replicas never see, counted as TorchServe's handler counts its own.
         self.metrics = Metrics.from_environ(os.environ, "ingress")
         if self.metrics is not None:
             self.metrics.start()
 
     def count_shed(self, name: str) -> None:
         if self.metrics is not None and name in self.endpoints:
-            self.metrics.count(REQUESTS, endpoint=name, code="503")
-            self.metrics.count(SHED, endpoint=name)
+            self.metrics.shed(name)
 
     def drain(self, stage: str) -> None:
         self.draining = stage
@@ -525,7 +524,7 @@ def app(args: dict[str, Any]) -> serve.Application:
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
             # With the parity probe on, the health check (the probe when due) runs often enough that a replica that
             # lost parity leaves the routing table well within PARITY_RETRY_S.
-            **({"health_check_period_s": PROBE_HEALTH_CHECK_S} if probe_on and mar.is_torchship else {}),
+            **({"health_check_period_s": PROBE_HEALTH_CHECK_S} if probe_on else {}),
         )
         digest = hashlib.sha256(mar.path.read_bytes()).hexdigest()
         handles[mar.path.stem] = deployment.bind(
