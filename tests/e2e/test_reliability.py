@@ -146,7 +146,7 @@ def test_a_short_soak_checks_every_answer_and_samples_memory(
     engines: dict[str, Engine], oracle: tuple[Oracle, dict[str, Signature]], engine: str
 ) -> None:
     pool = make_pool(oracle[0], sorted(oracle[1]), batches=(1, 2))
-    r = run_soak(rel.target_of(engines[engine]), engines[engine].pid, pool, requests_total=SOAK_REQUESTS)
+    r = run_soak(rel.target_of(engines[engine]), engines[engine].pid, pool, requests_total=SOAK_REQUESTS, sample_s=0.1)
     assert r.requests == SOAK_REQUESTS and r.failed == 0 and r.wrong_answers == 0
     assert len(r.samples) >= 3 and min(m for _, m in r.samples) > 100  # the whole server tree, workers included
     assert r.growth < SOAK_GROWTH_LIMIT, r.as_dict() | {"samples": r.samples[-5:]}

@@ -358,8 +358,10 @@ def run_soak(
     done = threading.Event()
 
     def sampler() -> None:
-        while not done.is_set():
+        while True:  # one sample at the start, one every sample_s, and one after the last answer
             samples.append((round(time.monotonic() - t0, 2), round(tree_rss_bytes(server_pid) / 2**20, 1)))
+            if done.is_set():
+                return
             done.wait(sample_s)
 
     def progress(count: int) -> None:
