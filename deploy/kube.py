@@ -34,6 +34,7 @@ from torchship.settings import (
     FLUSH_TIMEOUT_S,
     POD_WINDOW_S,
     RAY_SERVE_CONFIG,
+    RAY_SERVE_DEFAULTS,
     STOP_ALLOWANCE_S,
     config_file,
     default_body_limit_bytes,
@@ -290,6 +291,23 @@ def ray_ports(objs: list[dict[str, Any]], expected_serve: dict[str, Any]) -> lis
         exposed = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
         if exposed.get("serve") != port:
             problems.append(f"RayService {at}: container port 'serve' is {exposed.get('serve')}, Serve listens on {port}")
+    return problems
+
+
+def ray_serve_settings(objs: list[dict[str, Any]]) -> list[str]:
+    """Every Ray container of a RayService runs Ray Serve with torchship's measured settings (RAY_SERVE_DEFAULTS):
+    Serve reads them at import in each Ray process, so a container without them serves the slow design."""
+    problems = []
+    for service in (o for o in objs if o["kind"] == "RayService"):
+        for at, template in _pod_templates(service):
+            for container in template["spec"]["containers"]:
+                if not container["name"].startswith("ray-"):
+                    continue
+                for name, value in RAY_SERVE_DEFAULTS.items():
+                    env = _env(container, name)
+                    if env is None or env.get("value") != value:
+                        found = "unset" if env is None else repr(env.get("value"))
+                        problems.append(f"RayService {at}: container {container['name']}: {name} is {found}, not {value!r}")
     return problems
 
 
@@ -648,6 +666,10 @@ def check(
         ]
         detail = "rules and dashboard ask only for exported metrics; every metrics-writing pod has its exporter, scraped"
         record("monitoring", sorted(set(problems)), detail)
+    if serving:
+        problems = [f"{overlay}: {p}" for overlay, objs in serving.items() for p in ray_serve_settings(objs)]
+        detail = ", ".join(f"{k}={v}" for k, v in RAY_SERVE_DEFAULTS.items()) + " in every Ray container"
+        record("ray serve settings", problems, detail)
     if serving:
         limit = default_body_limit_bytes()
         problems = [f"{overlay}: {p}" for overlay, objs in serving.items() for p in body_limits(objs)]

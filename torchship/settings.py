@@ -36,6 +36,12 @@ FLUSH_TIMEOUT_S = 20.0
 #: and stop took 2.6 s in `make reliability`; generous, since a slow node is slower).
 STOP_ALLOWANCE_S = 10.0
 
+#: Ray Serve's settings for every Ray torchship runs (`torchship serve ray`, and the RayService's Ray containers, which
+#: `deploy check` holds to these), each measured in `make bench`'s design table (docs/benchmarks.md): Ray 2.60's
+#: throughput bundle (direct ingress, gRPC between replicas, user code and the router on the replica's own loop,
+#: buffered request logs, GC frozen after start) and HAProxy on Serve's port in front of the ingress replicas.
+RAY_SERVE_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
 
 def packaged_configs() -> Path:
     """The configs/ folder inside the installed package."""

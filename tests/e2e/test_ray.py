@@ -342,3 +342,28 @@ def test_stock_oip_clients_tritonclient_and_kserve(ray_server: RayServer, ray_st
     for kind in ("json", "binary"):
         assert ks[kind]["y"]["shape"] == [3, 256], ks[kind]
         oip.assert_eager(ks[kind]["y"]["data"], x, ray_store, f"kserve {kind}")
+
+
+# -- the front door (docs/benchmarks.md, Ray Serve's design space): HAProxy on the port, or Serve's proxy without it
+
+
+def test_the_port_is_haproxys_in_front_of_the_ingress_replica(ray_server: RayServer) -> None:
+    import psutil
+
+    port = int(ray_server.url.rsplit(":", 1)[1])
+    owners = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert {psutil.Process(pid).name() for pid in owners if pid} == {"haproxy"}
+    # ... and requests get through it: the ingress replica's own ready route, every endpoint served.
+    assert requests.get(f"{ray_server.url}/v2/health/ready", timeout=10).json() == {"ready": True}
+
+
+def test_without_haproxy_serve_ray_says_so_and_serves_through_serves_proxy(artifacts_dir: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    archive_models(["simple_cnn"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
+    env = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "no-haproxy-here")}
+    with serve_command("ray", store, workdir=tmp_path / "ray", env=env) as server:
+        text = " ".join(server.printed().split())  # the console wraps long lines
+        assert "note: Ray Serve: no HAProxy binary" in text and "Serve's own proxy serves the port" in text, text[-2000:]
+        report = tmp_path / "verify.json"
+        run_cli("verify", "--engine", "ray", "--url", server.url, "--model-store", str(store), "--report", str(report))
+        assert json.loads(report.read_text())["passed"] is True

@@ -407,3 +407,15 @@ def test_the_kserve_overlays_carry_the_pods_security_settings_and_token() -> Non
             assert predictor["model"]["storageUri"] != "pvc://torchship-kserve-store/"
         else:
             assert c["image"].endswith("-cpu") and "nvidia.com/gpu" not in c["resources"]["limits"]
+
+
+def test_a_ray_container_without_torchships_serve_settings_fails(k8s_copy: Path) -> None:
+    """A RayService worker running Ray's stock Serve settings would serve the slow design (docs/benchmarks.md)."""
+    text = (k8s_copy / "base/ray/rayservice.yaml").read_text()
+    worker = text.index("- name: ray-worker")
+    at = text.index("- name: RAY_SERVE_ENABLE_HA_PROXY", worker)
+    edited = text[:at] + text[at:].replace('value: "1"', 'value: "0"', 1)
+    (k8s_copy / "base/ray/rayservice.yaml").write_text(edited)
+    steps = {s.name: s for s in check(k8s_copy, lint=False, versions=NEWEST)}
+    assert steps["ray serve settings"].passed is False
+    assert "container ray-worker: RAY_SERVE_ENABLE_HA_PROXY is '0', not '1'" in steps["ray serve settings"].detail

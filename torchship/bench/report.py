@@ -62,6 +62,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += foreign_table(srv.get("foreign", {}))
     lines += models_table(srv["engines"])
     lines += ray_sweep_table(srv["engines"])
+    lines += design_table(srv.get("design", []))
     lines += profile_table(srv["engines"])
     lines += ["", "| engine | batching | clients | img/s | p50 ms | p99 ms | requests | verified | errors | wrong |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -199,6 +200,31 @@ def models_table(engines: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {r['endpoint']} | {r['format']} | {r['inprocess_p50_ms']:.2f} | {seq['p50_ms']:.2f} / "
                      f"{seq['p99_ms']:.2f} | {r['overhead_p50_ms']:.2f} | {load['rows_per_s']:.1f} ({r['clients']}) "
                      f"| {seq['errors'] + load['errors']} | {seq['wrong'] + load['wrong']} |")  # fmt: skip
+    return lines
+
+
+def design_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Ray Serve's design space (bench/design.py), one Ray start per variant, the same store and requests."""
+    if not rows:
+        return []
+    clients = [r["clients"] for r in next((row["load"] for row in rows if "load" in row), [])]
+    heads = " | ".join(f"{c} clients, img/s (x in-process batched; x own peak)" for c in clients)
+    lines = ["", "### Ray Serve's design space (each variant in a Ray start of its own; two endpoints; binary bodies)", "",
+             f"| variant | how | overhead p50, batch 1 3x32x32 | {heads} | resident memory | errors / wrong |",
+             "|---|---|---|" + "---|" * len(clients) + "---|---|"]  # fmt: skip
+    for row in rows:
+        if "failed" in row:
+            lines.append(f"| {row['variant']} | {row['note']} | did not start: {row['failed']} |" + " |" * (len(clients) + 2))
+            continue
+        loads = " | ".join(
+            f"{t['rows_per_s']:.0f} ({t['x_inprocess_batched']:.2f}x; {t['x_own_peak']:.2f}x)" for t in row["load"]
+        )
+        bad = [sum(t[k] for t in [row["sequential"], *row["load"]]) for k in ("errors", "wrong")]
+        lines.append(f"| {row['variant']} | {row['note']} | {row['overhead_p50_ms']:.2f} ms | {loads} | {row['rss_mib']:.0f} MiB "
+                     f"| {bad[0]} / {bad[1]} |")  # fmt: skip
+    for row in [r for r in rows if "processes_mib" in r and (r is rows[0] or r.get("default"))]:
+        parts = ", ".join(f"{name} {mib:.0f}" for name, mib in row["processes_mib"].items())
+        lines += ["", f"Resident MiB per process, {row['variant']}: {parts}."]
     return lines
 
 

@@ -70,6 +70,8 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         if engine.metrics_dir is not None:
             exporter = MetricsServer(engine.metrics_dir, port=args.metrics_port).start()
             out.print(f"metrics (Prometheus text, the same names on both engines): {exporter.url}")
+        for note in engine.notes() if isinstance(engine, RayServe) else ():
+            err.print(f"[yellow]note:[/] {escape(note)}")
         if isinstance(engine, RayServe) and engine.grpc_port:
             out.print(f"OIP gRPC (inference.GRPCInferenceService) on port {engine.grpc_port}")
             # Ray 2.60's gRPC proxy binds [::]:<port>; its gRPCOptions has no host.

