@@ -20,6 +20,8 @@ import pytest
 from tests.helpers import REPO
 from torchship.archive.build import archive_default_endpoint, load_model_config
 from torchship.engines.base import free_port
+from torchship.engines.ray.launcher import haproxy_files
+from torchship.settings import RAY_SERVE_DEFAULTS
 
 RAY = Path(sys.executable).parent / "ray"
 
@@ -105,7 +107,8 @@ def test_replicas_on_both_nodes_answer_correctly(artifacts_dir: Path, tmp_path: 
     temp = Path(f"/tmp/ts-ray-{secrets.token_hex(3)}")  # short: Ray's socket paths must fit in 107 bytes
     port = free_port()
     # Ray token auth on for every process of the cluster (head, worker, driver), with one per-test token.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0",
+           **RAY_SERVE_DEFAULTS, **haproxy_files(temp / "haproxy")}  # HAProxy and the bundle, as a RayService  # fmt: skip
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     head = _start_node(
         ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp), *common],
@@ -121,7 +124,8 @@ def test_replicas_on_both_nodes_answer_correctly(artifacts_dir: Path, tmp_path: 
             cwd=REPO, env=env, capture_output=True, text=True, timeout=420, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:] + (tmp_path / "head.log").read_text()[-2000:]
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Ray's raylet may print a line of its own after the driver's report.
+        result = json.loads(next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")))
     finally:
         if worker is not None:
             _stop(worker)

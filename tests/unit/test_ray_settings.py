@@ -6,7 +6,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from torchship.engines.ray.launcher import NO_HAPROXY, SERVE_DEFAULTS, apply_serve_settings, haproxy_binary
+from torchship.engines.ray.launcher import NO_HAPROXY, SERVE_DEFAULTS, apply_serve_settings, haproxy_binary, local_settings
 
 
 def test_the_default_is_haproxy_with_the_throughput_bundle_and_a_short_ingress_drain() -> None:
@@ -35,9 +35,11 @@ def test_without_haproxy_serves_proxy_takes_the_port_and_says_so(tmp_path: Path)
     assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == SERVE_DEFAULTS["RAY_SERVE_THROUGHPUT_OPTIMIZED"]
 
 
-def test_haproxys_files_stay_in_this_rays_own_folder(tmp_path: Path) -> None:
+def test_haproxys_files_and_ports_are_this_rays_own(tmp_path: Path) -> None:
     environ: dict[str, str] = {}
-    apply_serve_settings(environ, tmp_path / "haproxy")
-    paths = [v for k, v in environ.items() if k.startswith("RAY_SERVE_HAPROXY_") and k != "RAY_SERVE_HAPROXY_BINARY_PATH"]
+    apply_serve_settings(environ, local_settings(tmp_path))
+    paths = [v for k, v in environ.items() if k.startswith("RAY_SERVE_HAPROXY_") and not k.endswith("_PORT")]
     assert len(paths) == 5 and all(Path(p).is_relative_to(tmp_path / "haproxy") for p in paths)
     assert all(len(p) < 100 for p in paths if p.endswith(".sock"))  # a unix socket's path must fit in 108 bytes
+    ports = {environ[k] for k in environ if k.endswith("_PORT")}
+    assert len(ports) == 4 and not ports & {"8500", "9500", "9101", "8404"}  # Ray's fixed ones

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -94,6 +95,8 @@ class Settings:
     design: tuple[Variant, ...] = DESIGN_VARIANTS
     design_requests: int = 200
     design_clients: tuple[int, ...] = (16, 64, 128)
+    #: LitServe and PyTriton (bench/peers/outside.py) from a virtual environment of their own, built on first use.
+    outside_peers: bool = True
 
 
 FULL = Settings(
@@ -127,6 +130,7 @@ QUICK = Settings(
     observe_requests=50,
     dashboard=False,
     design=QUICK_VARIANTS, design_requests=5, design_clients=(4,),
+    outside_peers=False,  # a 1.3 GB venv and two more servers: `make bench` only
 )  # fmt: skip
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224
@@ -284,6 +288,8 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                 e["peer"] = {k: v for k, v in doc["foreign"][name].items() if k != "rss_mib"}
             elif settings.peers_apart:
                 e["peer"] = peer_runs(run, name, model_file, Path(tmp), say)
+        if settings.outside_peers:
+            doc["outside"] = outside_runs(run, model_file, Path(tmp), say)
         if settings.design:
             design_store = Path(tmp) / "store-design"
             design_store.mkdir()
@@ -301,6 +307,62 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
             with engine("ray", sweep_store, Path(tmp) / "ray-sweep", **sweep_options) as (running, _):
                 doc["engines"]["ray"]["ray_sweep"] = ray_sweep(run, running, lambda text: say(f"ray: sweep {text}"))
         return doc
+
+
+def outside_runs(run: ServedRun, model_file: Path, tmp: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """LitServe and PyTriton on the same frozen file, with the endpoint's batch size and wait, each as its docs lead a
+    user: PyTriton gets the binary bodies torchship gets (Triton's own binary extension), LitServe JSON (what its
+    decode_request reads). Sequential batch 1 at 3x32x32, then `peer_clients` clients at 3x224x224, every answer
+    checked; each one's throughput against the in-process speed of the file it loads, batched."""
+    from torchship.bench.peers.outside import LitServePeer, PyTritonPeer, peers_python, why_not
+
+    batch = int(run.model_config.get("batchSize", 8))
+    wait_ms = float(run.model_config.get("maxBatchDelay", 5))
+    file_model = torch.jit.load(str(model_file)).eval()
+    x8 = torch.randn(batch, 3, SERVED_HW, SERVED_HW)
+    with torch.inference_mode():
+        timed = time_call(lambda: file_model(x8), min_time_s=0.5, min_iters=5, warmup=2)
+    inprocess = {"batch_rows_per_s": batch / (timed.p50_ms / 1000), "batch": batch,
+                 "batch1_32_ms": inprocess_ms(file_model, 32, run.settings.breakdown_requests)}  # fmt: skip
+    doc: dict[str, Any] = {"inprocess": inprocess, "peers": []}
+    try:
+        python = peers_python(Path(sys.prefix).parent, say=say)
+    except TorchshipError as exc:
+        doc["failed"] = why_not(exc)
+        say(f"outside peers: not run: {doc['failed']}")
+        return doc
+    binary32 = make_payloads(file_model, [(1, 3, 32, 32)] * 8, binary=True)
+    cores = os.cpu_count() or 1
+    configs: list[tuple[str, Callable[[Path], Engine], list[Any], list[Any], str]] = [
+        ("LitServe, defaults", lambda w: LitServePeer(model_file, w, python=python, max_batch_size=batch,
+                                                      batch_timeout_s=wait_ms / 1000),
+         run.json32, run.json224, "JSON"),
+        (f"LitServe, workers_per_device={cores} + fast_queue", lambda w: LitServePeer(
+            model_file, w, python=python, max_batch_size=batch, batch_timeout_s=wait_ms / 1000,
+            workers_per_device=cores, fast_queue=True), run.json32, run.json224, "JSON"),
+        ("PyTriton (Triton 2.51), @batch + dynamic batcher", lambda w: PyTritonPeer(
+            model_file, w, python=python, max_batch_size=batch, max_queue_delay_us=int(wait_ms * 1000)),
+         binary32, run.small, "binary"),
+    ]  # fmt: skip
+    for i, (label, make, seq_payloads, load_payloads, body) in enumerate(configs):
+        try:
+            with make(tmp / f"outside-{i}") as peer:
+                seq = measure_load(peer.url, None, seq_payloads, run.tol, clients=1, duration_s=600,
+                                   max_requests=run.settings.breakdown_requests).summary()  # fmt: skip
+                load = measure_load(peer.url, None, load_payloads, run.tol, clients=run.settings.peer_clients,
+                                    duration_s=run.settings.load_seconds).summary()  # fmt: skip
+        except TorchshipError as exc:
+            doc["peers"].append({"peer": label, "failed": why_not(exc)})
+            say(f"outside peer {label}: not run: {why_not(exc)}")
+            continue
+        row = {"peer": label, "body": body, "sequential": seq, "overhead_p50_ms": seq["p50_ms"] - inprocess["batch1_32_ms"],
+               "clients": run.settings.peer_clients, "load": load,
+               "x_inprocess_batched": load["rows_per_s"] / inprocess["batch_rows_per_s"]}  # fmt: skip
+        doc["peers"].append(row)
+        say(f"outside peer {label}: batch-1 3x32x32 {body} p50 {seq['p50_ms']:.2f} ms (+{row['overhead_p50_ms']:.2f}); "
+            f"{row['clients']} clients {load['rows_per_s']:.1f} img/s = {row['x_inprocess_batched']:.2f}x in-process "
+            f"batched; errors {seq['errors'] + load['errors']}, wrong {seq['wrong'] + load['wrong']}")  # fmt: skip
+    return doc
 
 
 @dataclass(frozen=True)
@@ -515,6 +577,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         if ours is not None and theirs is not None:
             text = "ray: per-request overhead <= TorchServe's in the same run (batch 1, 3x32x32, binary, batching off)"
             out.append(_target(text, ours / theirs, "x", ours <= theirs))
+    out += outside_targets(srv)
     rows = doc["inprocess"]
     # What the default endpoint serves, in-process, against frozen TorchScript (simple_cnn, 224x224, batch 16).
     at16 = {r["variant"]: r["p50_ms"] for r in rows if r["workload"] == "simple_cnn@224" and r["batch"] == 16}
@@ -533,6 +596,30 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             if "compile" in by_variant:
                 rel = by_variant["aoti"]["p50_ms"] / by_variant["compile"]["p50_ms"]
                 out.append(_target(f"{label}: AOTInductor time within 10% of torch.compile", rel, "x", rel <= 1.1))
+    return out
+
+
+def outside_targets(srv: dict[str, Any]) -> list[dict[str, Any]]:
+    """torchship on each engine against the best outside peer: 16-client throughput as a multiple of each one's own
+    in-process batched speed, and the batch-1 overhead within 1.5x of the best peer's."""
+    peers = [p for p in srv.get("outside", {}).get("peers", []) if "failed" not in p]
+    if not peers:
+        return []
+    best_x = max(peers, key=lambda p: p["x_inprocess_batched"])
+    best_overhead = min(peers, key=lambda p: p["overhead_p50_ms"])
+    base = srv["inprocess"]["batch8_rows_per_s"]
+    out = []
+    for name, e in srv["engines"].items():
+        clients = best_x["clients"]
+        ours = next((t["rows_per_s"] / base for t in e["throughput"] if t["batching"] and t["clients"] == clients), None)
+        if ours is not None:
+            text = f"{name}: {clients} clients, x in-process batched, ahead of every outside peer (best: {best_x['peer']})"
+            out.append(_target(text, ours / best_x["x_inprocess_batched"], "x", ours > best_x["x_inprocess_batched"]))
+        overhead = small_overhead_ms(e)
+        if overhead is not None and best_overhead["overhead_p50_ms"] > 0:
+            ratio = overhead / best_overhead["overhead_p50_ms"]
+            text = f"{name}: batch-1 overhead within 1.5x of the best outside peer's ({best_overhead['peer']})"
+            out.append(_target(text, ratio, "x", ratio <= 1.5))
     return out
 
 

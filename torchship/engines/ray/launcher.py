@@ -10,6 +10,7 @@ and exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -284,16 +285,24 @@ def _on_sigterm(signum: int, _frame: object) -> None:
 
 def drain_app(window_s: float, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
     """The ingress reports not ready for `window_s` while it still answers, then answers new requests with a JSON 503;
-    return once no request it accepted is in flight (or after `timeout_s`)."""
+    Serve is shut down once no request it accepted is in flight (or after `timeout_s`). The handle is used from an
+    event loop: with Ray's router on the caller's loop (the throughput bundle), a handle outside one cannot send."""
+    asyncio.run(_drain_app(window_s, timeout_s))
+
+
+async def _drain_app(window_s: float, timeout_s: float) -> None:
     from ray import serve
 
-    ingress = serve.get_app_handle(APP_NAME)
-    ingress.drain.remote("not_ready").result(timeout_s=CONTROL_TIMEOUT_S)
-    time.sleep(window_s)
-    ingress.drain.remote("refusing").result(timeout_s=CONTROL_TIMEOUT_S)
-    deadline = time.monotonic() + timeout_s
-    while ingress.in_flight.remote().result(timeout_s=CONTROL_TIMEOUT_S) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    try:
+        ingress = serve.get_app_handle(APP_NAME)
+        await asyncio.wait_for(ingress.drain.remote("not_ready"), CONTROL_TIMEOUT_S)
+        await asyncio.sleep(window_s)
+        await asyncio.wait_for(ingress.drain.remote("refusing"), CONTROL_TIMEOUT_S)
+        deadline = time.monotonic() + timeout_s
+        while await asyncio.wait_for(ingress.in_flight.remote(), CONTROL_TIMEOUT_S) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:  # on the loop the handle's router runs on, which Serve's shutdown stops
+        await serve.shutdown_async()
 
 
 def _app_status(name: str) -> str:
@@ -416,12 +425,19 @@ def haproxy_files(folder: Path) -> dict[str, str]:
     }
 
 
-def apply_serve_settings(environ: dict[str, str] | os._Environ[str], haproxy_dir: Path | None = None) -> str | None:
-    """Set SERVE_DEFAULTS where the environment leaves them unset, before Ray Serve is imported (it reads them at
-    import, in every Ray process), with HAProxy's files in `haproxy_dir`. Without an HAProxy binary, Serve's own proxy
-    serves the port instead, with the rest of the bundle: the returned line says so."""
-    files = haproxy_files(haproxy_dir) if haproxy_dir is not None else {}
-    for name, value in {**SERVE_DEFAULTS, **INGRESS_DRAINING_S, **files}.items():
+def local_settings(ray_dir: Path) -> dict[str, str]:
+    """What one local Ray needs of its own beside others on the machine: HAProxy's files in its folder, and free ports
+    for what Ray would put on fixed ones (Serve's fallback proxy 8500 and 9500, HAProxy's metrics 9101 and stats 8404)."""
+    ports = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+             "RAY_SERVE_HAPROXY_STATS_PORT")  # fmt: skip
+    return {**haproxy_files(ray_dir / "haproxy"), **{name: str(free_port()) for name in ports}}
+
+
+def apply_serve_settings(environ: dict[str, str] | os._Environ[str], local: dict[str, str] | None = None) -> str | None:
+    """Set SERVE_DEFAULTS (and `local`) where the environment leaves them unset, before Ray Serve is imported (it reads
+    them at import, in every Ray process). Without an HAProxy binary, Serve's own proxy serves the port instead, with
+    the rest of the bundle: the returned line says so."""
+    for name, value in {**SERVE_DEFAULTS, **INGRESS_DRAINING_S, **(local or {})}.items():
         environ.setdefault(name, value)
     if environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or haproxy_binary(environ):
         return None
@@ -442,7 +458,7 @@ def app_builder(ref: str) -> Any:
 
 
 def serve_forever(args: argparse.Namespace) -> int:
-    if fallback := apply_serve_settings(os.environ, Path(args.ray_dir) / "haproxy"):
+    if fallback := apply_serve_settings(os.environ, local_settings(Path(args.ray_dir))):
         print(fallback, flush=True)
     import ray
     from ray import serve
@@ -504,8 +520,10 @@ def serve_forever(args: argparse.Namespace) -> int:
                 print(f"rollout: {rollout_app(app, app_args, url)}", flush=True)
     except DrainRequested:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        with contextlib.suppress(Exception):  # a failed drain still ends in the shutdown below
+        try:
             drain_app(args.drain_window_s)
+        except Exception as exc:  # a failed drain still ends in the shutdown below, said
+            print(f"Ray Serve: the drain failed ({type(exc).__name__}: {exc}); stopping now", flush=True)
         return 0
     except KeyboardInterrupt:
         return 0
