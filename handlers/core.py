@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -241,20 +242,28 @@ def test_drift(environ: Mapping[str, str], endpoint: str) -> tuple[float, float]
     return None
 
 
-def _drifted(model: Callable[..., Any], delta: float, after_s: float) -> Callable[..., Any]:
-    """The model with `delta` added to each of its floating-point outputs from after_s on (TEST_DRIFT_ENV only)."""
-    start = time.monotonic() + after_s
+class Drifted:
+    """The model with `delta` added to each of its floating-point outputs once the drift is on (TEST_DRIFT_ENV only).
+    With after_s 0 it is on from the load; otherwise the first parity probe after after_s turns it on, so the change
+    lands between batches, where the probe runs: a test then sees what the probe promises, and no race between the
+    drift's clock and a batch in flight."""
 
-    def run(*args: Any) -> Any:
-        raw = model(*args)
-        if time.monotonic() < start:
+    def __init__(self, model: Callable[..., Any], delta: float, after_s: float) -> None:
+        self.model, self.delta = model, delta
+        self.start = time.monotonic() + after_s
+        self.on = after_s <= 0
+        log.warning("%s is set: this process answers %+g off its model after %g s (a test hook)", TEST_DRIFT_ENV, delta, after_s)
+
+    def switch(self, now: float) -> None:
+        self.on = self.on or now >= self.start
+
+    def __call__(self, *args: Any) -> Any:
+        raw = self.model(*args)
+        if not self.on:
             return raw
         values = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw)
-        shifted = tuple(v + delta if v.is_floating_point() else v for v in values)
+        shifted = tuple(v + self.delta if v.is_floating_point() else v for v in values)
         return shifted[0] if isinstance(raw, torch.Tensor) else shifted
-
-    log.warning("%s is set: this process answers %+g off its model after %g s (a test hook)", TEST_DRIFT_ENV, delta, after_s)
-    return run
 
 
 def probe_interval_s(environ: Mapping[str, str], model_config: Mapping[str, Any] | None) -> float:
@@ -340,7 +349,7 @@ class EndpointCore:
         self.model: Callable[..., Any] = LOADERS[self.format](str(artifact), device, entry.get("options"))
         drift = test_drift(environ, self.endpoint)
         if drift is not None:
-            self.model = _drifted(self.model, *drift)
+            self.model = Drifted(self.model, *drift)
         self.topk: Callable[..., Any] | None = None
         topk_file = model_dir / TOPK_FILE
         if self.signature.task == "classifier" and topk_file.is_file():
@@ -356,6 +365,9 @@ class EndpointCore:
         #: Set once a probe found this process's answers off its references: it answers no request again.
         self.parity_lost: str | None = None
         self.next_probe = time.monotonic() + self.probe_interval_s
+        #: A probe and a batch never overlap (Ray health-checks from another thread than the one running batches): the
+        #: probe's verdict holds for every batch that starts after it.
+        self._turn = threading.Lock()
         if not self.parity.comparison.passed:
             refusal = ArtifactError(
                 f"{self.endpoint}: its answers on {device} differ from the archive's references: worst |diff| "
@@ -413,10 +425,16 @@ class EndpointCore:
         return check
 
     def probe(self, *, now: float | None = None) -> bool:
-        """Parity while serving, between batches: re-run the references once the probe interval has passed. False
-        once this process's answers left their references (it stays so: the engine replaces it)."""
-        now = time.monotonic() if now is None else now
+        """Parity while serving, between batches (a batch in flight finishes first): re-run the references once the
+        probe interval has passed. False once this process's answers left their references (it stays so: the engine
+        replaces it)."""
+        with self._turn:
+            return self._probe(time.monotonic() if now is None else now)
+
+    def _probe(self, now: float) -> bool:
         if self.parity_lost is None and self.probe_interval_s and now >= self.next_probe:
+            if isinstance(self.model, Drifted):
+                self.model.switch(now)
             self.parity = self.check_references(self.reference_file)
             self.next_probe = time.monotonic() + self.probe_interval_s
             worst = self.parity.comparison
@@ -441,11 +459,12 @@ class EndpointCore:
 
     def infer_batch(self, requests: Sequence[Request]) -> list[Reply]:
         """One reply per request, in order; a client's mistake fails only its own request."""
-        if not self.probe():
-            # Never a drifted answer: a 503 that says the request did not reach the model, so it may go elsewhere.
-            self.count_shed(len(requests))
-            return [self._parity_lost_reply() for _ in requests]
-        answered = self._answer(requests)
+        with self._turn:
+            if not self._probe(time.monotonic()):
+                # Never a drifted answer: a 503 that says the request did not reach the model, so it may go elsewhere.
+                self.count_shed(len(requests))
+                return [self._parity_lost_reply() for _ in requests]
+            answered = self._answer(requests)
         if self.metrics is not None:
             self._record(answered.replies, answered.timings, answered.handler_ms)
         if self.tracing is not None:

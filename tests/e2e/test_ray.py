@@ -360,10 +360,11 @@ def test_the_port_is_haproxys_in_front_of_the_ingress_replica(ray_server: RaySer
 def test_without_haproxy_serve_ray_says_so_and_serves_through_serves_proxy(artifacts_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     archive_models(["simple_cnn"], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
-    env = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "no-haproxy-here")}
+    env = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "no-haproxy-here"), TOKEN_ENV: TOKEN}
     with serve_command("ray", store, workdir=tmp_path / "ray", env=env) as server:
         text = " ".join(server.printed().split())  # the console wraps long lines
         assert "note: Ray Serve: no HAProxy binary" in text and "Serve's own proxy serves the port" in text, text[-2000:]
         report = tmp_path / "verify.json"
-        run_cli("verify", "--engine", "ray", "--url", server.url, "--model-store", str(store), "--report", str(report))
+        run_cli("verify", "--engine", "ray", "--url", server.url, "--token", TOKEN, "--model-store", str(store),
+                "--report", str(report))  # fmt: skip
         assert json.loads(report.read_text())["passed"] is True
