@@ -350,9 +350,11 @@ def test_stock_oip_clients_tritonclient_and_kserve(ray_server: RayServer, ray_st
 def test_the_port_is_haproxys_in_front_of_the_ingress_replica(ray_server: RayServer) -> None:
     import psutil
 
-    port = int(ray_server.url.rsplit(":", 1)[1])
-    owners = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-    assert {psutil.Process(pid).name() for pid in owners if pid} == {"haproxy"}
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    for address in (ray_server.url.removeprefix("http://"), ray_server.grpc_address):  # REST and OIP gRPC
+        port = int(address.rsplit(":", 1)[1])
+        owners = {(c.laddr.ip, psutil.Process(c.pid).name()) for c in listening if c.laddr.port == port and c.pid}
+        assert owners == {("127.0.0.1", "haproxy")}, (address, owners)
     # ... and requests get through it: the ingress replica's own ready route, every endpoint served.
     assert requests.get(f"{ray_server.url}/v2/health/ready", timeout=10).json() == {"ready": True}
 

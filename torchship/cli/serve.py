@@ -70,13 +70,21 @@ def cmd_serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         if engine.metrics_dir is not None:
             exporter = MetricsServer(engine.metrics_dir, port=args.metrics_port).start()
             out.print(f"metrics (Prometheus text, the same names on both engines): {exporter.url}")
-        for note in engine.notes() if isinstance(engine, RayServe) else ():
+        notes = engine.notes() if isinstance(engine, RayServe) else []
+        for note in notes:
             err.print(f"[yellow]note:[/] {escape(note)}")
         if isinstance(engine, RayServe) and engine.grpc_port:
             out.print(f"OIP gRPC (inference.GRPCInferenceService) on port {engine.grpc_port}")
-            # Ray 2.60's gRPC proxy binds [::]:<port>; its gRPCOptions has no host.
+            # Ray 2.60's gRPC servers take no host: its gRPC proxy (no HAProxy) binds [::]:<port>, and behind HAProxy
+            # (which binds 127.0.0.1:<port>) the ingress replica's own gRPC server binds [::] on a port from its range.
+            where = (
+                "Ray's gRPC proxy listens on every interface, not only 127.0.0.1"
+                if notes
+                else "the ingress replica's own gRPC server, which HAProxy forwards to, listens on every interface "
+                "(a port from Ray's 40000-41000 range)"
+            )
             err.print(
-                "[yellow]note:[/] Ray's gRPC proxy listens on every interface, not only 127.0.0.1"
+                f"[yellow]note:[/] {where}"
                 + ("" if token else f"; with no {TOKEN_ENV}, anyone who reaches the port can run inference")
             )
         out.print("Ctrl-C or SIGTERM drains it (finishes what it accepted) and stops it; a second one stops it at once.")
