@@ -34,10 +34,10 @@ from torchship.settings import (
     FLUSH_TIMEOUT_S,
     POD_WINDOW_S,
     RAY_SERVE_CONFIG,
-    RAY_SERVE_DEFAULTS,
     STOP_ALLOWANCE_S,
     config_file,
     default_body_limit_bytes,
+    ray_serve_env,
     read_properties,
 )
 
@@ -295,15 +295,16 @@ def ray_ports(objs: list[dict[str, Any]], expected_serve: dict[str, Any]) -> lis
 
 
 def ray_serve_settings(objs: list[dict[str, Any]]) -> list[str]:
-    """Every Ray container of a RayService runs Ray Serve with torchship's measured settings (RAY_SERVE_DEFAULTS):
-    Serve reads them at import in each Ray process, so a container without them serves the slow design."""
+    """Every Ray container of a RayService runs Ray Serve with torchship's measured settings and the replicas' gRPC
+    message limit for the body limit (settings.ray_serve_env): Serve reads them at import in each Ray process, so a
+    container without them serves the slow design, or fails every request above 4 MiB."""
     problems = []
     for service in (o for o in objs if o["kind"] == "RayService"):
         for at, template in _pod_templates(service):
             for container in template["spec"]["containers"]:
                 if not container["name"].startswith("ray-"):
                     continue
-                for name, value in RAY_SERVE_DEFAULTS.items():
+                for name, value in ray_serve_env(default_body_limit_bytes()).items():
                     env = _env(container, name)
                     if env is None or env.get("value") != value:
                         found = "unset" if env is None else repr(env.get("value"))
@@ -668,7 +669,7 @@ def check(
         record("monitoring", sorted(set(problems)), detail)
     if serving:
         problems = [f"{overlay}: {p}" for overlay, objs in serving.items() for p in ray_serve_settings(objs)]
-        detail = ", ".join(f"{k}={v}" for k, v in RAY_SERVE_DEFAULTS.items()) + " in every Ray container"
+        detail = ", ".join(f"{k}={v}" for k, v in ray_serve_env(default_body_limit_bytes()).items()) + " in every Ray container"
         record("ray serve settings", problems, detail)
     if serving:
         limit = default_body_limit_bytes()

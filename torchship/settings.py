@@ -41,6 +41,15 @@ STOP_ALLOWANCE_S = 10.0
 #: throughput bundle (direct ingress, gRPC between replicas, user code and the router on the replica's own loop,
 #: buffered request logs, GC frozen after start) and HAProxy on Serve's port in front of the ingress replicas.
 RAY_SERVE_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+#: The bundle sends requests between replicas over gRPC, whose replica servers take 4 MiB messages by default: every
+#: request above that failed with a 500 (found by the bench's 9 MiB bodies). The limit follows the body limit.
+RAY_SERVE_MESSAGE_LIMIT_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+
+
+def ray_serve_env(body_limit_bytes: int) -> dict[str, str]:
+    """RAY_SERVE_DEFAULTS and the replica's gRPC message limit for a body limit: FRONTEND_LIMIT_FACTOR times it, room
+    for the request's headers and a reply larger than the request."""
+    return {**RAY_SERVE_DEFAULTS, RAY_SERVE_MESSAGE_LIMIT_ENV: str(body_limit_bytes * FRONTEND_LIMIT_FACTOR)}
 
 
 def packaged_configs() -> Path:

@@ -21,7 +21,7 @@ from tests.helpers import REPO
 from torchship.archive.build import archive_default_endpoint, load_model_config
 from torchship.engines.base import free_port
 from torchship.engines.ray.launcher import haproxy_files
-from torchship.settings import RAY_SERVE_DEFAULTS
+from torchship.settings import default_body_limit_bytes, ray_serve_env
 
 RAY = Path(sys.executable).parent / "ray"
 
@@ -107,8 +107,10 @@ def test_replicas_on_both_nodes_answer_correctly(artifacts_dir: Path, tmp_path: 
     temp = Path(f"/tmp/ts-ray-{secrets.token_hex(3)}")  # short: Ray's socket paths must fit in 107 bytes
     port = free_port()
     # Ray token auth on for every process of the cluster (head, worker, driver), with one per-test token.
+    # HAProxy and the throughput bundle on every node, as the RayService's containers run them.
+    serve_env = {**ray_serve_env(default_body_limit_bytes()), **haproxy_files(temp / "haproxy")}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0",
-           **RAY_SERVE_DEFAULTS, **haproxy_files(temp / "haproxy")}  # HAProxy and the bundle, as a RayService  # fmt: skip
+           **serve_env}  # fmt: skip
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     head = _start_node(
         ["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp), *common],

@@ -37,9 +37,11 @@ def test_without_haproxy_serves_proxy_takes_the_port_and_says_so(tmp_path: Path)
 
 def test_haproxys_files_and_ports_are_this_rays_own(tmp_path: Path) -> None:
     environ: dict[str, str] = {}
-    apply_serve_settings(environ, local_settings(tmp_path))
+    apply_serve_settings(environ, local_settings(tmp_path, 2**20))
     paths = [v for k, v in environ.items() if k.startswith("RAY_SERVE_HAPROXY_") and not k.endswith("_PORT")]
     assert len(paths) == 5 and all(Path(p).is_relative_to(tmp_path / "haproxy") for p in paths)
     assert all(len(p) < 100 for p in paths if p.endswith(".sock"))  # a unix socket's path must fit in 108 bytes
     ports = {environ[k] for k in environ if k.endswith("_PORT")}
     assert len(ports) == 4 and not ports & {"8500", "9500", "9101", "8404"}  # Ray's fixed ones
+    # gRPC between replicas takes the body limit (Ray's default, 4 MiB, failed every larger request)
+    assert int(environ["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) >= 2**20

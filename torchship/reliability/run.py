@@ -317,7 +317,11 @@ def listening_addresses(pids: Sequence[int]) -> list[str]:
     found: set[str] = set()
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            for c in psutil.Process(pid).net_connections(kind="inet"):
+            proc = psutil.Process(pid)
+            # psutil 6 renamed connections(); 5.9 (what torchserve pins) has only the old name, and a `ray` import can
+            # put Ray's own newer psutil first, so the name in use depends on import order.
+            connections = getattr(proc, "net_connections", None) or proc.connections
+            for c in connections(kind="inet"):
                 if c.status == psutil.CONN_LISTEN and c.laddr:
                     found.add(f"{c.laddr.ip}:{c.laddr.port}")
     return sorted(found)

@@ -30,7 +30,7 @@ import requests
 from torchship.engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, refusal_in
 from torchship.errors import NotReady
 from torchship.handlers.names import LOAD_REFUSED_MARKER, PARITY_LOST_MARKER, TOKEN_ENV
-from torchship.settings import RAY_SERVE_DEFAULTS
+from torchship.settings import RAY_SERVE_DEFAULTS, ray_serve_env
 
 APP_NAME = "torchship"
 #: The application builder the child runs (`module:function`, called with the app's args dict).
@@ -425,12 +425,17 @@ def haproxy_files(folder: Path) -> dict[str, str]:
     }
 
 
-def local_settings(ray_dir: Path) -> dict[str, str]:
+def local_settings(ray_dir: Path, body_limit_bytes: int) -> dict[str, str]:
     """What one local Ray needs of its own beside others on the machine: HAProxy's files in its folder, and free ports
-    for what Ray would put on fixed ones (Serve's fallback proxy 8500 and 9500, HAProxy's metrics 9101 and stats 8404)."""
+    for what Ray would put on fixed ones (Serve's fallback proxy 8500 and 9500, HAProxy's metrics 9101 and stats 8404);
+    and the replicas' gRPC message limit for this body limit (settings.ray_serve_env)."""
     ports = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
              "RAY_SERVE_HAPROXY_STATS_PORT")  # fmt: skip
-    return {**haproxy_files(ray_dir / "haproxy"), **{name: str(free_port()) for name in ports}}
+    return {
+        **ray_serve_env(body_limit_bytes),
+        **haproxy_files(ray_dir / "haproxy"),
+        **{name: str(free_port()) for name in ports},
+    }
 
 
 def apply_serve_settings(environ: dict[str, str] | os._Environ[str], local: dict[str, str] | None = None) -> str | None:
@@ -458,7 +463,7 @@ def app_builder(ref: str) -> Any:
 
 
 def serve_forever(args: argparse.Namespace) -> int:
-    if fallback := apply_serve_settings(os.environ, local_settings(Path(args.ray_dir))):
+    if fallback := apply_serve_settings(os.environ, local_settings(Path(args.ray_dir), args.max_request_bytes)):
         print(fallback, flush=True)
     import ray
     from ray import serve
