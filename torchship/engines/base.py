@@ -37,6 +37,13 @@ _HANDED_OUT: set[int] = set()
 _HANDED_OUT_LOCK = threading.Lock()
 
 
+def reserve_ports(*ports: int | None) -> None:
+    """Ports another process of the same engine chose (the launcher's, handed to its child): free_port() in this
+    process never returns them, though the OS may offer them again once they are closed."""
+    with _HANDED_OUT_LOCK:
+        _HANDED_OUT.update(p for p in ports if p)
+
+
 def free_port() -> int:
     """A port the OS just handed out on 127.0.0.1 (bind to port 0), never one this process handed out before: an
     engine takes several at once (TorchServe five), and the OS may give a port it just closed again (seen: the

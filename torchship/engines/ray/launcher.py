@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import requests
 
-from torchship.engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, refusal_in
+from torchship.engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, refusal_in, reserve_ports
 from torchship.errors import NotReady
 from torchship.handlers.names import LOAD_REFUSED_MARKER, PARITY_LOST_MARKER, TOKEN_ENV
 from torchship.settings import RAY_SERVE_DEFAULTS, ray_serve_env
@@ -425,10 +425,12 @@ def haproxy_files(folder: Path) -> dict[str, str]:
     }
 
 
-def local_settings(ray_dir: Path, body_limit_bytes: int) -> dict[str, str]:
+def local_settings(ray_dir: Path, body_limit_bytes: int, taken: tuple[int, ...] = ()) -> dict[str, str]:
     """What one local Ray needs of its own beside others on the machine: HAProxy's files in its folder, and free ports
-    for what Ray would put on fixed ones (Serve's fallback proxy 8500 and 9500, HAProxy's metrics 9101 and stats 8404);
-    and the replicas' gRPC message limit for this body limit (settings.ray_serve_env)."""
+    for what Ray would put on fixed ones (Serve's fallback proxy 8500 and 9500, HAProxy's metrics 9101 and stats 8404),
+    none of them a port in `taken` (the engine's HTTP and gRPC ports, chosen by the parent and closed until HAProxy
+    binds them: the OS may offer them again here); and the replicas' gRPC message limit (settings.ray_serve_env)."""
+    reserve_ports(*taken)
     ports = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
              "RAY_SERVE_HAPROXY_STATS_PORT")  # fmt: skip
     return {
@@ -463,7 +465,8 @@ def app_builder(ref: str) -> Any:
 
 
 def serve_forever(args: argparse.Namespace) -> int:
-    if fallback := apply_serve_settings(os.environ, local_settings(Path(args.ray_dir), args.max_request_bytes)):
+    local = local_settings(Path(args.ray_dir), args.max_request_bytes, taken=(args.port, args.grpc_port))
+    if fallback := apply_serve_settings(os.environ, local):
         print(fallback, flush=True)
     import ray
     from ray import serve
