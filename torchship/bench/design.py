@@ -5,8 +5,6 @@ same two endpoints, with the same checked requests. What docs/benchmarks.md's de
 
 from __future__ import annotations
 
-import re
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +13,11 @@ from typing import Any
 import psutil
 
 from torchship.bench.served import BATCHED, UNBATCHED, Payload, engine, measure_load
-from torchship.engines.ray.launcher import SERVE_DEFAULTS
+from torchship.reliability.run import listening_addresses, process_tree
+from torchship.settings import RAY_SERVE_DEFAULTS
 
 #: Today's settings before this table: every Ray Serve default, Serve's proxy in front.
-STOCK = {name: "0" for name in SERVE_DEFAULTS}
+STOCK = {name: "0" for name in RAY_SERVE_DEFAULTS}
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class Variant:
     #: Send requests to the ingress replica's own port (direct ingress without HAProxy: the engine's port is still
     #: Serve's proxy, and the replica's port is picked by Ray from its range).
     replica_port: bool = False
-    #: torchship's default (launcher.SERVE_DEFAULTS on the torchship app).
+    #: torchship's default (settings.RAY_SERVE_DEFAULTS on the torchship app).
     default: bool = False
 
 
@@ -55,9 +54,9 @@ VARIANTS = (
     Variant("throughput bundle, direct ingress", {**STOCK, **THROUGHPUT},
             "RAY_SERVE_THROUGHPUT_OPTIMIZED=1, the ingress replica's own port", replica_port=True),
     Variant("HAProxy", {**STOCK, **HAPROXY}, "RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy on the engine's port"),
-    Variant("HAProxy + throughput bundle (default)", dict(SERVE_DEFAULTS), "torchship's default", default=True),
+    Variant("HAProxy + throughput bundle (default)", dict(RAY_SERVE_DEFAULTS), "torchship's default", default=True),
     Variant("one-hop app, Serve's proxy", STOCK, "the ingress runs the endpoint's core (bench/one_hop.py)", app=ONE_HOP),
-    Variant("one-hop app + throughput bundle, HAProxy", dict(SERVE_DEFAULTS), "the same, with torchship's default settings",
+    Variant("one-hop app + throughput bundle, HAProxy", dict(RAY_SERVE_DEFAULTS), "the same, with torchship's default settings",
             app=ONE_HOP),
 )  # fmt: skip
 QUICK_VARIANTS = (VARIANTS[0],)  # the main run serves the default; this row runs the variants' own settings
@@ -79,13 +78,10 @@ class Workloads:
 
 def replica_url(root_pid: int) -> str:
     """The HTTP port a direct-ingress replica of this Ray listens on (127.0.0.1, Ray's 30000-31000 range)."""
-    tree = {p.pid for p in psutil.Process(root_pid).children(recursive=True)}
-    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    for line in listening.splitlines():
-        port = re.search(r"127\.0\.0\.1:(3\d{4})\s", line)
-        pid = re.search(r"pid=(\d+)", line)
-        if port and pid and int(pid.group(1)) in tree and 30000 <= int(port.group(1)) <= 31000:
-            return f"http://127.0.0.1:{port.group(1)}"
+    for address in listening_addresses(process_tree(root_pid)):
+        host, port = address.rsplit(":", 1)
+        if host == "127.0.0.1" and 30000 <= int(port) <= 31000:
+            return f"http://{address}"
     raise RuntimeError("no direct-ingress replica port found among this Ray's processes")
 
 

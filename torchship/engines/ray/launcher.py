@@ -30,7 +30,7 @@ import requests
 from torchship.engines.base import DRAIN_TIMEOUT_S, DRAIN_WINDOW_S, Engine, free_port, refusal_in, reserve_ports
 from torchship.errors import NotReady
 from torchship.handlers.names import LOAD_REFUSED_MARKER, PARITY_LOST_MARKER, TOKEN_ENV
-from torchship.settings import RAY_SERVE_DEFAULTS, ray_serve_env
+from torchship.settings import ray_serve_env
 
 APP_NAME = "torchship"
 #: The application builder the child runs (`module:function`, called with the app's args dict).
@@ -50,14 +50,12 @@ STATUS_POLL_RUNNING_S = 10.0
 CANDIDATE_APP = "candidate"
 ROLLOUT_DEPLOY_TIMEOUT_S = 300.0
 SHUTDOWN_TIMEOUT_S = 30.0
-#: Ray Serve's settings for every Ray the child starts (settings.py); a variable already set in the environment wins.
-SERVE_DEFAULTS = RAY_SERVE_DEFAULTS
 #: With direct ingress Ray keeps a stopping ingress replica reachable 30 s at least, for a cloud load balancer to let it
 #: go. Here HAProxy is in front (it retries a refused connection on another replica) and the child drains the app
 #: itself first (drain_app): the drain window is enough, and every stop and rollout would otherwise wait 30 s more.
+INGRESS_DRAINING_S = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_WINDOW_S)}
 #: The start of the child's line when it runs without HAProxy (RayServe.notes, `torchship serve ray`).
 NO_HAPROXY = "Ray Serve: no HAProxy binary "
-INGRESS_DRAINING_S = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_WINDOW_S)}
 
 
 def short_tempdir() -> Path:
@@ -109,7 +107,7 @@ class RayServe(Engine):
         #: More Serve applications deployed beside the main one, each {"name", "app" (module:builder), "route_prefix",
         #: "args"}: what `make bench --quick` uses to serve the stock peer in the same Ray start.
         self.extra_apps = list(extra_apps or [])
-        #: Ray Serve settings for this start, over the environment's and SERVE_DEFAULTS (the bench's design table).
+        #: Ray Serve settings for this start, over the environment's and settings.RAY_SERVE_DEFAULTS (the bench's design table).
         self.serve_env = dict(serve_env or {})
         self.ray_dir: Path | None = None
         #: OIP v2 gRPC through Ray's gRPC proxy on this port (0: a free one; None: no gRPC).
@@ -440,11 +438,12 @@ def local_settings(ray_dir: Path, body_limit_bytes: int, taken: tuple[int, ...] 
     }
 
 
-def apply_serve_settings(environ: dict[str, str] | os._Environ[str], local: dict[str, str] | None = None) -> str | None:
-    """Set SERVE_DEFAULTS (and `local`) where the environment leaves them unset, before Ray Serve is imported (it reads
-    them at import, in every Ray process). Without an HAProxy binary, Serve's own proxy serves the port instead, with
-    the rest of the bundle: the returned line says so."""
-    for name, value in {**SERVE_DEFAULTS, **INGRESS_DRAINING_S, **(local or {})}.items():
+def apply_serve_settings(environ: dict[str, str] | os._Environ[str], local: dict[str, str]) -> str | None:
+    """Set this Ray's settings (local_settings: settings.RAY_SERVE_DEFAULTS among them) and the short ingress drain
+    where the environment leaves them unset, before Ray Serve is imported (it reads them at import, in every Ray
+    process). Without an HAProxy binary, Serve's own proxy serves the port instead, with the rest of the bundle: the
+    returned line says so."""
+    for name, value in {**INGRESS_DRAINING_S, **local}.items():
         environ.setdefault(name, value)
     if environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or haproxy_binary(environ):
         return None
