@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from tests.helpers import run_cli
-from torchship.bench.design import QUICK_VARIANTS
+from torchship.bench.design import NO_HAPROXY_BINARY, QUICK_VARIANTS
+from torchship.engines.ray.launcher import NO_HAPROXY
 
 
 def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifacts_dir: Path, tmp_path: Path) -> None:
@@ -80,19 +81,23 @@ def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifac
     assert all(r["verified"] == r["requests"] > 0 and r["errors"] == r["wrong"] == 0 for r in sweep), sweep
     assert all("queue_ms" in r for r in engines["torchserve"]["breakdown"])  # TorchServe's own counters
     assert all("ingress_ms" in r for r in engines["ray"]["breakdown"])  # the Ray app's ingress timing
-    # Ray Serve's design space: quick runs one variant (Ray's stock settings) in a Ray start of its own.
-    design = doc["served"]["design"]
-    assert [r["variant"] for r in design] == [v.label for v in QUICK_VARIANTS], design
-    assert [r["env"] for r in design] == [v.env for v in QUICK_VARIANTS]
-    for r in design:
-        assert "failed" not in r and r["rss_mib"] > 0 and r["processes_mib"], r
-        for s in [r["sequential"], *r["load"]]:
-            assert s["requests"] > 0 and s["verified"] == s["requests"] and s["errors"] == s["wrong"] == 0, r
+    # Ray Serve's design space: quick runs one variant in a Ray start of its own, torchship's defaults without an
+    # HAProxy binary: the child says so and Serve's own proxy serves the port (what a user without HAProxy gets).
+    (row,) = doc["served"]["design"]
+    assert (row["variant"], row["env"]) == (NO_HAPROXY_BINARY.label, NO_HAPROXY_BINARY.env) and QUICK_VARIANTS == (
+        NO_HAPROXY_BINARY,
+    )
+    assert "failed" not in row and row["rss_mib"] > 0 and row["processes_mib"], row
+    (note,) = row["notes"]
+    assert note.startswith(NO_HAPROXY) and "Serve's own proxy serves the port" in note, note
+    assert "haproxy" not in row["processes_mib"], row["processes_mib"]
+    for s in [row["sequential"], *row["load"]]:
+        assert s["requests"] > 0 and s["verified"] == s["requests"] and s["errors"] == s["wrong"] == 0, row
 
     assert {t["target"].split(":")[0] for t in doc["targets"]} >= {"torchserve", "ray"}
     for plot in doc["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(doc["plots"]) == 4
     md = (out / "bench.md").read_text()
-    assert "## Targets" in md and "## Served" in md and "QUICK" in md and "Ray Serve's design space" in md
+    assert "## Targets" in md and "## Served" in md and "QUICK" in md and "Ray Serve's design space" in md and NO_HAPROXY in md
     assert "report:" in proc.stdout

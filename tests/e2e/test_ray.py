@@ -16,7 +16,7 @@ from tests.e2e import oip
 from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
 from tests.helpers import assert_router_answers, run_cli, serve_command
 from torchship import __version__
-from torchship.archive.build import archive_default_endpoint, archive_models, load_model_config
+from torchship.archive.build import archive_models, load_model_config
 from torchship.archive.signing import write_key_pair
 from torchship.engines.base import free_port
 from torchship.handlers.codec import decode_response, encode_request
@@ -344,7 +344,8 @@ def test_stock_oip_clients_tritonclient_and_kserve(ray_server: RayServer, ray_st
         oip.assert_eager(ks[kind]["y"]["data"], x, ray_store, f"kserve {kind}")
 
 
-# -- the front door (docs/benchmarks.md, Ray Serve's design space): HAProxy on the port, or Serve's proxy without it
+# -- the front door (docs/benchmarks.md, Ray Serve's design space): HAProxy on the port (without a binary, Serve's proxy:
+# the quick bench's design row, tests/e2e/test_bench.py)
 
 
 def test_the_port_is_haproxys_in_front_of_the_ingress_replica(ray_server: RayServer) -> None:
@@ -357,13 +358,3 @@ def test_the_port_is_haproxys_in_front_of_the_ingress_replica(ray_server: RaySer
         assert owners == {("127.0.0.1", "haproxy")}, (address, owners)
     # ... and requests get through it: the ingress replica's own ready route, every endpoint served.
     assert requests.get(f"{ray_server.url}/v2/health/ready", timeout=10).json() == {"ready": True}
-
-
-def test_without_haproxy_serve_ray_says_so_and_serves_through_serves_proxy(artifacts_dir: Path, tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    archive_default_endpoint("dynamic_router", artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
-    env = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "no-haproxy-here"), TOKEN_ENV: TOKEN}
-    with serve_command("ray", store, workdir=tmp_path / "ray", env=env) as server:
-        text = " ".join(server.printed().split())  # the console wraps long lines
-        assert "note: Ray Serve: no HAProxy binary" in text and "Serve's own proxy serves the port" in text, text[-2000:]
-        assert_router_answers(server.url, TOKEN)

@@ -260,6 +260,8 @@ def design_table(rows: list[dict[str, Any]]) -> list[str]:
     for row in [r for r in rows if "processes_mib" in r and (r is rows[0] or r.get("default"))]:
         parts = ", ".join(f"{name} {mib:.0f}" for name, mib in row["processes_mib"].items())
         lines += ["", f"Resident MiB per process, {row['variant']}: {parts}."]
+    for row in rows:
+        lines += [f'{row["variant"]}: Ray said "{note}"' for note in row.get("notes", [])]
     return lines
 
 
