@@ -483,7 +483,7 @@ def run_reliability(
     operations checks (slow and flooding clients, soak, drain) on `torchship serve` of each engine."""
     engines: dict[str, dict[str, Any]] = {}
     access: dict[str, Any] = {}
-    for name in ENGINE_NAMES:
+    for name in reversed(ENGINE_NAMES):  # Ray first: a stopped run (tests/e2e/test_stop.py) reaches it soonest
         say(f"starting {name} on {model_store}")
         options = {"grpc_port": 0} if name == "ray" else {}  # the Ray app's OIP gRPC, on a free port
         with engine_for(name, model_store, workdir / name, **options) as engine:
@@ -525,8 +525,8 @@ def run_reliability(
         "torch_version": torch.__version__,
         "counts": asdict(counts),
         "limit_bytes": LIMIT_BYTES,
-        "summary": [summary_row(n, d) for n, d in engines.items()],
-        "engines": engines,
+        "summary": [summary_row(n, engines[n]) for n in ENGINE_NAMES],
+        "engines": {n: engines[n] for n in ENGINE_NAMES},
         "integrity": integrity,
         "signatures": signatures,
         "traversal": traversal,
