@@ -463,6 +463,8 @@ class EndpointCore:
             if not self._probe(time.monotonic()):
                 # Never a drifted answer: a 503 that says the request did not reach the model, so it may go elsewhere.
                 self.count_shed(len(requests))
+                if self.metrics is not None:
+                    self.metrics.flush()  # counted before the engine ends this process (the writer may be late)
                 return [self._parity_lost_reply() for _ in requests]
             answered = self._answer(requests)
         if self.metrics is not None:
