@@ -75,6 +75,9 @@ class Metrics:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        #: One writer at a time (the background thread, or a flush from the request path): a snapshot is never
+        #: renamed over a newer one, and two writers never share the temp file.
+        self._write_lock = threading.Lock()
         self._counters: dict[tuple[str, Labels], float] = {}
         self._histograms: dict[tuple[str, Labels], list[float]] = {}  # bucket counts..., then sum, then count
         self._gauges: dict[tuple[str, Labels], float] = {}
@@ -138,13 +141,14 @@ class Metrics:
 
     def flush(self) -> None:
         """Write the snapshot now (temp file + rename: a reader sees the old or the new file, never half of one)."""
-        self._dirty.clear()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
-            tmp.replace(self.path)
-        except OSError:
-            self._dirty.set()  # a full or vanished folder costs metrics, never a request; tried again next round
+        with self._write_lock:
+            self._dirty.clear()
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            try:
+                tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
+                tmp.replace(self.path)
+            except OSError:
+                self._dirty.set()  # a full or vanished folder costs metrics, never a request; tried again next round
 
     def start(self) -> None:
         """Write now and then keep writing in the background while anything changed (idempotent)."""

@@ -109,9 +109,11 @@ class TorchshipHandler:
 
     def _exit_between_batches(self) -> None:
         with self.busy:  # never in the middle of a batch: its requests would get TorchServe's "worker died"
-            if self.core is not None and self.core.metrics is not None:
-                self.core.metrics.flush()  # its last 503s counted: the background writer may not have run yet
-            os._exit(EXIT_PARITY_LOST)
+            try:
+                if self.core is not None and self.core.metrics is not None:
+                    self.core.metrics.flush()  # its last 503s counted: the background writer may not have run yet
+            finally:
+                os._exit(EXIT_PARITY_LOST)
 
     def _served_before_drain(self, requests: Sequence[Request]) -> int:
         """How many of the batch's requests to serve: all of them, unless a drain marker is among them or was seen."""

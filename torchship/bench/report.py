@@ -261,7 +261,7 @@ def design_table(rows: list[dict[str, Any]]) -> list[str]:
         parts = ", ".join(f"{name} {mib:.0f}" for name, mib in row["processes_mib"].items())
         lines += ["", f"Resident MiB per process, {row['variant']}: {parts}."]
     for row in rows:
-        lines += [f'{row["variant"]}: Ray said "{note}"' for note in row.get("notes", [])]
+        lines += [line for note in row.get("notes", []) for line in ("", f'{row["variant"]}: Ray said "{note}"')]
     return lines
 
 

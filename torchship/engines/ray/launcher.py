@@ -531,6 +531,8 @@ def serve_forever(args: argparse.Namespace) -> int:
         try:
             drain_app(args.drain_window_s)
             serve_down = True
+        except KeyboardInterrupt:  # SIGINT during the drain (a second Ctrl-C, an overrun): the quick stop now
+            serve_down = True
         except Exception as exc:  # a failed drain still ends in the shutdown below, said
             print(f"Ray Serve: the drain failed ({type(exc).__name__}: {exc}); stopping now", flush=True)
         return 0
