@@ -298,13 +298,14 @@ def ray_serve_settings(objs: list[dict[str, Any]]) -> list[str]:
     """Every Ray container of a RayService runs Ray Serve with torchship's measured settings and the replicas' gRPC
     message limit for the body limit (settings.ray_serve_env): Serve reads them at import in each Ray process, so a
     container without them serves the slow design, or fails every request above 4 MiB."""
+    expected = ray_serve_env(default_body_limit_bytes())  # config.properties read once, not per container
     problems = []
     for service in (o for o in objs if o["kind"] == "RayService"):
         for at, template in _pod_templates(service):
             for container in template["spec"]["containers"]:
                 if not container["name"].startswith("ray-"):
                     continue
-                for name, value in ray_serve_env(default_body_limit_bytes()).items():
+                for name, value in expected.items():
                     env = _env(container, name)
                     if env is None or env.get("value") != value:
                         found = "unset" if env is None else repr(env.get("value"))
