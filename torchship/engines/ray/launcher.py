@@ -46,6 +46,8 @@ CONTROL_TIMEOUT_S = 10.0
 #: measured on an idle app of 8 endpoints, polling every second kept 16.5% of a core busy in this process alone.
 STATUS_POLL_S = 1.0
 STATUS_POLL_RUNNING_S = 10.0
+#: How often deploy() reads Serve's status while the app deploys (a few seconds, once per start or left-out endpoint).
+DEPLOY_POLL_S = 0.25
 #: The candidate application a rollout (SIGHUP) deploys and gates before the serving app is redeployed.
 CANDIDATE_APP = "candidate"
 ROLLOUT_DEPLOY_TIMEOUT_S = 300.0
@@ -214,15 +216,26 @@ def replica_pids(endpoint: str) -> list[int]:
 
 
 def failed_deployments(status: Any, name: str = APP_NAME) -> dict[str, str]:
-    """{deployment: its reason} for each failed deployment when the app is DEPLOY_FAILED."""
+    """{deployment: its reason} for each failed deployment when the app is DEPLOY_FAILED, and for each deployment whose
+    replica refused to load its archive (LOAD_REFUSED_MARKER in its status) whatever the app's status: a refusal is
+    the archive's own (its integrity, signature, parity or handler), so Ray's constructor retries, each a new replica
+    loading the archive again, would only refuse again. Any other failure gets Ray's retries."""
     app = status.applications.get(name)
-    if app is None or app.status != "DEPLOY_FAILED":
+    if app is None:
         return {}
-    return {
-        name: refusal_in(d.message) or _last_line(d.message)
-        for name, d in sorted(app.deployments.items())
-        if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message
-    }
+    failed = {}
+    for deployment, d in sorted(app.deployments.items()):
+        if not d.message or d.status not in ("UPDATING", "DEPLOY_FAILED", "UNHEALTHY"):
+            continue
+        refused = refusal_in(d.message)
+        if refused or app.status == "DEPLOY_FAILED":
+            failed[deployment] = refused or _last_line(d.message)
+    return failed
+
+
+def _still_starting(app: Any, failed: dict[str, str]) -> bool:
+    """Whether a deployment of the app, other than the failed ones, is still starting its replicas."""
+    return any(d.status == "UPDATING" for name, d in app.deployments.items() if name not in failed)
 
 
 def deploy_failure(status: Any, name: str = APP_NAME) -> str | None:
@@ -385,15 +398,25 @@ def deploy(build: Any, app_args: dict[str, object], refusals: list[str] | None =
             application = build(app_args)
         except Exception as exc:  # no endpoint left, a bad argument: the app cannot exist
             return report(str(exc))
-        try:
-            serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
-            return report()
-        except RuntimeError as exc:  # Ray names the failed deployments; the reason is in their status
+        # Not serve.run: it waits until the app runs or Ray gives up on a deployment, which for a refused archive is
+        # after 3 replica starts; the refusal is final at the first (failed_deployments). The app runs again without
+        # the refused endpoints once every other deployment has started or failed too: running it again starts every
+        # deployment's replicas anew (Serve versions them per run), so each refusal found apart would cost a restart.
+        serve._run(application, name=APP_NAME, route_prefix="/", _blocking=False)
+        while True:
             status = serve.status()
+            app = status.applications.get(APP_NAME)
             failed = failed_deployments(status)
-            if not failed or "ingress" in failed:
-                return report(deploy_failure(status) or str(exc))
-            lines += leave_out(app_args, failed)
+            if app is not None and app.status == "RUNNING":
+                return report()
+            if app is not None and app.status == "DEPLOY_FAILED" and not failed:
+                return report(deploy_failure(status) or str(app.message))
+            if failed and app is not None and not _still_starting(app, failed):
+                break
+            time.sleep(DEPLOY_POLL_S)
+        if "ingress" in failed:
+            return report(deploy_failure(status) or f"ingress: {failed['ingress']}")
+        lines += leave_out(app_args, failed)
 
 
 def haproxy_binary(environ: dict[str, str] | os._Environ[str]) -> str | None:
@@ -486,7 +509,9 @@ def serve_forever(args: argparse.Namespace) -> int:
     # quick stop.
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    serve_down = False  # after a drain (drain_app shuts Serve down), or on SIGINT (the quick stop: Ray ends them all)
+    # After a drain (drain_app shuts Serve down), on SIGINT (the quick stop: Ray ends them all), or when the app failed
+    # (nothing to drain): Ray's own shutdown ends Serve's processes, about 3 s sooner than Serve's.
+    serve_down = False
     try:
         grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if args.grpc_port else None
         serve.start(http_options={"host": "127.0.0.1", "port": args.port}, grpc_options=grpc_options)
@@ -498,6 +523,7 @@ def serve_forever(args: argparse.Namespace) -> int:
             "max_request_bytes": args.max_request_bytes,
         }
         if not deploy(app, app_args):
+            serve_down = True
             return EXIT_DEPLOY_FAILED
         for extra in json.loads(args.extra_apps):  # a longer route prefix than "/" takes its paths from the main app
             extra_app = app_builder(extra["app"])(extra["args"])
@@ -517,8 +543,10 @@ def serve_forever(args: argparse.Namespace) -> int:
                 if failed := failed_deployments(status):
                     if "ingress" in failed:
                         print(f"Ray Serve: the torchship app failed: {deploy_failure(status)}", flush=True)
+                        serve_down = True
                         return EXIT_DEPLOY_FAILED
                     if not deploy(app, app_args, leave_out(app_args, failed)):
+                        serve_down = True
                         return EXIT_DEPLOY_FAILED
                 app_status = status.applications.get(APP_NAME)
                 running = app_status is not None and app_status.status == "RUNNING"
