@@ -6,18 +6,16 @@ torch + stdlib only: this module travels inside every .mar and runs on a stock T
 from __future__ import annotations
 
 import ctypes
-import hmac
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from .names import BEARER_PREFIX, TOKEN_ENV, TOKEN_FILE_ENV
+from .wire import split_body
 
 #: OIP v2 datatype names and the torch dtypes they map to.
 DATATYPES: Mapping[str, torch.dtype] = {
@@ -33,7 +31,6 @@ DATATYPES: Mapping[str, torch.dtype] = {
     "FP64": torch.float64,
 }
 DATATYPE_OF: Mapping[torch.dtype, str] = {v: k for k, v in DATATYPES.items()}
-EMPTY_BODY = "body is empty; POST an OIP v2 inference request"
 #: OIP's request fields, plus the `model_name` the KServe SDK's clients always send (a string; the path names the
 #: endpoint, as on KServe's own server).
 REQUEST_KEYS = frozenset({"id", "model_name", "inputs", "outputs", "parameters"})
@@ -139,42 +136,6 @@ def check_body_size(body: object, limit_bytes: int | None) -> None:
     """Refuse a body over the endpoint's limit with 413 (engines that parse the body first cannot be measured)."""
     if limit_bytes is not None and isinstance(body, (bytes, bytearray, str)) and len(body) > limit_bytes:
         raise PayloadTooLarge(f"body is {len(body)} bytes; the limit is {limit_bytes}")
-
-
-def _reject_constant(name: str) -> float:
-    raise BadRequest(f"JSON contains {name}, which is not valid JSON; send finite numbers")
-
-
-def parse_json(raw: bytes | bytearray | str) -> Any:
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
-        return json.loads(text, parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise BadRequest("body is not UTF-8 text; send JSON, or the binary extension with its header") from None
-    except RecursionError:
-        raise BadRequest("JSON is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-
-
-def split_body(body: bytes | bytearray | str | Mapping[str, Any], header_length: str | None) -> tuple[Any, bytes]:
-    """(JSON header object, binary tail). With the binary extension the first header_length bytes are JSON."""
-    if header_length is None:
-        if isinstance(body, Mapping):
-            return body, b""
-        if isinstance(body, (bytes, bytearray)) and not body:
-            raise BadRequest(EMPTY_BODY)
-        return parse_json(body), b""
-    try:
-        n = int(header_length)
-    except ValueError:
-        raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
-    raw = body.encode("utf-8") if isinstance(body, str) else body
-    if not isinstance(raw, (bytes, bytearray)):
-        raise BadRequest("the binary extension needs a raw body (Content-Type: application/octet-stream)")
-    if not 0 < n <= len(raw):
-        raise BadRequest(f"Inference-Header-Content-Length is {n} but the body has {len(raw)} bytes")
-    return parse_json(raw[:n]), bytes(raw[n:])
 
 
 def _expect(cond: bool, message: str) -> None:
@@ -411,30 +372,6 @@ def encode_request(
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
     }
-
-
-#: Where the shared inference token comes from when the engine itself cannot take one (TorchServe in Kubernetes
-#: generates its own random keys per pod, so a Secret's token is checked here; the Ray ingress uses the same).
-def inference_token(environ: Mapping[str, str]) -> str | None:
-    """The token from TORCHSHIP_INFERENCE_TOKEN, or from the file TORCHSHIP_INFERENCE_TOKEN_FILE names; None if unset."""
-    if token := environ.get(TOKEN_ENV, "").strip():
-        return token
-    if path := environ.get(TOKEN_FILE_ENV):
-        token = Path(path).read_text(encoding="utf-8").strip()
-        if not token:
-            raise ValueError(f"{TOKEN_FILE_ENV}={path} is empty")
-        return token
-    return None
-
-
-def token_matches(authorization: str | None, token: str) -> bool:
-    """Constant-time check of an `Authorization: Bearer <token>` header."""
-    given = authorization or ""
-    return given.startswith(BEARER_PREFIX) and hmac.compare_digest(given[len(BEARER_PREFIX) :].encode(), token.encode())
-
-
-def encode_error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode("utf-8")
 
 
 def decode_response(body: bytes, header_length: str | None = None) -> dict[str, Any]:

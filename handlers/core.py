@@ -15,26 +15,22 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .codec import (
-    EMPTY_BODY,
     InferRequest,
     Signature,
     check_body_size,
     check_content_type,
     decode_request,
     decode_response,
-    encode_error,
     encode_request,
     encode_response,
-    inference_token,
     model_metadata,
-    token_matches,
 )
 from .errors import ArtifactError, BadRequest, ClientError, NotFound, TokenRefused
 from .metrics import (
@@ -60,8 +56,6 @@ from .names import (
     MAX_REQUEST_BYTES_ENV,
     PARITY_LOST_HEADER,
     PARITY_LOST_MARKER,
-    PARITY_PROBE_ENV,
-    PARITY_PROBE_KEY,
     REFERENCE_FILE,
     TEST_DRIFT_CLAIM_ENV,
     TEST_DRIFT_ENV,
@@ -71,11 +65,19 @@ from .names import (
 )
 from .parity import Comparison, Tolerance, compare_all
 from .tracing import Tracing
+from .wire import (
+    BINARY_TYPE,
+    EMPTY_BODY,
+    JSON_TYPE,
+    Reply,
+    Request,
+    inference_token,
+    probe_interval_s,
+    server_timing,
+    token_matches,
+)
 
 log = logging.getLogger(__name__)
-
-JSON_TYPE = "application/json"
-BINARY_TYPE = "application/octet-stream"
 
 
 #: A TorchScript endpoint's load-time optimisation, recorded in the manifest (formats.torchscript.options.optimize)
@@ -186,23 +188,6 @@ def _ms_since(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def server_timing(phases: Mapping[str, float]) -> str:
-    """A W3C Server-Timing value: `decode;dur=0.052, model;dur=0.410, ...` (milliseconds)."""
-    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in phases.items())
-
-
-def parse_server_timing(value: str | None) -> dict[str, float]:
-    """The phases of a Server-Timing value (the inverse of `server_timing`; unknown parts are skipped)."""
-    phases: dict[str, float] = {}
-    for part in (value or "").split(","):
-        name, _, rest = part.strip().partition(";dur=")
-        try:
-            phases[name] = float(rest)
-        except ValueError:
-            continue
-    return phases
-
-
 @dataclass(frozen=True)
 class Answered:
     """One batch's replies and where its time went: per request the stages' milliseconds and (start, end) marks, the
@@ -264,50 +249,6 @@ class Drifted:
         values = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw)
         shifted = tuple(v + self.delta if v.is_floating_point() else v for v in values)
         return shifted[0] if isinstance(raw, torch.Tensor) else shifted
-
-
-def probe_interval_s(environ: Mapping[str, str], model_config: Mapping[str, Any] | None) -> float:
-    """Seconds between reference re-runs while serving: PARITY_PROBE_ENV, else the model config's
-    parityProbeIntervalS, else 0 (no probe)."""
-    raw = environ.get(PARITY_PROBE_ENV, "").strip() or (model_config or {}).get(PARITY_PROBE_KEY) or 0
-    try:
-        interval = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"{PARITY_PROBE_ENV} / {PARITY_PROBE_KEY} must be a number of seconds, got {raw!r}") from None
-    if interval < 0:
-        raise ValueError(f"{PARITY_PROBE_ENV} / {PARITY_PROBE_KEY} must be 0 (off) or more, got {interval:g}")
-    return interval
-
-
-@dataclass(frozen=True)
-class Request:
-    """One request as the engine received it: the body (bytes, or a JSON document the engine already parsed; None
-    when there was none) and the headers, names lower-cased."""
-
-    body: Any
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, body: Any, headers: Mapping[str, Any] | None) -> Request:
-        return cls(body, {str(k).lower(): str(v) for k, v in (headers or {}).items()})
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One answer: HTTP status, body, and headers (content-type included)."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("content-type", JSON_TYPE)
-
-    @classmethod
-    def error(cls, exc: ClientError | str, status: int | None = None) -> Reply:
-        code = status if status is not None else getattr(exc, "status", 500)
-        return cls(code, encode_error(str(exc)), {"content-type": JSON_TYPE})
 
 
 class EndpointCore:

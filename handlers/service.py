@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from .core import EndpointCore, Reply, Request, pick_device
+from .core import EndpointCore, pick_device
 from .names import DRAIN_FILE_ENV, DRAIN_HEADER, DRAINING_MESSAGE
+from .wire import Reply, Request
 
 #: A worker that lost parity exits this long after answering its last batch (the frontend has its replies by then),
 #: with this status, which TorchServe's log shows.

@@ -20,8 +20,9 @@ import torch
 
 from torchship import __version__
 from torchship.archive.mar import MarArchive
-from torchship.handlers.codec import EMPTY_BODY, encode_request
+from torchship.handlers.codec import encode_request
 from torchship.handlers.errors import TOKEN_FAILED
+from torchship.handlers.wire import EMPTY_BODY
 from torchship.models import ZOO
 from torchship.reliability.corpus import error_message
 from torchship.verify.load import HttpReply

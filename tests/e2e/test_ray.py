@@ -20,8 +20,8 @@ from torchship.archive.build import archive_models, load_model_config
 from torchship.archive.signing import write_key_pair
 from torchship.engines.base import free_port
 from torchship.handlers.codec import decode_response, encode_request
-from torchship.handlers.core import parse_server_timing
 from torchship.handlers.names import TOKEN_ENV
+from torchship.handlers.wire import parse_server_timing
 from torchship.models import ZOO
 
 TOKEN = "ray-e2e-token"

@@ -20,7 +20,7 @@ from torchship.archive.signing import write_key_pair
 from torchship.engines.torchserve import oip_agent
 from torchship.engines.torchserve.launcher import TorchServe
 from torchship.handlers.codec import decode_response, encode_request
-from torchship.handlers.core import parse_server_timing
+from torchship.handlers.wire import parse_server_timing
 from torchship.models import ZOO
 from torchship.verify.client import Client
 

@@ -15,7 +15,6 @@ from tests.conftest import unpack
 from tests.helpers import torchserve_context
 from torchship.archive.build import Endpoint
 from torchship.handlers.codec import decode_response, encode_request
-from torchship.handlers.core import parse_server_timing
 from torchship.handlers.errors import TOKEN_FAILED, ArtifactError
 from torchship.handlers.names import (
     DRAIN_FILE_ENV,
@@ -28,6 +27,7 @@ from torchship.handlers.names import (
     TOKEN_FILE_ENV,
 )
 from torchship.handlers.service import TorchshipHandler
+from torchship.handlers.wire import parse_server_timing
 from torchship.metrics import collect, parse_samples
 from torchship.parity import compare_all
 from torchship.spec import Tolerance

@@ -17,8 +17,8 @@ from torchship.handlers.codec import (
     encode_request,
     encode_response,
 )
-from torchship.handlers.core import parse_server_timing, server_timing
 from torchship.handlers.errors import BadRequest, ClientError, HandlerError, NotFound, PayloadTooLarge
+from torchship.handlers.wire import parse_server_timing, server_timing
 
 DTYPES = {
     "FP32": torch.float32,

@@ -14,7 +14,9 @@ import yaml
 from tritonclient.grpc import service_pb2 as pb
 
 from torchship.engines.ray.grpc_servicer import (
+    CONTENTS_FIELDS,
     METHODS,
+    RAW_ONLY_DATATYPES,
     SERVICE,
     GrpcRefusal,
     add_inference_servicer,
@@ -23,10 +25,10 @@ from torchship.engines.ray.grpc_servicer import (
     infer_response,
     parse,
 )
-from torchship.handlers.codec import Signature, decode_request, encode_response
-from torchship.handlers.core import Reply
+from torchship.handlers.codec import DATATYPES, Signature, decode_request, encode_response
 from torchship.handlers.errors import TOKEN_FAILED
 from torchship.handlers.names import BINARY_HEADER
+from torchship.handlers.wire import Reply
 
 REPO = Path(__file__).resolve().parents[2]
 SIGNATURE = Signature.from_manifest(
@@ -98,6 +100,16 @@ def test_typed_values_in_another_datatypes_field_are_refused() -> None:
     request.inputs[1].contents.ClearField("int64_contents")
     request.inputs[1].contents.int_contents.extend([1, 2])
     with pytest.raises(GrpcRefusal, match=r"INT64 values go in contents\.int64_contents"):
+        infer_body(request)
+
+
+def test_a_datatype_the_codec_takes_without_typed_contents_must_come_raw() -> None:
+    # The servicer names these without importing the codec (and torch); they are exactly the codec's datatypes that
+    # OIP gives no contents field.
+    assert set(DATATYPES) - set(CONTENTS_FIELDS) == RAW_ONLY_DATATYPES
+    request = _request(raw=False)
+    request.inputs[0].datatype = "FP16"
+    with pytest.raises(GrpcRefusal, match="FP16 has no typed contents in OIP; send raw_input_contents"):
         infer_body(request)
 
 

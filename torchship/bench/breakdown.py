@@ -25,8 +25,8 @@ import torch
 from torchship.engines.base import Engine
 from torchship.engines.torchserve.launcher import TorchServe
 from torchship.handlers.codec import encode_request
-from torchship.handlers.core import parse_server_timing
 from torchship.handlers.names import TIMING_HEADER
+from torchship.handlers.wire import parse_server_timing
 from torchship.spec import Tolerance
 from torchship.timing import time_call
 from torchship.verify import load

@@ -16,8 +16,9 @@ import torch
 from torchship.archive.build import archive_default_endpoint
 from torchship.archive.mar import MarArchive
 from torchship.handlers.codec import encode_request
-from torchship.handlers.core import LOADERS, EndpointCore, Request
+from torchship.handlers.core import LOADERS, EndpointCore
 from torchship.handlers.names import METRICS_DIR_ENV
+from torchship.handlers.wire import Request
 
 #: Requests timed after a load: the first, and the tenth as the warm reference.
 WARM_REQUEST = 10

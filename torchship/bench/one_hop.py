@@ -19,8 +19,9 @@ from ray import serve
 
 from torchship.archive.mar import store_archives
 from torchship.engines.ray.app import DEFAULT_CACHE, DRAIN_POLL_S, Ingress, _body_limit, _gpu_id, _token, unpack_checked
-from torchship.handlers.core import EndpointCore, Reply, pick_device
-from torchship.handlers.core import Request as CoreRequest
+from torchship.handlers.core import EndpointCore, pick_device
+from torchship.handlers.wire import Reply
+from torchship.handlers.wire import Request as CoreRequest
 
 
 class _Call:

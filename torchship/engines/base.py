@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,6 +34,9 @@ DRAIN_WINDOW_S = 2.0
 DRAIN_TIMEOUT_S = FLUSH_TIMEOUT_S
 
 
+#: Where free_port() looks: above the ports Ray gives its workers (10002-19999 unless told otherwise) and below the
+#: OS's ephemeral range.
+FREE_PORTS = (20000, 32768)
 _HANDED_OUT: set[int] = set()
 _HANDED_OUT_LOCK = threading.Lock()
 
@@ -44,14 +48,41 @@ def reserve_ports(*ports: int | None) -> None:
         _HANDED_OUT.update(p for p in ports if p)
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the OS hands to a socket bound to port 0 (Linux: ip_local_port_range; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _os_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A port the OS just handed out on 127.0.0.1 (bind to port 0), never one this process handed out before: an
-    engine takes several at once (TorchServe five), and the OS may give a port it just closed again (seen: the
-    metrics and a gRPC port of one TorchServe got the same number, and it failed to bind)."""
+    """A free port on 127.0.0.1, never one this process handed out before, taken from FREE_PORTS below the OS's
+    ephemeral range: a server binds its port seconds after it was chosen, and a port from the ephemeral range could
+    go meanwhile to any socket bound to port 0 (seen: Ray's start took the port chosen for its HAProxy's stats)."""
+    low, high = FREE_PORTS[0], min(FREE_PORTS[1], _ephemeral_low())
+    roomy = high - low >= 1000  # else no room below the ephemeral range on this machine: the OS chooses, as before
+    rng = random.SystemRandom()
     for _ in range(1000):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
+        port = rng.randrange(low, high) if roomy else _os_port()
+        if not _bindable(port):
+            continue
         with _HANDED_OUT_LOCK:
             if port not in _HANDED_OUT:
                 _HANDED_OUT.add(port)

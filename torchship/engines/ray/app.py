@@ -33,9 +33,6 @@ from starlette.responses import Response
 
 from torchship import handlers
 from torchship.archive.mar import MarArchive, store_archives
-from torchship.handlers.codec import encode_error, inference_token, token_matches
-from torchship.handlers.core import EndpointCore, Reply, pick_device, probe_interval_s, server_timing
-from torchship.handlers.core import Request as CoreRequest
 from torchship.handlers.errors import ArtifactError, HandlerMismatch, TokenRefused
 from torchship.handlers.metrics import Metrics
 from torchship.handlers.names import (
@@ -51,6 +48,8 @@ from torchship.handlers.names import (
     VERIFY_KEY_ENV,
 )
 from torchship.handlers.tracing import Tracing
+from torchship.handlers.wire import Reply, encode_error, inference_token, probe_interval_s, server_timing, token_matches
+from torchship.handlers.wire import Request as CoreRequest
 
 #: How long a readiness probe waits for an endpoint's replica to answer.
 READY_PROBE_TIMEOUT_S = 2.0
@@ -150,6 +149,10 @@ class EndpointDeployment(ArchiveDeployment):
     """A torchship archive: Ray's adapter over `EndpointCore`."""
 
     def _load(self, archive: MarArchive, name: str, max_batch_size: int) -> None:
+        # Here, not at the module's top: the ingress and the app's builder import this module too, and run no model
+        # (torch would cost each about 180 MiB and a second of start-up).
+        from torchship.handlers.core import EndpointCore, pick_device
+
         check_same_handler(self.model_dir)
         self.core = EndpointCore(
             self.model_dir, device=pick_device(_gpu_id()), environ=os.environ, model_config=archive.model_config

@@ -22,11 +22,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from tritonclient.grpc import service_pb2 as pb
 
-from torchship.handlers.codec import DATATYPES, split_body, token_matches
-from torchship.handlers.core import Reply, server_timing
 from torchship.handlers.errors import TOKEN_FAILED
 from torchship.handlers.names import AUTHORIZATION_HEADER, BINARY_HEADER, DRAINING_MESSAGE, TIMING_HEADER
 from torchship.handlers.tracing import TRACEPARENT
+from torchship.handlers.wire import Reply, server_timing, split_body, token_matches
 
 SERVICE = "inference.GRPCInferenceService"
 #: The RPCs the ingress answers, each by its method of the same name; the service's others answer UNIMPLEMENTED.
@@ -61,6 +60,8 @@ CONTENTS_FIELDS: Mapping[str, str] = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
+#: OIP datatypes the codec decodes that have no typed contents field: their values travel in raw_input_contents.
+RAW_ONLY_DATATYPES = frozenset({"FP16", "BF16"})
 #: Reply headers that travel back as trailing metadata (gRPC metadata keys are lower case).
 TRAILING_HEADERS = ("x-torchship-batch-requests", "x-torchship-batch-rows", "x-torchship-node", TIMING_HEADER.lower())
 
@@ -140,7 +141,7 @@ def _typed_data(tensor: Any) -> list[Any]:
     present = sorted(f.name for f, _ in tensor.contents.ListFields())
     field = CONTENTS_FIELDS.get(tensor.datatype)
     if field is None:
-        if tensor.datatype in DATATYPES:
+        if tensor.datatype in RAW_ONLY_DATATYPES:
             raise _invalid(f"input {tensor.name!r}: {tensor.datatype} has no typed contents in OIP; send raw_input_contents")
         return []  # the codec refuses the datatype, naming the one the endpoint takes
     if any(f != field for f in present):

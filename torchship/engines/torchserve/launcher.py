@@ -18,8 +18,8 @@ from torchship.engines.torchserve.drain import drain, markable
 from torchship.engines.torchserve.java import find_java, java_home
 from torchship.engines.torchserve.probe import model_ready, worker_pids
 from torchship.errors import EngineError, NotReady
-from torchship.handlers.codec import inference_token
 from torchship.handlers.names import DRAIN_FILE_ENV, LOAD_REFUSED_MARKER, MAX_REQUEST_BYTES_ENV
+from torchship.handlers.wire import inference_token
 from torchship.settings import CONFIG_PROPERTIES, FRONTEND_LIMIT_FACTOR, config_file, read_properties
 
 KEY_FILE = "key_file.json"
