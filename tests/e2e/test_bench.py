@@ -75,6 +75,12 @@ def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifac
         assert "error" not in prof and prof["requests"] > 0 and prof["wrong"] == 0, prof
         roles = {p["process"] for p in prof["processes"] if p["samples"] > 0}
         assert ("torchserve: worker" if name == "torchserve" else "ray: endpoint replica") in roles, roles
+    # The stock handler's archive, a .mar torchship did not build, on both engines (quick: in the main starts; on Ray
+    # through TorchServe's own worker code), every answer checked.
+    assert set(doc["served"]["foreign"]) == {"torchserve", "ray"}
+    for name, runs in doc["served"]["foreign"].items():
+        for r in runs.values():
+            assert r["requests"] > 0 and r["verified"] == r["requests"] and r["errors"] == r["wrong"] == 0, (name, r)
     # Ray's deployment settings, swept on the same archive.
     sweep = engines["ray"]["ray_sweep"]
     assert {(r["endpoint"], r["max_ongoing_requests"]) for r in sweep} == {("simple_cnn", 16), ("simple_cnn_mo4", 4)}
@@ -97,5 +103,6 @@ def test_quick_bench_writes_a_complete_report_with_every_answer_verified(artifac
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(doc["plots"]) == 4
     md = (out / "bench.md").read_text()
+    assert "A .mar torchship did not build" in md
     assert "## Targets" in md and "## Served" in md and "QUICK" in md and "Ray Serve's design space" in md and NO_HAPROXY in md
     assert "report:" in proc.stdout

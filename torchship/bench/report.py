@@ -150,19 +150,25 @@ def observe_table(observe: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} MiB"
+
+
 def foreign_table(foreign: dict[str, Any]) -> list[str]:
     """The stock handler's archive (not built by torchship) alone on each engine: TorchServe natively, Ray Serve through
     torchship's TorchServe worker."""
     if not foreign:
         return []
-    lines = ["", "### A .mar torchship did not build (the stock handler's archive), alone on each engine", "",
+    apart = all("rss_mib" in runs for runs in foreign.values())
+    where = "alone on each engine" if apart else "in each engine's main start (quick: no memory of its own)"
+    lines = ["", f"### A .mar torchship did not build (the stock handler's archive), {where}", "",
              "| engine | 3x32x32 JSON batch 1 p50 ms | overhead ms | 3x224x224 JSON img/s (clients) | resident memory "
              "| errors | wrong |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, runs in foreign.items():
         seq, load = runs["sequential_json32"], runs["clients_json224"]
         errors, wrong = seq["errors"] + load["errors"], seq["wrong"] + load["wrong"]
         lines.append(f"| {name} | {seq['p50_ms']:.2f} | {seq['overhead_p50_ms']:.2f} | {load['rows_per_s']:.1f} "
-                     f"({load['clients']}) | {runs['rss_mib']:.0f} MiB | {errors} | {wrong} |")  # fmt: skip
+                     f"({load['clients']}) | {_mib(runs.get('rss_mib'))} | {errors} | {wrong} |")  # fmt: skip
     if {"torchserve", "ray"} <= set(foreign):
         ts, ray = foreign["torchserve"], foreign["ray"]
 
@@ -172,7 +178,8 @@ def foreign_table(foreign: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Ray Serve / TorchServe: batch-1 overhead {ratio('sequential_json32', 'overhead_p50_ms'):.2f}x, "
-            f"throughput {ratio('clients_json224', 'rows_per_s'):.2f}x, memory {ray['rss_mib'] / ts['rss_mib']:.2f}x.",
+            f"throughput {ratio('clients_json224', 'rows_per_s'):.2f}x"
+            + (f", memory {ray['rss_mib'] / ts['rss_mib']:.2f}x." if apart else "."),
         ]
     return lines
 

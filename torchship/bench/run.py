@@ -83,8 +83,10 @@ class Settings:
     #: Run the ray_sweep in an engine start of its own (its extra replicas stay out of the memory comparison);
     #: otherwise its endpoints join the bench store, for both engines, and the sweep runs in the main Ray start.
     ray_sweep_apart: bool
-    #: Serve each stock peer in an engine start of its own (out of torchship's memory figure); otherwise it joins the
-    #: engine's main start (TorchServe: its archive beside torchship's; Ray: its app beside torchship's app).
+    #: Serve each stock peer, and the stock handler's archive (a foreign .mar), in an engine start of its own (out of
+    #: torchship's memory figure); otherwise they join the engine's main start (TorchServe: the archive beside
+    #: torchship's, peer and foreign archive at once; Ray: the peer's app beside torchship's app, the archive in its
+    #: store as FOREIGN).
     peers_apart: bool
     #: Batch-1 requests each with metrics on and off for their cost per request (bench/observe.py).
     observe_requests: int = 2000
@@ -132,6 +134,8 @@ QUICK = Settings(
     design=QUICK_VARIANTS, design_requests=5, design_clients=(4,),
     outside_peers=False,  # a 1.3 GB venv and two more servers: `make bench` only
 )  # fmt: skip
+#: The stock handler's archive in Ray's main store when the peers join the main starts (PEER is the stock Ray app's).
+FOREIGN = f"{PEER}_mar"
 #: The served workload: simple_cnn at the seed's 224x224, one image per request.
 SERVED_HW = 224
 #: The in-process variant that is exactly what an endpoint of each archive format runs.
@@ -254,15 +258,16 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
         stores = {name: store for name in ENGINES}
         peer_options: dict[str, dict[str, Any]] = {name: {} for name in ENGINES}
         if not settings.peers_apart:
-            stores["torchserve"] = Path(tmp) / "store-with-peer"
-            shutil.copytree(store, stores["torchserve"])
+            for name in ENGINES:
+                stores[name] = shutil.copytree(store, Path(tmp) / f"store-{name}-with-peers")
             stock_torchserve_archive(model_file, stores["torchserve"], model_config)
+            stock_torchserve_archive(model_file, stores["ray"], model_config).rename(stores["ray"] / f"{FOREIGN}.mar")
             ray_peer = {"name": "stock", "app": RAY_APP, "route_prefix": f"/predictions/{PEER}",
                         "args": {"model_store": str(stock_ray_store(model_file, Path(tmp) / "ray-peer-model"))}}  # fmt: skip
             peer_options["ray"] = {"extra_apps": [ray_peer]}
-        # The stock handler's archive on both engines (TorchServe's run of it is also its stock-peer row when peers
-        # run apart: the same archive alone in the same kind of start).
-        doc["foreign"] = foreign_runs(run, model_file, Path(tmp), say)
+        # The stock handler's archive on both engines, alone in a start of its own when peers run apart (TorchServe's
+        # run of it is then also its stock-peer row: the same archive alone in the same kind of start).
+        doc["foreign"] = foreign_runs(run, model_file, Path(tmp), say) if settings.peers_apart else {}
         for name in ENGINES:
             say(f"{name}: starting on the bench store ({endpoints} endpoints; {BATCHED}: batching on, {UNBATCHED}: batchSize 1)"
                 + ("" if settings.peers_apart else ", with the stock peer"))  # fmt: skip
@@ -283,7 +288,11 @@ def served(settings: Settings, artifacts: Path, say: Callable[[str], None]) -> d
                 if not settings.peers_apart:
                     if name == "ray":  # Ray's readiness covers torchship's app only (TorchServe's, every archive)
                         wait_answering(f"{running.url}/predictions/{PEER}")
+                        wait_answering(f"{running.url}/predictions/{FOREIGN}")
                     e["peer"] = json_runs(run, running, PEER, say, f"{name}: stock peer (same start)")
+                    # On TorchServe the stock peer is that archive: its row is the foreign archive's too.
+                    doc["foreign"][name] = dict(e["peer"]) if name == "torchserve" else (
+                        json_runs(run, running, FOREIGN, say, f"{name}: foreign archive (same start)"))  # fmt: skip
             if settings.peers_apart and name == "torchserve":
                 e["peer"] = {k: v for k, v in doc["foreign"][name].items() if k != "rss_mib"}
             elif settings.peers_apart:
