@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import E2E_MODEL_CONFIG, run_cli
 from torchship.archive.build import Endpoint, archive_models, load_model_config
 from torchship.archive.mar import MarArchive
+from torchship.archive.signing import write_key_pair
 from torchship.export.exporter import ModelExport
 from torchship.manifest import read_manifest
 from torchship.models import ZOO
@@ -53,6 +54,21 @@ def archives(
     store = tmp_path_factory.mktemp("model_store")
     endpoints = archive_models([], artifacts=artifacts_dir, out_dir=store, model_config=load_model_config())
     return {e.name: e for e in endpoints}
+
+
+@pytest.fixture(scope="session")
+def e2e_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(signing key, verify key) of e2e_store."""
+    return write_key_pair(tmp_path_factory.mktemp("e2e_keys"))
+
+
+@pytest.fixture(scope="session")
+def e2e_store(artifacts_dir: Path, e2e_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every archive, signed, with E2E_MODEL_CONFIG: the TorchServe and Ray Serve e2e suites both serve it behind
+    their signature checks (built once; no test writes into it)."""
+    out = tmp_path_factory.mktemp("e2e_store")
+    archive_models([], artifacts=artifacts_dir, out_dir=out, model_config=E2E_MODEL_CONFIG, sign_key=e2e_keys[0])
+    return out
 
 
 def unpack(mar: Path, dest: Path) -> Path:

@@ -11,7 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from torchship.archive.build import load_model_config
 from torchship.reliability.ops import CliServer, start_cli_server
+
+#: The e2e suites' model config: batches big and slow enough (200 ms) that concurrent requests share one.
+E2E_MODEL_CONFIG = {**load_model_config(), "batchSize": 16, "maxBatchDelay": 200}
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHSHIP = Path(sys.executable).parent / "torchship"

@@ -13,11 +13,10 @@ import requests
 import torch
 
 from tests.e2e import oip
-from tests.e2e.test_torchserve import BAD_INPUTS, E2E_MODEL_CONFIG, MAX_REQUEST_BYTES, _concurrently
+from tests.e2e.test_torchserve import BAD_INPUTS, MAX_REQUEST_BYTES, _concurrently
 from tests.helpers import assert_router_answers, run_cli, serve_command
 from torchship import __version__
 from torchship.archive.build import archive_models, load_model_config
-from torchship.archive.signing import write_key_pair
 from torchship.engines.base import free_port
 from torchship.handlers.codec import decode_response, encode_request
 from torchship.handlers.names import TOKEN_ENV
@@ -36,24 +35,11 @@ class RayServer:
 
 
 @pytest.fixture(scope="module")
-def ray_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return write_key_pair(tmp_path_factory.mktemp("ray_keys"))
-
-
-@pytest.fixture(scope="module")
-def ray_store(artifacts_dir: Path, ray_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every archive, signed: the whole Ray suite runs with a verify key (launcher, app builder and each replica)."""
-    out = tmp_path_factory.mktemp("ray_store")
-    archive_models([], artifacts=artifacts_dir, out_dir=out, model_config=E2E_MODEL_CONFIG, sign_key=ray_keys[0])
-    return out
-
-
-@pytest.fixture(scope="module")
-def ray_server(ray_store: Path, ray_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
+def ray_server(e2e_store: Path, e2e_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
     workdir = Path(tmp_path_factory.mktemp("ray"))
     port, grpc_port = free_port(), free_port()
-    args = ["--max-request-bytes", str(MAX_REQUEST_BYTES), "--verify-key", str(ray_keys[1]), "--grpc-port", str(grpc_port)]
-    with serve_command("ray", ray_store, workdir=workdir, args=args, port=port, env={TOKEN_ENV: TOKEN}) as server:
+    args = ["--max-request-bytes", str(MAX_REQUEST_BYTES), "--verify-key", str(e2e_keys[1]), "--grpc-port", str(grpc_port)]
+    with serve_command("ray", e2e_store, workdir=workdir, args=args, port=port, env={TOKEN_ENV: TOKEN}) as server:
         text = server.printed()
         assert f"Ray Serve ready at http://127.0.0.1:{port}" in text, text[-3000:]
         assert f"OIP gRPC (inference.GRPCInferenceService) on port {grpc_port}" in text, text[-3000:]
@@ -84,7 +70,7 @@ def test_verify_all_starts_both_engines_and_compares_them(artifacts_dir: Path, t
         assert json.loads((tmp_path / "reports" / f"verify-{engine}.json").read_text())["passed"] is True
 
 
-def test_verify_passes_on_every_endpoint(ray_server: RayServer, ray_store: Path, tmp_path: Path) -> None:
+def test_verify_passes_on_every_endpoint(ray_server: RayServer, e2e_store: Path, tmp_path: Path) -> None:
     report = tmp_path / "verify-ray.json"
     run_cli(
         "verify",
@@ -95,13 +81,13 @@ def test_verify_passes_on_every_endpoint(ray_server: RayServer, ray_store: Path,
         "--token",
         TOKEN,
         "--model-store",
-        str(ray_store),
+        str(e2e_store),
         "--report",
         str(report),
     )
     doc = json.loads(report.read_text())
     assert doc["passed"] is True
-    assert len(doc["rows"]) == len(list(ray_store.glob("*.mar"))) * 4 * 2
+    assert len(doc["rows"]) == len(list(e2e_store.glob("*.mar"))) * 4 * 2
 
 
 @pytest.mark.parametrize(("label", "endpoint", "body", "headers", "status"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -322,26 +308,26 @@ def test_grpc_kserve_sdk_client(ray_server: RayServer) -> None:
 # -- OIP v2 REST (docs/rest.md, "OIP v2 REST"): the same table and stock clients run on TorchServe in test_torchserve.py
 
 
-def test_oip_routes_answer_as_the_contract_says(ray_server: RayServer, ray_store: Path) -> None:
+def test_oip_routes_answer_as_the_contract_says(ray_server: RayServer, e2e_store: Path) -> None:
     assert oip.route_mismatches(ray_server.url, _auth(), oip.BOTH + oip.RAY_ONLY) == []
     meta = requests.get(f"{ray_server.url}/v2/models/{oip.ENDPOINT}", headers=_auth(), timeout=10)
-    assert meta.status_code == 200 and meta.json() == oip.expected_metadata(ray_store)
+    assert meta.status_code == 200 and meta.json() == oip.expected_metadata(e2e_store)
 
 
-def test_stock_oip_clients_tritonclient_and_kserve(ray_server: RayServer, ray_store: Path) -> None:
+def test_stock_oip_clients_tritonclient_and_kserve(ray_server: RayServer, e2e_store: Path) -> None:
     """tritonclient[http] and the kserve SDK: health, model readiness, metadata, JSON and binary inference."""
     x = oip.inputs(3, seed=41)
     triton = oip.run_tritonclient(ray_server.url, _auth(), x)
     assert (triton["live"], triton["ready"], triton["model_ready"]) == (True, True, True)
-    assert triton["metadata"] == oip.expected_metadata(ray_store)
+    assert triton["metadata"] == oip.expected_metadata(e2e_store)
     assert triton["server"] == oip.RAY_SERVER_METADATA
     for kind in ("json", "binary"):
-        oip.assert_eager(triton[kind], x, ray_store, f"tritonclient {kind}")
+        oip.assert_eager(triton[kind], x, e2e_store, f"tritonclient {kind}")
     ks = oip.run_kserve_client(ray_server.url, _auth(), x)
     assert (ks["live"], ks["ready"], ks["model_ready"]) == (True, True, True), ks
     for kind in ("json", "binary"):
         assert ks[kind]["y"]["shape"] == [3, 256], ks[kind]
-        oip.assert_eager(ks[kind]["y"]["data"], x, ray_store, f"kserve {kind}")
+        oip.assert_eager(ks[kind]["y"]["data"], x, e2e_store, f"kserve {kind}")
 
 
 # -- the front door (docs/benchmarks.md, Ray Serve's design space): HAProxy on the port (without a binary, Serve's proxy:

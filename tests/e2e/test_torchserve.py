@@ -16,7 +16,6 @@ import torch
 from tests.e2e import oip
 from tests.helpers import assert_router_answers, run_cli, serve_command
 from torchship.archive.build import archive_models, load_model_config
-from torchship.archive.signing import write_key_pair
 from torchship.engines.torchserve import oip_agent
 from torchship.engines.torchserve.launcher import TorchServe
 from torchship.handlers.codec import decode_response, encode_request
@@ -25,28 +24,14 @@ from torchship.models import ZOO
 from torchship.verify.client import Client
 
 #: Batches fill for up to 200 ms, so concurrent requests in a test land in one batch.
-E2E_MODEL_CONFIG = {**load_model_config(), "batchSize": 16, "maxBatchDelay": 200}
 #: A small body limit so that a 413 is cheap to provoke; the largest reference batch (~1 MB of JSON) still fits.
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return write_key_pair(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def store(artifacts_dir: Path, keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every archive, signed: the whole TorchServe suite runs behind the launcher's signature check."""
-    out = tmp_path_factory.mktemp("e2e_store")
-    archive_models([], artifacts=artifacts_dir, out_dir=out, model_config=E2E_MODEL_CONFIG, sign_key=keys[0])
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(store: Path, keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+def server(e2e_store: Path, e2e_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     workdir = tmp_path_factory.mktemp("torchserve")
-    with TorchServe(store, workdir, max_request_bytes=MAX_REQUEST_BYTES, verify_key=keys[1]) as ts:
+    with TorchServe(e2e_store, workdir, max_request_bytes=MAX_REQUEST_BYTES, verify_key=e2e_keys[1]) as ts:
         yield ts
     assert ts.process is not None and ts.process.poll() is not None
 
@@ -59,11 +44,11 @@ def _post(server: TorchServe, endpoint: str, body: bytes, headers: dict[str, str
     return requests.post(f"{server.url}/predictions/{endpoint}", data=body, headers=headers, timeout=60)
 
 
-def test_verify_passes_on_every_endpoint(server: TorchServe, store: Path, tmp_path: Path) -> None:
+def test_verify_passes_on_every_endpoint(server: TorchServe, e2e_store: Path, tmp_path: Path) -> None:
     report = tmp_path / "verify.json"
     proc = run_cli(
         "verify", "--engine", "torchserve", "--url", server.url, "--token-file", str(server.key_file),
-        "--model-store", str(store), "--report", str(report),
+        "--model-store", str(e2e_store), "--report", str(report),
     )  # fmt: skip
     doc = json.loads(report.read_text())
     assert doc["passed"] is True
@@ -228,10 +213,10 @@ def test_serve_command_prints_url_and_token_and_stops_on_sigterm(artifacts_dir: 
 # -- OIP v2 REST (docs/rest.md, "OIP v2 REST"): the same table and stock clients run on the Ray app in test_ray.py -------
 
 
-def test_oip_routes_answer_as_the_contract_says(server: TorchServe, store: Path) -> None:
+def test_oip_routes_answer_as_the_contract_says(server: TorchServe, e2e_store: Path) -> None:
     assert oip.route_mismatches(server.url, _auth(server), oip.BOTH + oip.TORCHSERVE_ONLY) == []
     meta = requests.get(f"{server.url}/v2/models/{oip.ENDPOINT}", headers=_auth(server), timeout=10)
-    assert meta.status_code == 200 and meta.json() == oip.expected_metadata(store)
+    assert meta.status_code == 200 and meta.json() == oip.expected_metadata(e2e_store)
     # Answered by torchship's OIP agent in TorchServe's frontend (engines/oip_agent.py): it says so when it loads.
     assert oip_agent.LOADED_MESSAGE in server.log_text()
 
@@ -254,18 +239,18 @@ def test_server_readiness_ends_when_a_drain_begins(server: TorchServe) -> None:
     assert get("/v2/health/ready").status_code == 200
 
 
-def test_stock_oip_clients_tritonclient_and_kserve(server: TorchServe, store: Path) -> None:
+def test_stock_oip_clients_tritonclient_and_kserve(server: TorchServe, e2e_store: Path) -> None:
     """tritonclient[http] and the kserve SDK: health, model readiness, metadata, JSON and binary inference."""
     x = oip.inputs(3, seed=41)
     triton = oip.run_tritonclient(server.url, _auth(server), x)
     assert (triton["live"], triton["ready"]) == (True, True)
     assert (triton["server"]["name"], triton["server"]["version"]) == ("Torchserve", "0.12.0"), triton["server"]
     assert triton["model_ready"] is True
-    assert triton["metadata"] == oip.expected_metadata(store)
+    assert triton["metadata"] == oip.expected_metadata(e2e_store)
     for kind in ("json", "binary"):
-        oip.assert_eager(triton[kind], x, store, f"tritonclient {kind}")
+        oip.assert_eager(triton[kind], x, e2e_store, f"tritonclient {kind}")
     ks = oip.run_kserve_client(server.url, _auth(server), x)
     assert (ks["live"], ks["ready"], ks["model_ready"]) == (True, True, True), ks
     for kind in ("json", "binary"):
         assert ks[kind]["y"]["shape"] == [3, 256], ks[kind]
-        oip.assert_eager(ks[kind]["y"]["data"], x, store, f"kserve {kind}")
+        oip.assert_eager(ks[kind]["y"]["data"], x, e2e_store, f"kserve {kind}")
