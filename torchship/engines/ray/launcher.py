@@ -399,9 +399,11 @@ def deploy(build: Any, app_args: dict[str, object], refusals: list[str] | None =
         except Exception as exc:  # no endpoint left, a bad argument: the app cannot exist
             return report(str(exc))
         # Not serve.run: it waits until the app runs or Ray gives up on a deployment, which for a refused archive is
-        # after 3 replica starts; the refusal is final at the first (failed_deployments). The app runs again without
-        # the refused endpoints once every other deployment has started or failed too: running it again starts every
-        # deployment's replicas anew (Serve versions them per run), so each refusal found apart would cost a restart.
+        # after 3 replica starts; the refusal is final at the first (failed_deployments). serve._run is what serve.run
+        # calls, without the wait (private: ray[serve] is pinned exactly, and the e2e refusal tests run through here).
+        # The app runs again without the refused endpoints once every other deployment has started or failed too:
+        # running it again starts every deployment's replicas anew (Serve versions them per run), so each refusal
+        # found apart would cost a restart.
         serve._run(application, name=APP_NAME, route_prefix="/", _blocking=False)
         while True:
             status = serve.status()
