@@ -379,9 +379,8 @@ def leave_out(app_args: dict[str, object], failed: dict[str, str]) -> list[str]:
 
 def deploy(build: Any, app_args: dict[str, object], refusals: list[str] | None = None) -> bool:
     """Build and run the app, leaving out each endpoint whose replicas refuse to load; False (and why, printed) when
-    no app can run. The refusal
-    lines are printed once the app runs without those endpoints: a launcher that reads them then finds the rest
-    of the store served by the new app."""
+    no app can run. The refusal lines are printed once the app runs without those endpoints: a launcher that reads
+    them then finds the rest of the store served by the new app."""
     from ray import serve
 
     lines = list(refusals or [])
